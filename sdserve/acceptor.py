@@ -1,0 +1,110 @@
+"""Accepting connections from a listening socket, with an exact count of those in flight.
+
+asyncio's own server hands an accepted socket to a task before the protocol
+exists, so a drain that starts in between cannot see that connection. This
+acceptor counts every accepted socket until its protocol is connected, which lets
+the drain wait for it, and it sets TCP_NODELAY on every accepted TCP connection
+whatever the listening socket was (inherited or bound here).
+
+Stopping only stops accepting: the listening socket stays open, so with systemd
+(or the supervisor) holding it too, new connections wait in the kernel's queue
+for the next process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Callable
+
+from .activation import Listener
+from .drain import Tracker, set_nodelay
+
+log = logging.getLogger("sdserve.acceptor")
+
+#: accepts per wake-up; small, so that worker processes sharing a socket share the load
+ACCEPT_BATCH = 16
+#: pause after running out of file descriptors or memory, before accepting again
+RESOURCE_PAUSE = 0.5
+_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class Acceptor:
+    def __init__(
+        self,
+        listener: Listener,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        tracker: Tracker,
+    ) -> None:
+        self.listener = listener
+        self._factory = protocol_factory
+        self._tracker = tracker
+        self._loop = asyncio.get_running_loop()
+        self._accepting = False
+        self._resume: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.accepted = 0
+
+    def start(self) -> None:
+        if self._accepting:
+            return
+        self.listener.sock.setblocking(False)
+        self._loop.add_reader(self.listener.fd, self._on_readable)
+        self._accepting = True
+
+    def stop(self) -> None:
+        """Stop accepting; connections already accepted are still served."""
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        if self._accepting:
+            self._loop.remove_reader(self.listener.fd)
+            self._accepting = False
+
+    def _pause(self) -> None:
+        self._loop.remove_reader(self.listener.fd)
+        self._resume = self._loop.call_later(RESOURCE_PAUSE, self._unpause)
+
+    def _unpause(self) -> None:
+        self._resume = None
+        if self._accepting:
+            self._loop.add_reader(self.listener.fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _addr = self.listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRORS:
+                    log.error(
+                        "cannot accept on %s (%s): pausing for %.1fs",
+                        self.listener.address,
+                        exc.strerror,
+                        RESOURCE_PAUSE,
+                    )
+                    self._pause()
+                    return
+                raise
+            self.accepted += 1
+            self._tracker.pending_accepts += 1
+            task = self._loop.create_task(self._connect(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            conn.setblocking(False)
+            set_nodelay(conn)
+            await self._loop.connect_accepted_socket(self._factory, conn)
+        except OSError as exc:
+            log.debug("connection from the queue was gone before it was served: %s", exc)
+            conn.close()
+        finally:
+            self._tracker.pending_accepts -= 1
+            self._tracker.changed()

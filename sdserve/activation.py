@@ -1,0 +1,139 @@
+"""Socket activation: ``LISTEN_FDS`` / ``LISTEN_FDNAMES`` / ``LISTEN_PID`` to validated sockets.
+
+The parsing follows sd_listen_fds(3) but takes the environment and the PID as
+arguments, so that callers (and tests) hand them in. libsystemd's own
+``listen_fds_with_names`` reads the C-level environment of the process, which
+cannot be handed in; the rules are the same.
+
+Every fd is checked before use: it must be a socket, of stream type, and
+listening. Its address family is read from the fd, never assumed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import stat
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+
+log = logging.getLogger("sdserve.activation")
+
+SD_LISTEN_FDS_START = 3
+_SUPPORTED_FAMILIES = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6", socket.AF_UNIX: "unix"}
+
+
+class ActivationError(Exception):
+    """The sockets handed over by systemd (or a launcher) cannot be used."""
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A listening stream socket, with the name systemd gave it (``FileDescriptorName=``)."""
+
+    name: str
+    sock: socket.socket
+    inherited: bool
+
+    @property
+    def fd(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def address(self) -> str:
+        return describe_address(self.sock)
+
+
+def describe_address(sock: socket.socket) -> str:
+    """A human-readable address: ``127.0.0.1:8080``, ``[::1]:8080`` or ``unix:/run/x.sock``."""
+    addr = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        if isinstance(addr, bytes):  # abstract namespace
+            return "unix:@" + addr[1:].decode(errors="replace")
+        return f"unix:{addr or '(unnamed)'}"
+    if sock.family == socket.AF_INET6:
+        return f"[{addr[0]}]:{addr[1]}"
+    return f"{addr[0]}:{addr[1]}"
+
+
+def _check_fd(fd: int, name: str) -> socket.socket:
+    label = f"fd {fd} (name {name!r})"
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        raise ActivationError(f"{label} is not open: {exc.strerror}") from exc
+    if not stat.S_ISSOCK(mode):
+        raise ActivationError(f"{label} is not a socket")
+    sock = socket.socket(fileno=fd)  # family, type and protocol are read from the fd
+    try:
+        if sock.family not in _SUPPORTED_FAMILIES:
+            raise ActivationError(
+                f"{label} has address family {sock.family!r}; "
+                "sdserve serves IPv4, IPv6 and unix sockets"
+            )
+        if sock.type != socket.SOCK_STREAM:
+            raise ActivationError(
+                f"{label} is a {sock.type.name} socket; sdserve serves stream sockets"
+            )
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ActivationError(
+                f"{label} is a stream socket but is not listening (listen() was not called)"
+            )
+    except BaseException:
+        sock.detach()  # leave the fd as we found it
+        raise
+    # systemd hands the fds over without close-on-exec; keep them out of the app's children.
+    flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+    fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+    return sock
+
+
+def listeners_from_environ(
+    environ: MutableMapping[str, str], pid: int, *, unset: bool = True
+) -> list[Listener] | None:
+    """The sockets passed by systemd, or None when this process was not socket-activated.
+
+    A ``LISTEN_PID`` that names another process is ignored with a warning (the
+    variables were inherited from a parent). With ``unset``, the ``LISTEN_*``
+    variables are removed from ``environ`` once read, so children do not see them.
+    """
+    if "LISTEN_FDS" not in environ:
+        return None
+    pid_text = environ.get("LISTEN_PID", "")
+    fds_text = environ.get("LISTEN_FDS", "")
+    names_text = environ.get("LISTEN_FDNAMES")
+    if unset:
+        for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            environ.pop(var, None)
+    if pid_text != str(pid):
+        log.warning(
+            "ignoring LISTEN_FDS=%s: LISTEN_PID=%s is not this process (pid %d)",
+            fds_text,
+            pid_text or "(unset)",
+            pid,
+            extra={"SDSERVE_PHASE": "sockets"},
+        )
+        return None
+    try:
+        count = int(fds_text)
+    except ValueError:
+        raise ActivationError(f"LISTEN_FDS={fds_text!r} is not a number") from None
+    if count < 1:
+        raise ActivationError(f"LISTEN_FDS={count}: no sockets were passed")
+    names = names_text.split(":") if names_text is not None else ["unknown"] * count
+    if len(names) != count:
+        raise ActivationError(
+            f"LISTEN_FDNAMES has {len(names)} name(s) ({names_text!r}) but LISTEN_FDS={count}"
+        )
+    listeners = []
+    for index, name in enumerate(names):
+        fd = SD_LISTEN_FDS_START + index
+        listeners.append(Listener(name=name, sock=_check_fd(fd, name), inherited=True))
+    return listeners
+
+
+def listeners_from_fds(fds: dict[int, str]) -> list[Listener]:
+    """Validated listeners for fds handed over by sdserve's own supervisor."""
+    return [Listener(name=n, sock=_check_fd(fd, n), inherited=True) for fd, n in fds.items()]

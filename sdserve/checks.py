@@ -1,0 +1,281 @@
+"""Dependency checks: the protocol, the registry kept on the application, and the runners.
+
+An application registers checks with :func:`add_check` (or from the config file,
+``[checks.NAME]`` sections) and warm-up steps with :func:`add_warmup`. A check is
+an async callable: it passes when it returns anything but ``False`` and fails
+when it raises or returns ``False``. A returned string is kept as its output.
+
+:func:`run_check` never waits longer than the check's timeout, even for a check
+that ignores cancellation: such a run is abandoned (and reaped when it ends).
+:func:`wait_until_ready` is the start-up gate: it retries failing critical checks
+with backoff until they all pass or the start deadline passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from aiohttp import web
+
+log = logging.getLogger("sdserve.checks")
+
+CheckFunc = Callable[[], Awaitable[object]]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One dependency check."""
+
+    name: str
+    func: CheckFunc
+    #: a run that takes longer has failed
+    timeout: float = 5.0
+    #: a critical check gates READY=1 and readiness; an optional one only warns
+    critical: bool = True
+    #: re-run in the background after start (False: a start-up check only)
+    continuous: bool = True
+    #: ``componentType`` in the health+json output (``datastore``, ``system``, ...)
+    component_type: str = "component"
+    #: re-run interval after start; None takes the configured ``health.interval``
+    interval: float | None = None
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """A step that must finish before READY=1 (fill a pool, load a cache...)."""
+
+    name: str
+    func: CheckFunc
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    output: str
+    duration: float
+    #: wall-clock time the run finished (seconds since the epoch)
+    finished_at: float
+    critical: bool = True
+
+
+@dataclass
+class CheckRegistry:
+    """The checks and warm-up steps of one application (kept in ``app[CHECKS]``)."""
+
+    checks: dict[str, Check] = field(default_factory=dict)
+    warmups: list[Warmup] = field(default_factory=list)
+    #: strings that must never appear in any output (passwords from DSNs...)
+    secrets: set[str] = field(default_factory=set)
+    #: runs that timed out and ignored cancellation; kept until they end
+    abandoned: set[asyncio.Task[object]] = field(default_factory=set)
+
+    def add(self, check: Check) -> Check:
+        if check.name in self.checks:
+            raise ValueError(f"a check named {check.name!r} is already registered")
+        if check.timeout <= 0:
+            raise ValueError(f"check {check.name!r}: timeout must be greater than 0")
+        self.checks[check.name] = check
+        return check
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+
+CHECKS = web.AppKey("sdserve.checks", CheckRegistry)
+
+
+def registry(app: web.Application) -> CheckRegistry:
+    """The application's check registry, created on first use."""
+    reg = app.get(CHECKS)
+    if reg is None:
+        reg = CheckRegistry()
+        app[CHECKS] = reg
+    return reg
+
+
+def add_check(
+    app: web.Application,
+    name: str,
+    func: CheckFunc,
+    *,
+    timeout: float = 5.0,
+    critical: bool = True,
+    continuous: bool = True,
+    component_type: str = "component",
+    interval: float | None = None,
+) -> Check:
+    """Register a dependency check on ``app``; see :class:`Check` for the parameters."""
+    return registry(app).add(
+        Check(name, func, timeout, critical, continuous, component_type, interval)
+    )
+
+
+def add_warmup(
+    app: web.Application, name: str, func: CheckFunc, *, timeout: float = 30.0
+) -> Warmup:
+    """Register a warm-up step: runs once, after the checks pass and before READY=1."""
+    step = Warmup(name, func, timeout)
+    registry(app).warmups.append(step)
+    return step
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
+
+
+def _reap(task: asyncio.Task[object]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("an abandoned check run ended with %s", _describe(task.exception()))  # type: ignore[arg-type]
+
+
+async def run_check(
+    check: Check, reg: CheckRegistry | None = None, limit: float | None = None
+) -> CheckResult:
+    """Run ``check`` once; the result is ready within its timeout whatever the check does."""
+    limit = check.timeout if limit is None else min(limit, check.timeout)
+    started = time.monotonic()
+    task: asyncio.Task[object] = asyncio.ensure_future(check.func())
+    try:
+        done, _ = await asyncio.wait({task}, timeout=limit)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    duration = time.monotonic() - started
+    if not done:
+        task.cancel()
+        if reg is not None:
+            reg.abandoned.add(task)
+            task.add_done_callback(reg.abandoned.discard)
+        task.add_done_callback(_reap)
+        ok, output = False, f"timed out after {limit:g}s"
+    elif task.cancelled():
+        ok, output = False, "cancelled"
+    elif (exc := task.exception()) is not None:
+        ok, output = False, _describe(exc)
+    else:
+        value = task.result()
+        ok = value is not False
+        output = value if isinstance(value, str) else ("" if ok else "returned False")
+    if reg is not None:
+        output = reg.redact(output)
+    return CheckResult(check.name, ok, output, duration, time.time(), check.critical)
+
+
+class StartupFailed(Exception):
+    """Critical checks did not pass, or a warm-up step failed, before the start deadline."""
+
+    def __init__(self, message: str, failing: Iterable[CheckResult]) -> None:
+        super().__init__(message)
+        self.failing = tuple(failing)
+
+
+class Reporter(Protocol):
+    """Where the start-up gate reports progress (the notifier, in practice)."""
+
+    def status(self, text: str) -> object: ...
+
+    def extend_timeout(self, seconds: float) -> object: ...
+
+
+def _summary(results: Iterable[CheckResult]) -> str:
+    return ", ".join(f"{r.name} ({r.output or 'failed'})" for r in results)
+
+
+def _log_result(result: CheckResult, attempt: int) -> None:
+    fields = {
+        "SDSERVE_PHASE": "checks",
+        "SDSERVE_CHECK": result.name,
+        "SDSERVE_CHECK_OK": int(result.ok),
+        "SDSERVE_DURATION_MS": round(result.duration * 1000, 1),
+    }
+    if result.ok:
+        log.info(
+            "check %s passed in %.1f ms (attempt %d)",
+            result.name,
+            result.duration * 1000,
+            attempt,
+            extra=fields,
+        )
+    else:
+        level = logging.WARNING if result.critical else logging.INFO
+        log.log(
+            level,
+            "check %s failed after %.1f ms (attempt %d): %s",
+            result.name,
+            result.duration * 1000,
+            attempt,
+            result.output,
+            extra=fields,
+        )
+
+
+async def wait_until_ready(
+    reg: CheckRegistry,
+    reporter: Reporter,
+    *,
+    deadline: float,
+    retry_initial: float,
+    retry_max: float,
+) -> list[CheckResult]:
+    """The start-up gate: run every check, retry the failing critical ones until they pass.
+
+    ``deadline`` is a ``time.monotonic()`` value. While critical checks are being
+    retried, STATUS= names them and EXTEND_TIMEOUT_USEC= keeps systemd waiting,
+    never beyond ``deadline``. Raises :class:`StartupFailed` naming the failing checks.
+    Returns the last result of every check.
+    """
+    results: dict[str, CheckResult] = {}
+    pending = list(reg.checks.values())
+    attempt = 0
+    pause = retry_initial
+    while pending:
+        attempt += 1
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        runs = await asyncio.gather(*(run_check(c, reg, limit=remaining) for c in pending))
+        for result in runs:
+            results[result.name] = result
+            _log_result(result, attempt)
+        # optional checks are tried once at start; the background monitor takes them on
+        pending = [c for c, r in zip(pending, runs, strict=True) if not r.ok and c.critical]
+        if not pending:
+            break
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        waiting = [results[c.name] for c in pending]
+        reporter.status(
+            f"waiting for {_summary(waiting)}; attempt {attempt}, {remaining:.0f}s left"
+        )
+        next_try = min(pause, remaining)
+        longest = max(c.timeout for c in pending)
+        # keep systemd waiting through the next attempt, but never past our own deadline
+        reporter.extend_timeout(min(remaining, next_try + longest) + 5.0)
+        await asyncio.sleep(next_try)  # retry backoff, not synchronisation
+        pause = min(pause * 2, retry_max)
+    failing = [results[c.name] for c in pending]
+    if failing:
+        raise StartupFailed(f"critical checks did not pass: {_summary(failing)}", failing)
+    for step in reg.warmups:
+        remaining = deadline - time.monotonic()
+        reporter.status(f"warming up: {step.name}")
+        result = await run_check(
+            Check(step.name, step.func, step.timeout), reg, limit=max(remaining, 0.001)
+        )
+        _log_result(result, 1)
+        if not result.ok:
+            raise StartupFailed(f"warm-up step failed: {_summary([result])}", [result])
+    return list(results.values())

@@ -1,0 +1,202 @@
+"""Command-line front end; the only place that configures logging.
+
+``sdserve run``, ``sdserve config``, ``sdserve check``, ``sdserve units`` and
+``sdserve drill``. Configuration flags are generated from :class:`Config`, so every
+top-level key has a flag of the same name (``shutdown_timeout`` is
+``--shutdown-timeout``), and a flag given on the command line wins over the
+environment and the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import importlib
+import logging
+import os
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .activation import ActivationError, Listener, listeners_from_environ
+from .binding import BindError, bind_all
+from .config import Config, ConfigError, dump_toml, load_config
+from .log import configure_logging
+from .notify import Notifier
+from .worker import ExitCode, serve_in_process
+
+log = logging.getLogger("sdserve")
+
+_HELP = {
+    "bind": "address to bind when not socket-activated (repeatable): "
+    "HOST:PORT, [V6]:PORT, unix:PATH",
+    "admin_bind": "address of the admin socket when not socket-activated (repeatable)",
+    "workers": "worker processes (0: serve in the main process)",
+    "start_timeout": "deadline for the dependency checks and warm-up at start",
+    "shutdown_timeout": "deadline for in-flight requests once the drain starts",
+    "idle_grace": "time an idle keep-alive connection gets to send one more request in a drain",
+    "drain_delay": "keep serving, reporting not ready, this long before the drain",
+    "log": "where logs go: auto (journal under journald), journal, stderr",
+    "max_concurrency": "answer 503 + Retry-After past this many requests in flight (0: no limit)",
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("app", nargs="?", help="the application, MODULE:FACTORY")
+    parser.add_argument("-c", "--config", type=Path, help="TOML configuration file")
+    hints = typing.get_type_hints(Config)
+    group = parser.add_argument_group("configuration (each flag overrides the key of that name)")
+    for f in dataclasses.fields(Config):
+        tp = hints[f.name]
+        if (
+            f.name == "app"
+            or dataclasses.is_dataclass(tp)
+            or (
+                typing.get_origin(tp) is not None
+                and typing.get_origin(tp) not in (tuple, typing.Literal)
+            )
+        ):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = _HELP.get(f.name, f"config key {f.name}")
+        if typing.get_origin(tp) is tuple:
+            group.add_argument(
+                flag, dest=f.name, action="append", default=argparse.SUPPRESS, help=help_text
+            )
+        elif tp is bool:
+            group.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        elif typing.get_origin(tp) is typing.Literal:
+            group.add_argument(
+                flag,
+                dest=f.name,
+                choices=typing.get_args(tp),
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        else:
+            group.add_argument(
+                flag, dest=f.name, default=argparse.SUPPRESS, metavar="VALUE", help=help_text
+            )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(Config)}
+    values = {k: v for k, v in vars(args).items() if k in names and k != "app"}
+    if args.app:
+        values["app"] = args.app
+    return values
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(toml_path=args.config, overrides=_overrides(args))
+
+
+def take_listeners(cfg: Config) -> list[Listener]:
+    """The sockets from systemd when socket-activated, else the configured addresses bound here."""
+    activated = listeners_from_environ(os.environ, os.getpid())
+    if activated is not None:
+        return activated
+    names = {"http": cfg.bind or ("127.0.0.1:8080",)}
+    if cfg.admin_bind:
+        names["admin"] = cfg.admin_bind
+    return bind_all(names, cfg.backlog)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if not cfg.app:
+        raise ConfigError(
+            [
+                "app: no application given "
+                "(sdserve run MODULE:FACTORY, or app = ... in the config file)"
+            ]
+        )
+    configure_logging(cfg.log, cfg.log_level)
+    notifier = Notifier()
+    try:
+        listeners = take_listeners(cfg)
+    except (ActivationError, BindError) as exc:
+        log.error("%s", exc, extra={"SDSERVE_PHASE": "sockets"})
+        notifier.status(f"start failed: {exc}")
+        return ExitCode.CONFIG
+    log.info(
+        "sockets %s: %s",
+        "taken from systemd" if listeners[0].inherited else "bound",
+        ", ".join(f"{ls.name}={ls.address} (fd {ls.fd})" for ls in listeners),
+        extra={
+            "SDSERVE_PHASE": "sockets",
+            "SDSERVE_SOCKETS": ",".join(ls.name for ls in listeners),
+        },
+    )
+    if cfg.workers == 0:
+        return asyncio.run(serve_in_process(cfg, listeners, notifier))
+    supervisor = importlib.import_module(".supervisor", __package__)
+    return int(supervisor.supervise(cfg, listeners, notifier))
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    sys.stdout.write(dump_toml(_load(args)))
+    return 0
+
+
+def _lazy(
+    module: str,
+) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]] | None:
+    try:
+        mod = importlib.import_module(module, __package__)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("sdserve"):
+            return None
+        raise
+    return mod.add_arguments, mod.run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdserve",
+        description="Run an aiohttp application as a systemd service that never drops a request.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="serve an application")
+    _add_config_flags(run)
+    run.set_defaults(func=cmd_run)
+    config = sub.add_parser("config", help="print the effective configuration as TOML")
+    _add_config_flags(config)
+    config.set_defaults(func=cmd_config)
+    for name, module, text in (
+        ("check", ".checkcli", "run every dependency check once and print a table"),
+        ("units", ".units", "render systemd unit files for an application"),
+        ("drill", ".drill.cli", "load a service through restarts and reloads, count every failure"),
+        ("worker", ".supervisor", argparse.SUPPRESS),
+    ):
+        hooks = _lazy(module)
+        if hooks is None:
+            continue
+        add_arguments, run_fn = hooks
+        p = sub.add_parser(name) if text == argparse.SUPPRESS else sub.add_parser(name, help=text)
+        add_arguments(p)
+        p.set_defaults(func=run_fn)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"sdserve: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,396 @@
+"""Configuration: frozen dataclasses, loaded in layers.
+
+The layers, lowest first: the defaults below, a TOML file (``--config``), the
+``SDSERVE_*`` environment, and the command-line flags. Every layer is checked
+against the dataclasses: an unknown key is an error, and all the problems of all
+layers are reported together in one :class:`ConfigError`.
+
+Environment names are ``SDSERVE_`` followed by the key in upper case; a key of a
+section is reached with a double underscore (``SDSERVE_HEALTH__READYZ_PATH``).
+Lists are comma-separated there. Durations are seconds, or a number with a unit:
+``250ms``, ``2s``, ``1.5min``.
+
+Deadlines nest from the outside in: systemd's ``TimeoutStopSec`` must exceed
+:attr:`Config.stop_budget`, which bounds everything sdserve does on stop (the
+drain delay, the drain itself and the cleanup hooks). Tools that render unit
+files take it from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ENV_PREFIX = "SDSERVE_"
+
+LogTarget = Literal["auto", "journal", "stderr"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+HealthPlacement = Literal["main", "admin", "both"]
+
+
+class ConfigError(Exception):
+    """One or more configuration problems; ``problems`` lists every one of them."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = tuple(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """Health endpoints (``/livez``, ``/readyz``, ``/startupz``)."""
+
+    enabled: bool = True
+    livez_path: str = "/livez"
+    readyz_path: str = "/readyz"
+    startupz_path: str = "/startupz"
+    #: where the endpoints are served: the main socket(s), the admin socket, or both
+    placement: HealthPlacement = "both"
+    #: show per-check details on the main socket too (always shown on the admin socket)
+    details_on_main: bool = False
+    #: consecutive failures before a continuous critical check turns readiness false
+    fail_threshold: int = 3
+    #: consecutive successes before it turns readiness true again
+    pass_threshold: int = 1
+    #: how often continuous checks re-run after start
+    interval: float = 10.0
+    #: liveness fails when the event loop has not turned for this long
+    loop_stall: float = 10.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """The effective configuration of one sdserve process."""
+
+    #: the application, ``MODULE:FACTORY``
+    app: str = ""
+    #: addresses to bind when not socket-activated: ``HOST:PORT``, ``[V6]:PORT``, ``unix:PATH``
+    bind: tuple[str, ...] = ()
+    #: addresses of the admin socket(s) when not socket-activated
+    admin_bind: tuple[str, ...] = ()
+    #: listen backlog of the sockets sdserve binds itself
+    backlog: int = 4096
+    #: worker processes under a supervisor; 0 serves in the main process
+    workers: int = 0
+    #: deadline for the dependency checks and warm-up at start
+    start_timeout: float = 60.0
+    #: first pause between retries of failing checks at start (doubles up to retry_max)
+    retry_initial: float = 0.2
+    retry_max: float = 5.0
+    #: keep serving but report not ready for this long before the drain starts
+    drain_delay: float = 0.0
+    #: in-flight requests may run this long once the drain starts, then are cancelled
+    shutdown_timeout: float = 25.0
+    #: an idle keep-alive connection gets this long to send one more request in a drain
+    idle_grace: float = 1.0
+    #: the app's on_shutdown / on_cleanup hooks get this long
+    cleanup_timeout: float = 5.0
+    #: close keep-alive connections idle for this long
+    keepalive_timeout: float = 75.0
+    #: answer 503 (with Retry-After) past this many requests in flight per process; 0 = no limit
+    max_concurrency: int = 0
+    #: a new generation must be ready within this long on reload
+    reload_timeout: float = 60.0
+    #: recycle a worker after this many requests (0 = never), plus up to jitter more
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    #: crash loop: this many worker deaths within crash_window make the supervisor give up
+    crash_limit: int = 5
+    crash_window: float = 10.0
+    log: LogTarget = "auto"
+    log_level: LogLevel = "info"
+    access_log: bool = False
+    health: HealthConfig = field(default_factory=HealthConfig)
+    #: ``[checks.NAME]`` tables, validated by :mod:`sdserve.checks`
+    checks: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @property
+    def stop_budget(self) -> float:
+        """Upper bound of a graceful stop: systemd's TimeoutStopSec must exceed it."""
+        return self.drain_delay + self.shutdown_timeout + self.cleanup_timeout
+
+    def with_overrides(self, **changes: Any) -> Config:
+        """A copy with some top-level values replaced (for tests and the supervisor)."""
+        return dataclasses.replace(self, **changes)
+
+
+# -- loading ---------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|sec|min|m|h)?\s*$")
+_UNITS = {None: 1.0, "s": 1.0, "sec": 1.0, "ms": 0.001, "min": 60.0, "m": 60.0, "h": 3600.0}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, where: str, message: str) -> None:
+        self.items.append(f"{where}: {message}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = _hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _convert(value: Any, tp: Any, where: str, problems: _Problems, from_text: bool) -> Any:
+    """Convert one raw value to ``tp``; on failure record a problem and return a sentinel."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        problems.add(where, f"expected true or false, got {value!r}")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]+\s*", value):
+            return int(value)
+        problems.add(where, f"expected a whole number, got {value!r}")
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if math.isfinite(value):
+                return float(value)
+        elif isinstance(value, str) and (m := _DURATION.match(value)):
+            return float(m.group(1)) * _UNITS[m.group(2)]
+        problems.add(
+            where, f"expected a duration (seconds, or e.g. 250ms, 2s, 1min), got {value!r}"
+        )
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        problems.add(where, f"expected a string, got {value!r}")
+    elif origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        problems.add(where, f"expected one of {', '.join(map(str, allowed))}, got {value!r}")
+    elif origin is tuple:
+        if from_text and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        problems.add(where, f"expected a list of strings, got {value!r}")
+    elif origin in (Mapping, dict) or tp is Mapping:
+        if isinstance(value, Mapping) and all(isinstance(v, Mapping) for v in value.values()):
+            return types.MappingProxyType(
+                {k: types.MappingProxyType(dict(v)) for k, v in value.items()}
+            )
+        problems.add(where, "expected a table of tables")
+    else:  # pragma: no cover - a field of a type this loader does not know is a programming error
+        raise TypeError(f"unsupported config type {tp!r} at {where}")
+    return _INVALID
+
+
+_INVALID = object()
+
+
+def _apply(
+    target: dict[str, Any],
+    cls: type,
+    raw: Mapping[str, Any],
+    source: str,
+    problems: _Problems,
+    *,
+    prefix: str = "",
+    from_text: bool = False,
+) -> None:
+    """Check ``raw`` against ``cls`` and merge the converted values into ``target``."""
+    fields = _fields(cls)
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            problems.add(f"{source}: {name}", _unknown(key, fields))
+            continue
+        tp = fields[key]
+        if _is_dataclass_type(tp):
+            if not isinstance(value, Mapping):
+                problems.add(f"{source}: {name}", "expected a table")
+                continue
+            sub = target.setdefault(key, {})
+            _apply(sub, tp, value, source, problems, prefix=f"{name}.", from_text=from_text)
+            continue
+        converted = _convert(value, tp, f"{source}: {name}", problems, from_text)
+        if converted is not _INVALID:
+            target[key] = converted
+
+
+def _unknown(key: str, fields: Mapping[str, Any]) -> str:
+    close = [f for f in fields if f.replace("_", "") == key.replace("_", "").replace("-", "")]
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key{hint}"
+
+
+def _env_layer(environ: Mapping[str, str], problems: _Problems) -> dict[str, Any]:
+    """``SDSERVE_*`` variables as a nested raw mapping; unknown names are problems."""
+    raw: dict[str, Any] = {}
+    top = _fields(Config)
+    for var, text in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        path = var[len(ENV_PREFIX) :].lower().split("__")
+        if path[0] == "checks" or path[0] not in top:
+            problems.add(f"environment: {var}", "unknown setting")
+            continue
+        if len(path) == 1:
+            raw[path[0]] = text
+        elif len(path) == 2 and _is_dataclass_type(top[path[0]]):
+            raw.setdefault(path[0], {})[path[1]] = text
+        else:
+            problems.add(f"environment: {var}", "unknown setting")
+    return raw
+
+
+def _build(cls: type, values: Mapping[str, Any]) -> Any:
+    kwargs = {}
+    for name, tp in _fields(cls).items():
+        if name in values:
+            kwargs[name] = _build(tp, values[name]) if _is_dataclass_type(tp) else values[name]
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config, problems: _Problems) -> None:
+    def positive(name: str, value: float) -> None:
+        if value <= 0:
+            problems.add(name, f"must be greater than 0, got {value}")
+
+    def non_negative(name: str, value: float) -> None:
+        if value < 0:
+            problems.add(name, f"must not be negative, got {value}")
+
+    positive("start_timeout", cfg.start_timeout)
+    positive("shutdown_timeout", cfg.shutdown_timeout)
+    positive("cleanup_timeout", cfg.cleanup_timeout)
+    positive("keepalive_timeout", cfg.keepalive_timeout)
+    positive("reload_timeout", cfg.reload_timeout)
+    positive("retry_initial", cfg.retry_initial)
+    positive("crash_window", cfg.crash_window)
+    positive("health.interval", cfg.health.interval)
+    positive("health.loop_stall", cfg.health.loop_stall)
+    non_negative("drain_delay", cfg.drain_delay)
+    non_negative("idle_grace", cfg.idle_grace)
+    non_negative("max_requests", cfg.max_requests)
+    non_negative("max_requests_jitter", cfg.max_requests_jitter)
+    non_negative("max_concurrency", cfg.max_concurrency)
+    if cfg.retry_max < cfg.retry_initial:
+        problems.add("retry_max", f"must be at least retry_initial ({cfg.retry_initial})")
+    if cfg.workers < 0:
+        problems.add("workers", f"must not be negative, got {cfg.workers}")
+    if cfg.crash_limit < 1:
+        problems.add("crash_limit", f"must be at least 1, got {cfg.crash_limit}")
+    if cfg.backlog < 1:
+        problems.add("backlog", f"must be at least 1, got {cfg.backlog}")
+    # The idle grace is part of the drain, so it must fit inside the drain's deadline.
+    if cfg.idle_grace >= cfg.shutdown_timeout > 0:
+        problems.add(
+            "idle_grace",
+            f"must be shorter than shutdown_timeout ({cfg.shutdown_timeout}s), "
+            f"got {cfg.idle_grace}s",
+        )
+    for t in ("fail_threshold", "pass_threshold"):
+        if getattr(cfg.health, t) < 1:
+            problems.add(f"health.{t}", "must be at least 1")
+    for p in ("livez_path", "readyz_path", "startupz_path"):
+        if not getattr(cfg.health, p).startswith("/"):
+            problems.add(f"health.{p}", "must start with '/'")
+    if cfg.app and ":" not in cfg.app:
+        problems.add("app", f"expected MODULE:FACTORY, got {cfg.app!r}")
+
+
+def load_config(
+    *,
+    toml_path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Load the effective configuration from every layer; raise ConfigError listing all problems.
+
+    ``environ`` defaults to ``os.environ``; ``overrides`` are the command-line values
+    (only those the user gave), already typed or as text.
+    """
+    problems = _Problems()
+    values: dict[str, Any] = {}
+    if toml_path is not None:
+        try:
+            with open(toml_path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            problems.add(f"config file {toml_path}", exc.strerror or str(exc))
+        except tomllib.TOMLDecodeError as exc:
+            problems.add(f"config file {toml_path}", f"not valid TOML: {exc}")
+        else:
+            _apply(values, Config, data, f"{toml_path}", problems)
+    env = _env_layer(os.environ if environ is None else environ, problems)
+    _apply(values, Config, env, "environment", problems, from_text=True)
+    if overrides:
+        _apply(values, Config, overrides, "command line", problems, from_text=True)
+    if problems.items:
+        raise ConfigError(problems.items)
+    cfg: Config = _build(Config, values)
+    _validate(cfg, problems)
+    if problems.items:
+        raise ConfigError(problems.items)
+    return cfg
+
+
+# -- printing --------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot print {value!r} as TOML")
+
+
+def _toml_lines(obj: Any, section: str) -> Iterator[str]:
+    tables: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) or isinstance(value, Mapping):
+            tables.append((f.name, value))
+        else:
+            yield f"{f.name} = {_toml_value(value)}"
+    for name, value in tables:
+        full = f"{section}.{name}" if section else name
+        if isinstance(value, Mapping):
+            for sub, table in value.items():
+                yield ""
+                yield f"[{full}.{sub}]"
+                yield from (f"{k} = {_toml_value(v)}" for k, v in table.items())
+        else:
+            yield ""
+            yield f"[{full}]"
+            yield from _toml_lines(value, full)
+
+
+def dump_toml(cfg: Config) -> str:
+    """The configuration as TOML that :func:`load_config` reads back to the same value."""
+    return "\n".join(_toml_lines(cfg, "")) + "\n"

@@ -1,0 +1,85 @@
+"""The demo application: ``sdserve run sdserve.demo:create_app``.
+
+- ``GET /``: a fast 200.
+- ``GET /slow?ms=N``: answers after N ms (at most 60 s).
+- ``GET /block?ms=N``: blocks the event loop for N ms (at most 60 s), to show the watchdog.
+- ``GET /ws``: a WebSocket that echoes.
+
+For the test bed, readiness can be tied to something a test controls:
+``DEMO_WAIT_TCP=HOST:PORT`` adds a critical check that connects there, and
+``DEMO_WAIT_FILE=PATH`` one that the file exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from aiohttp import WSMsgType, web
+
+from .checks import add_check
+
+MAX_MS = 60_000
+
+
+def _ms(request: web.Request) -> float:
+    try:
+        ms = int(request.query.get("ms", "100"))
+    except ValueError:
+        raise web.HTTPBadRequest(text="ms must be a whole number\n") from None
+    if not 0 <= ms <= MAX_MS:
+        raise web.HTTPBadRequest(text=f"ms must be between 0 and {MAX_MS}\n")
+    return ms / 1000
+
+
+async def index(request: web.Request) -> web.Response:
+    return web.Response(text=f"hello from sdserve demo (pid {os.getpid()})\n")
+
+
+async def slow(request: web.Request) -> web.Response:
+    delay = _ms(request)
+    await asyncio.sleep(delay)
+    return web.Response(text=f"slept {delay * 1000:.0f} ms\n")
+
+
+async def block(request: web.Request) -> web.Response:
+    delay = _ms(request)
+    time.sleep(delay)  # noqa: ASYNC251 - deliberately blocks the event loop
+    return web.Response(text=f"blocked the loop for {delay * 1000:.0f} ms\n")
+
+
+async def echo(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(heartbeat=30)
+    await ws.prepare(request)
+    async for msg in ws:
+        if msg.type == WSMsgType.TEXT:
+            await ws.send_str(msg.data)
+        elif msg.type == WSMsgType.BINARY:
+            await ws.send_bytes(msg.data)
+    return ws
+
+
+def create_app() -> web.Application:
+    app = web.Application()
+    app.router.add_get("/", index)
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/block", block)
+    app.router.add_get("/ws", echo)
+    if target := os.environ.get("DEMO_WAIT_TCP"):
+        host, _, port = target.rpartition(":")
+
+        async def tcp_check() -> str:
+            _reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+            writer.close()
+            await writer.wait_closed()
+            return f"connected to {target}"
+
+        add_check(app, "upstream", tcp_check, timeout=2.0)
+    if path := os.environ.get("DEMO_WAIT_FILE"):
+
+        async def file_check() -> bool:
+            return os.path.exists(path)  # noqa: ASYNC240 - one stat, no I/O wait
+
+        add_check(app, "flag-file", file_check, timeout=1.0)
+    return app
