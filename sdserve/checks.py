@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -171,6 +171,13 @@ async def run_check(
     if reg is not None:
         output = reg.redact(output)
     return CheckResult(check.name, ok, output, duration, time.time(), check.critical)
+
+
+def checks_from_config(reg: CheckRegistry, tables: Mapping[str, Mapping[str, Any]]) -> None:
+    """Register the ``[checks.NAME]`` tables of the config file (built-in checks: issue 5)."""
+    if tables:
+        names = ", ".join(tables)
+        raise ValueError(f"checks from the config file are not supported yet: {names}")
 
 
 class StartupFailed(Exception):

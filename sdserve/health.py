@@ -8,8 +8,13 @@ from .config import HealthConfig
 from .state import WorkerState
 
 
-def install(app: web.Application, state: WorkerState, config: HealthConfig) -> set[str]:
-    """Add the health routes to ``app``; returns their paths (exempt from load shedding)."""
+def install(
+    app: web.Application, state: WorkerState, config: HealthConfig, *, admin: bool
+) -> set[str]:
+    """Add the health routes to ``app``; returns their paths (exempt from load shedding).
+
+    ``admin`` is true for the admin socket's application, where details are shown.
+    """
 
     async def livez(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

@@ -31,9 +31,10 @@ from . import health
 from .acceptor import Acceptor
 from .activation import Listener
 from .appload import AppLoadError, build_app
-from .checks import StartupFailed, registry, wait_until_ready
+from .checks import StartupFailed, checks_from_config, registry, wait_until_ready
 from .config import Config
 from .drain import TrackedRequestHandler, Tracker
+from .monitor import CheckMonitor
 from .notify import Notifier
 from .state import Phase, WorkerState
 
@@ -101,6 +102,7 @@ class Worker:
         self._app = app
         self._runners: list[web.AppRunner] = []
         self._acceptors: list[Acceptor] = []
+        self.monitor: CheckMonitor | None = None
 
     # -- start ---------------------------------------------------------------------------
 
@@ -113,7 +115,7 @@ class Worker:
     async def _prepare(self, app: web.Application, admin: bool) -> web.AppRunner:
         show = self.config.health
         if show.enabled and (show.placement in ("both", "admin" if admin else "main")):
-            self.tracker.exempt_paths |= health.install(app, self.state, show)
+            self.tracker.exempt_paths |= health.install(app, self.state, show, admin=admin)
         self.tracker.install(app)
         _reverse_hooks(app)
         kwargs = self._handler_kwargs()
@@ -141,6 +143,7 @@ class Worker:
         self.notifier.status("loading the application")
         app = self._app if self._app is not None else await build_app(cfg.app)
         reg = registry(app)
+        checks_from_config(reg, cfg.checks)
         self.state.registry = reg
         self.notifier.status("running the application's start-up hooks")
         async with asyncio.timeout(cfg.start_timeout):
@@ -158,6 +161,8 @@ class Worker:
         )
         self.state.record(results)
         checks_done = time.monotonic()
+        self.monitor = CheckMonitor(self.state, reg, cfg.health, self.notifier)
+        self.monitor.start()
         for acceptor in self._acceptors:
             acceptor.start()
         self.state.phase = Phase.READY
@@ -182,6 +187,8 @@ class Worker:
         cfg = self.config
         loop = asyncio.get_running_loop()
         self.state.phase = Phase.DRAINING
+        if self.monitor is not None:
+            await self.monitor.stop()
         busy = len(self.tracker.connections)
         self.notifier.stopping(f"draining {busy} connection(s)")
         log.info("stopping: %d connection(s) open", busy, extra=_fields("stopping"))
