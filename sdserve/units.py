@@ -264,7 +264,7 @@ def render_service(spec: UnitSpec, *, notify_reload_dropin: bool = False) -> str
     lines += [
         "ExecReload=/bin/kill -HUP $MAINPID",
         f"EnvironmentFile={env_file}",
-        f"SyslogIdentifier={spec.name.rstrip('@')}",
+        f"SyslogIdentifier={spec.name.rstrip('@')}{'-%i' if spec.template else ''}",
         # SIGTERM to the main process only: sdserve drains its workers itself; whatever is left
         # when TimeoutStopSec runs out is killed as a group.
         "KillMode=mixed",
