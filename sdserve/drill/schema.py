@@ -1,0 +1,141 @@
+"""The drill's JSON output, schema version 1 (``"schema": "sdserve.drill/1"``).
+
+The types below are the schema: every object in the file is one of these
+TypedDicts, with exactly these keys.  Times are seconds since the drill's start
+(``_s``), latencies are milliseconds (``_ms``), both floats.  Compatible additions
+keep the version; removing or changing the meaning of a key bumps it.
+
+Top level (:class:`DrillJson`)::
+
+    schema        "sdserve.drill/1"
+    started_at    UTC wall-clock start, ISO 8601
+    duration_s    how long the load ran
+    spec          the load that was asked for (SpecJson)
+    passed        failures <= max_failures
+    max_failures  the threshold the run was judged against
+    phases        "overall", "steady", "during", "after": PhaseJson each
+                  (during = the request overlapped an action; after = it started
+                  within after_window_s of an action's end; steady = the rest)
+    targets       one TargetJson per URL, the WebSocket URL last
+    websocket     WebSocketJson: sessions and how they ended
+    actions       one ActionJson per action performed, in order of start
+    timeline      one SecondJson per second, by the second a request ended
+    resources     ResourceJson samples of the target's process tree
+    errors        problems of the drill itself (e.g. a load process died)
+
+A PhaseJson counts requests by class (see :mod:`sdserve.drill.outcome`: success,
+refused, reset, eof, timeout, 5xx, other_status, other_error; every class always
+present), the 5xx and other statuses by code, and holds latency percentiles
+(p50/p90/p99/p99.9/max over the requests that got a response, from a log-linear
+histogram; null when there was none).  Latency is measured from the moment a
+request was meant to be sent, so an open-loop drill does not hide a stall.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypedDict
+
+SCHEMA_VERSION = 1
+SCHEMA_ID = f"sdserve.drill/{SCHEMA_VERSION}"
+
+Percentiles = TypedDict(
+    "Percentiles",
+    {
+        "count": int,
+        "p50": float | None,
+        "p90": float | None,
+        "p99": float | None,
+        "p99.9": float | None,
+        "max": float | None,
+    },
+)
+
+
+class Counts(TypedDict):
+    requests: int
+    failures: int
+    classes: dict[str, int]
+    status_5xx: dict[str, int]
+    status_other: dict[str, int]
+
+
+class PhaseJson(Counts):
+    latency_ms: Percentiles
+
+
+class TargetJson(Counts):
+    url: str
+    latency_ms: Percentiles
+
+
+class SpecTargetJson(TypedDict):
+    url: str
+    weight: float
+
+
+class SpecJson(TypedDict):
+    targets: list[SpecTargetJson]
+    mode: Literal["open", "closed"]
+    rate: float | None
+    concurrency: int
+    keepalive: float
+    timeout_s: float
+    processes: int
+    ws_url: str | None
+    ws_clients: int
+    ws_interval_s: float
+    after_window_s: float
+
+
+class WebSocketJson(TypedDict):
+    sessions: int
+    clean_closes: int
+    abnormal_closes: int
+
+
+class ActionJson(TypedDict):
+    name: str
+    number: int
+    start_s: float
+    end_s: float
+    ok: bool
+    detail: str
+
+
+class SecondJson(TypedDict):
+    t: int
+    requests: int
+    classes: dict[str, int]
+    latency_ms: Percentiles
+
+
+class ResourceJson(TypedDict):
+    t_s: float
+    pid: int | None
+    processes: int
+    fds: int
+    rss_bytes: int
+
+
+class Phases(TypedDict):
+    overall: PhaseJson
+    steady: PhaseJson
+    during: PhaseJson
+    after: PhaseJson
+
+
+class DrillJson(TypedDict):
+    schema: str
+    started_at: str
+    duration_s: float
+    spec: SpecJson
+    passed: bool
+    max_failures: int
+    not_sent: int
+    phases: Phases
+    targets: list[TargetJson]
+    websocket: WebSocketJson
+    actions: list[ActionJson]
+    timeline: list[SecondJson]
+    resources: list[ResourceJson]
+    errors: list[str]
