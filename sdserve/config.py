@@ -19,6 +19,7 @@ files take it from there.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -66,6 +67,8 @@ class HealthConfig:
     interval: float = 10.0
     #: liveness fails when the event loop has not turned for this long
     loop_stall: float = 10.0
+    #: after a stall, liveness keeps failing this long (so the next probe reports it)
+    stall_hold: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -237,7 +240,7 @@ def _apply(
 
 
 def _unknown(key: str, fields: Mapping[str, Any]) -> str:
-    close = [f for f in fields if f.replace("_", "") == key.replace("_", "").replace("-", "")]
+    close = difflib.get_close_matches(key.replace("-", "_"), list(fields), n=1, cutoff=0.75)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown key{hint}"
 
@@ -345,10 +348,11 @@ def load_config(
     _apply(values, Config, env, "environment", problems, from_text=True)
     if overrides:
         _apply(values, Config, overrides, "command line", problems, from_text=True)
-    if problems.items:
-        raise ConfigError(problems.items)
+    # The values that did convert are checked too, so that one run lists every problem.
     cfg: Config = _build(Config, values)
-    _validate(cfg, problems)
+    rules = _Problems()
+    _validate(cfg, rules)
+    problems.items.extend(rules.items)
     if problems.items:
         raise ConfigError(problems.items)
     return cfg

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Literal
@@ -38,10 +39,28 @@ def _sdnotify_sender() -> Callable[[str], None] | None:
         import sdnotify
     except ImportError:
         return None
-    notifier = sdnotify.SystemdNotifier(debug=True)  # debug=True: raise instead of swallowing
+
+    class _Once(sdnotify.SystemdNotifier):
+        """sdnotify's sender, connected per message; its own constructor leaks the
+        socket when the connect fails, so this one closes it."""
+
+        def __init__(self, address: str) -> None:
+            self.debug = True  # raise instead of swallowing
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                sock.connect("\0" + address[1:] if address.startswith("@") else address)
+            except BaseException:
+                sock.close()
+                raise
+            self.socket = sock
 
     def send(message: str) -> None:
-        notifier.notify(message)
+        address = os.environ.get("NOTIFY_SOCKET", "")
+        once = _Once(address)
+        try:
+            once.notify(message)
+        finally:
+            once.socket.close()
 
     return send
 

@@ -1,0 +1,308 @@
+"""A launcher that plays systemd's part, for tests, drills and demos outside systemd.
+
+It holds the listening sockets for the whole run (as a ``.socket`` unit does), so
+connections made while no instance is accepting wait in the kernel queue. It
+starts sdserve with the sockets as fds 3, 4, ... and ``LISTEN_FDS``,
+``LISTEN_FDNAMES`` and ``LISTEN_PID`` set, and it reads a real ``AF_UNIX``
+datagram notify socket, with ``SO_PASSCRED`` so that each message carries the
+sender's PID. ``restart`` is stop-then-start like ``systemctl restart``;
+``reload`` sends SIGHUP and waits for ``RELOADING=1`` then ``READY=1``, like
+``Type=notify-reload``.
+
+``LISTEN_PID`` must be the PID of the process that reads it, which is not known
+before the fork. A tiny trampoline (``python -I -S -c``) moves the sockets to
+fds 3, 4, ..., sets the variables with its own PID and execs sdserve, which
+keeps that PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+_TRAMPOLINE = """
+import os, sys
+fds = [int(x) for x in os.environ.pop("_SDSERVE_LAUNCH_FDS").split(",")]
+for i, fd in enumerate(fds):
+    os.dup2(fd, 3 + i)
+for fd in fds:
+    if fd >= 3 + len(fds):
+        os.close(fd)
+os.environ["LISTEN_FDS"] = str(len(fds))
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execvp(sys.argv[1], sys.argv[1:])
+"""
+
+_UCRED = struct.Struct("3i")
+
+
+class HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+class LaunchError(Exception):
+    """An instance did not start (it exited, or READY=1 did not come in time)."""
+
+
+@dataclass(frozen=True)
+class NotifyMessage:
+    pid: int
+    fields: Mapping[str, str]
+    received: float
+
+    def has(self, key: str, value: str | None = None) -> bool:
+        return key in self.fields and (value is None or self.fields[key] == value)
+
+
+class NotifySink:
+    """A real notify socket: receives sd_notify(3) datagrams and lets callers wait for them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.setblocking(False)
+        self.messages: list[NotifyMessage] = []
+        self._arrived = asyncio.Event()
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        while True:
+            try:
+                data, ancdata, _flags, _addr = self.sock.recvmsg(
+                    65536, socket.CMSG_SPACE(_UCRED.size)
+                )
+            except (BlockingIOError, InterruptedError):
+                return
+            pid = 0
+            for level, kind, cdata in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = _UCRED.unpack(cdata[: _UCRED.size])[0]
+            fields = dict(
+                line.split("=", 1)
+                for line in data.decode(errors="replace").split("\n")
+                if "=" in line
+            )
+            self.messages.append(NotifyMessage(pid, fields, time.monotonic()))
+            self._arrived.set()
+
+    async def expect(
+        self,
+        match: Callable[[NotifyMessage], bool],
+        *,
+        timeout: float,
+        start: int = 0,
+    ) -> NotifyMessage:
+        """The first message from index ``start`` on that matches; waits up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        index = start
+        while True:
+            while index < len(self.messages):
+                message = self.messages[index]
+                index += 1
+                if match(message):
+                    return message
+            self._arrived.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no matching notify message within {timeout}s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+@dataclass
+class Instance:
+    """One started process."""
+
+    process: asyncio.subprocess.Process
+    log_path: Path
+    started: float
+    #: index of the first notify message that can belong to this instance
+    first_message: int
+    ready: float | None = None
+    #: a stop signal (SIGTERM or SIGINT) was sent
+    stop_sent: bool = False
+    exited: asyncio.Task[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.exited = asyncio.ensure_future(self.process.wait())
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Launcher:
+    """Holds sockets and a notify socket; starts, stops, restarts and reloads sdserve."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        sockets: Sequence[tuple[str, HasFileno]],
+        *,
+        workdir: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.argv = list(argv)
+        self.cwd = cwd
+        self.sockets = list(sockets)
+        self.workdir = workdir
+        self.extra_env = dict(env or {})
+        # AF_UNIX paths are limited to 107 bytes; a short private directory is always safe.
+        self._sink_dir = Path(tempfile.mkdtemp(prefix="sdsn-"))
+        self.sink = NotifySink(self._sink_dir / "notify.sock")
+        self.instances: list[Instance] = []
+
+    @property
+    def current(self) -> Instance | None:
+        return self.instances[-1] if self.instances else None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.current is None else self.current.pid
+
+    def _environment(self) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_"))
+        }
+        env.update(self.extra_env)
+        env["NOTIFY_SOCKET"] = str(self.sink.path)
+        env["LISTEN_FDNAMES"] = ":".join(name for name, _ in self.sockets)
+        env["_SDSERVE_LAUNCH_FDS"] = ",".join(str(s.fileno()) for _, s in self.sockets)
+        return env
+
+    async def spawn(self) -> Instance:
+        """Start a process without waiting for READY=1."""
+        n = len(self.instances)
+        log_path = self.workdir / f"instance-{n}.log"
+        first = len(self.sink.messages)
+        with open(log_path, "wb") as log_file:  # noqa: ASYNC230 - a local file, opened once
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-I",
+                "-S",
+                "-c",
+                _TRAMPOLINE,
+                *self.argv,
+                env=self._environment(),
+                pass_fds=[s.fileno() for _, s in self.sockets],
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.cwd,
+            )
+        instance = Instance(process, log_path, time.monotonic(), first)
+        self.instances.append(instance)
+        return instance
+
+    async def wait_for(
+        self,
+        instance: Instance,
+        match: Callable[[NotifyMessage], bool],
+        *,
+        timeout: float,
+        start: int | None = None,
+    ) -> NotifyMessage:
+        """A message from ``instance``'s PID that matches; LaunchError if it exits first."""
+        expect = asyncio.ensure_future(
+            self.sink.expect(
+                lambda m: m.pid == instance.pid and match(m),
+                timeout=timeout,
+                start=instance.first_message if start is None else start,
+            )
+        )
+        try:
+            await asyncio.wait({expect, instance.exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not expect.done():
+                expect.cancel()
+        if expect.done() and not expect.cancelled():
+            return expect.result()
+        raise LaunchError(
+            f"pid {instance.pid} exited with status {instance.exited.result()} "
+            f"before the expected notify message; its output:\n{instance.log_text()}"
+        )
+
+    async def start(self, *, timeout: float = 30.0) -> Instance:
+        """Start a process and wait for its READY=1."""
+        instance = await self.spawn()
+        await self.wait_for(instance, lambda m: m.has("READY", "1"), timeout=timeout)
+        instance.ready = time.monotonic()
+        return instance
+
+    def send_signal(self, sig: int) -> None:
+        instance = self.current
+        if instance is None or instance.exited.done():
+            raise LaunchError("no running instance to signal")
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            instance.stop_sent = True
+        os.kill(instance.pid, sig)
+
+    async def stop(self, *, timeout: float = 60.0, sig: int = signal.SIGTERM) -> int:
+        """Ask the running instance to stop (once) and wait for it; returns its exit status."""
+        instance = self.current
+        if instance is None:
+            raise LaunchError("nothing to stop")
+        # like systemd, ask once: a second SIGTERM/SIGINT means "exit at once"
+        if not instance.exited.done() and (not instance.stop_sent or sig == signal.SIGKILL):
+            self.send_signal(sig)
+        return await asyncio.wait_for(asyncio.shield(instance.exited), timeout)
+
+    async def restart(self, *, timeout: float = 60.0) -> Instance:
+        """Like ``systemctl restart``: stop, then start. The sockets stay open meanwhile."""
+        await self.stop(timeout=timeout)
+        return await self.start(timeout=timeout)
+
+    async def reload(self, *, timeout: float = 60.0) -> float:
+        """Like ``Type=notify-reload``: SIGHUP, then RELOADING=1, then READY=1; returns seconds."""
+        instance = self.current
+        if instance is None:
+            raise LaunchError("nothing to reload")
+        mark = len(self.sink.messages)
+        began = time.monotonic()
+        os.kill(instance.pid, signal.SIGHUP)
+        reloading = await self.wait_for(
+            instance, lambda m: m.has("RELOADING", "1"), timeout=timeout, start=mark
+        )
+        after = self.sink.messages.index(reloading) + 1
+        await self.wait_for(instance, lambda m: m.has("READY", "1"), timeout=timeout, start=after)
+        return time.monotonic() - began
+
+    async def close(self) -> None:
+        """Kill whatever still runs (with its process group), then close the notify socket."""
+        for instance in self.instances:
+            if not instance.exited.done():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(instance.pid, signal.SIGKILL)
+                await instance.exited
+        self.sink.close()
+        with contextlib.suppress(OSError):
+            self._sink_dir.rmdir()

@@ -1,0 +1,82 @@
+"""An application whose timing the tests control, through a gate and a flag file.
+
+- ``GET /``: a fast 200.
+- ``GET /hold/NAME``: tells the test's gate (``TESTAPP_GATE``, a unix socket) that
+  it has started, then answers once the gate releases it.
+- ``GET /nodelay``: whether TCP_NODELAY is set on this connection's socket.
+- ``GET /ws``: a WebSocket that echoes.
+- ``TESTAPP_READY_FILE``: a critical check that passes once the file exists.
+- ``TESTAPP_HOOKS_LOG``: on_shutdown / on_cleanup hooks append their names to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from pathlib import Path
+
+from aiohttp import WSMsgType, web
+
+from sdserve import add_check
+
+
+async def index(request: web.Request) -> web.Response:
+    return web.Response(text=f"ok {os.getpid()}\n")
+
+
+async def hold(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    reader, writer = await asyncio.open_unix_connection(os.environ["TESTAPP_GATE"])
+    try:
+        writer.write(f"{name}\n".encode())
+        await writer.drain()
+        await reader.read(1)
+    finally:
+        writer.close()
+    return web.Response(text=f"released {name}\n")
+
+
+async def nodelay(request: web.Request) -> web.Response:
+    transport = request.transport
+    assert transport is not None
+    sock = transport.get_extra_info("socket")
+    value = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    return web.Response(text=f"{value}\n")
+
+
+async def echo(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    async for msg in ws:
+        if msg.type == WSMsgType.TEXT:
+            await ws.send_str(msg.data)
+    return ws
+
+
+def _hook(log: Path, name: str) -> object:
+    async def hook(app: web.Application) -> None:
+        with log.open("a") as fh:
+            fh.write(f"{name}\n")
+
+    return hook
+
+
+def create_app() -> web.Application:
+    app = web.Application()
+    app.router.add_get("/", index)
+    app.router.add_get("/hold/{name}", hold)
+    app.router.add_get("/nodelay", nodelay)
+    app.router.add_get("/ws", echo)
+    if flag := os.environ.get("TESTAPP_READY_FILE"):
+
+        async def flag_file() -> bool:
+            return os.path.exists(flag)  # noqa: ASYNC240 - one stat
+
+        add_check(app, "flag-file", flag_file, timeout=1.0)
+    if hooks := os.environ.get("TESTAPP_HOOKS_LOG"):
+        log = Path(hooks)
+        for i in (1, 2, 3):
+            app.on_shutdown.append(_hook(log, f"shutdown-{i}"))  # type: ignore[arg-type]
+            app.on_cleanup.append(_hook(log, f"cleanup-{i}"))  # type: ignore[arg-type]
+    return app

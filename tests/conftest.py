@@ -1,0 +1,70 @@
+"""Fixtures: a held listening socket, a launcher playing systemd's part, a request gate."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from sdserve.launcher import Launcher
+from tests.helpers import Gate
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = "tests.apps.controlled:create_app"
+
+
+@pytest.fixture
+def listen_sock() -> Iterator[socket.socket]:
+    """A listening TCP socket on 127.0.0.1, bound before any instance starts (race-free)."""
+    sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
+def port(listen_sock: socket.socket) -> int:
+    return int(listen_sock.getsockname()[1])
+
+
+@pytest_asyncio.fixture
+async def gate(tmp_path: Path) -> AsyncIterator[Gate]:
+    g = Gate(tmp_path / "gate.sock")
+    await g.start()
+    yield g
+    await g.close()
+
+
+LauncherFactory = Callable[..., Launcher]
+
+
+@pytest_asyncio.fixture
+async def make_launcher(
+    tmp_path: Path, listen_sock: socket.socket, gate: Gate
+) -> AsyncIterator[LauncherFactory]:
+    """Build launchers for ``sdserve run`` of the controlled app (or ``argv``); closed after."""
+    made: list[Launcher] = []
+
+    def factory(
+        *args: str,
+        env: dict[str, str] | None = None,
+        sockets: list[tuple[str, object]] | None = None,
+        app: str = APP,
+    ) -> Launcher:
+        argv = [sys.executable, "-m", "sdserve", "run", app, "--log", "stderr", *args]
+        launcher = Launcher(
+            argv,
+            sockets if sockets is not None else [("http", listen_sock)],  # type: ignore[arg-type]
+            workdir=tmp_path,
+            env={"TESTAPP_GATE": str(gate.path), **(env or {})},
+            cwd=ROOT,
+        )
+        made.append(launcher)
+        return launcher
+
+    yield factory
+    for launcher in made:
+        await launcher.close()

@@ -1,0 +1,217 @@
+"""Test helpers: a gate that holds requests, a strict HTTP/1.1 client, a bounded load."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class Gate:
+    """A unix socket server: each held request reports here and waits for its release."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.held: dict[str, asyncio.StreamWriter] = {}
+        self._arrived = asyncio.Event()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._on_client, path=str(self.path))
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        name = (await reader.readline()).decode().strip()
+        self.held[name] = writer
+        self._arrived.set()
+
+    async def wait_held(self, name: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while name not in self.held:
+            self._arrived.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"request {name!r} never reached the gate")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+
+    def release(self, name: str) -> None:
+        writer = self.held.pop(name)
+        writer.write(b"x")
+        writer.close()
+
+    async def close(self) -> None:
+        for writer in self.held.values():
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def closes(self) -> bool:
+        return self.headers.get("connection", "").lower() == "close"
+
+
+class ProtocolError(Exception):
+    """The server closed or broke the connection before a whole response."""
+
+
+async def read_response(reader: asyncio.StreamReader) -> Response:
+    """Read one HTTP/1.1 response (Content-Length bodies only, as aiohttp sends here)."""
+    status_line = await reader.readline()
+    if not status_line:
+        raise ProtocolError("eof")
+    parts = status_line.decode("latin-1").split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+        raise ProtocolError(f"bad status line {status_line!r}")
+    headers: dict[str, str] = {}
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise ProtocolError("eof in headers")
+        if line in (b"\r\n", b"\n"):
+            break
+        key, _, value = line.decode("latin-1").partition(":")
+        headers[key.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    try:
+        body = await reader.readexactly(length)
+    except asyncio.IncompleteReadError as exc:
+        raise ProtocolError("eof in body") from exc
+    return Response(int(parts[1]), headers, body)
+
+
+def request_bytes(path: str = "/", close: bool = False) -> bytes:
+    extra = "Connection: close\r\n" if close else ""
+    return f"GET {path} HTTP/1.1\r\nHost: test\r\n{extra}\r\n".encode()
+
+
+async def get(host: str, port: int, path: str = "/", timeout: float = 10.0) -> Response:
+    """One request on a new connection."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(request_bytes(path, close=True))
+            return await read_response(reader)
+        finally:
+            writer.close()
+
+
+def classify(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, ConnectionResetError | BrokenPipeError):
+        return "reset"
+    if isinstance(exc, ProtocolError):
+        return "eof"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return type(exc).__name__
+
+
+#: a load client gives up after this many failures in all (keeps a broken server bounded)
+MAX_FAILURES = 1000
+
+
+@dataclass
+class LoadStats:
+    ok: Counter[str] = field(default_factory=Counter)
+    failed: Counter[str] = field(default_factory=Counter)
+    longest: float = 0.0
+    _progress: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def total_failed(self) -> int:
+        return sum(self.failed.values())
+
+    @property
+    def total_ok(self) -> int:
+        return sum(self.ok.values())
+
+    def record(self, kind: str, started: float) -> None:
+        self.ok[kind] += 1
+        self.longest = max(self.longest, time.monotonic() - started)
+        self._progress.set()
+
+    async def wait_ok(self, target: int, timeout: float) -> None:
+        """Wait until ``target`` requests in all have succeeded."""
+        async with asyncio.timeout(timeout):
+            while self.total_ok < target:
+                self._progress.clear()
+                await self._progress.wait()
+
+
+async def _keepalive_client(host: str, port: int, stop: asyncio.Event, stats: LoadStats) -> None:
+    """Reuses one connection until the server says Connection: close; never retries."""
+    while not stop.is_set() and stats.total_failed < MAX_FAILURES:
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+        except OSError as exc:
+            stats.failed[f"keepalive:{classify(exc)}"] += 1
+            continue
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    async with asyncio.timeout(30):
+                        writer.write(request_bytes("/"))
+                        response = await read_response(reader)
+                except (OSError, ProtocolError, TimeoutError) as exc:
+                    stats.failed[f"keepalive:{classify(exc)}"] += 1
+                    break
+                if response.status != 200:
+                    stats.failed[f"keepalive:{response.status}"] += 1
+                elif response.closes:
+                    stats.record("keepalive", started)
+                    break
+                else:
+                    stats.record("keepalive", started)
+        finally:
+            writer.close()
+
+
+async def _new_connection_client(
+    host: str, port: int, stop: asyncio.Event, stats: LoadStats
+) -> None:
+    """A new connection per request; never retries."""
+    while not stop.is_set() and stats.total_failed < MAX_FAILURES:
+        started = time.monotonic()
+        try:
+            response = await get(host, port, "/", timeout=30)
+        except (OSError, ProtocolError, TimeoutError) as exc:
+            stats.failed[f"newconn:{classify(exc)}"] += 1
+            continue
+        if response.status != 200:
+            stats.failed[f"newconn:{response.status}"] += 1
+        else:
+            stats.record("newconn", started)
+
+
+@contextlib.asynccontextmanager
+async def load(host: str, port: int, keepalive: int = 4, newconn: int = 4):  # type: ignore[no-untyped-def]
+    """Run keep-alive and new-connection clients until the block ends; yields the stats.
+
+    A failed request is counted and never retried; the client goes on with a new
+    connection. Past MAX_FAILURES failures in all, the clients stop.
+    """
+    stats = LoadStats()
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(_keepalive_client(host, port, stop, stats)) for _ in range(keepalive)
+    ] + [
+        asyncio.create_task(_new_connection_client(host, port, stop, stats)) for _ in range(newconn)
+    ]
+    try:
+        yield stats
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)

@@ -1,0 +1,118 @@
+"""Configuration layers, validation and printing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdserve.config import Config, ConfigError, dump_toml, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults() -> None:
+    cfg = load_config(environ={})
+    assert cfg == Config()
+    assert cfg.shutdown_timeout == 25.0
+    assert cfg.idle_grace == 1.0
+    assert cfg.stop_budget == cfg.drain_delay + cfg.shutdown_timeout + cfg.cleanup_timeout
+
+
+def test_layers_in_order(tmp_path: Path) -> None:
+    toml = tmp_path / "sdserve.toml"
+    toml.write_text(
+        'app = "a:b"\nshutdown_timeout = 10\nidle_grace = "250ms"\nworkers = 2\n'
+        "[health]\nreadyz_path = '/ready'\n"
+    )
+    env = {
+        "SDSERVE_SHUTDOWN_TIMEOUT": "12s",
+        "SDSERVE_HEALTH__LIVEZ_PATH": "/alive",
+        "SDSERVE_BIND": "127.0.0.1:1, [::1]:2",
+        "OTHER": "ignored",
+    }
+    cfg = load_config(toml_path=toml, environ=env, overrides={"workers": "3"})
+    assert cfg.app == "a:b"
+    assert cfg.idle_grace == 0.25  # file
+    assert cfg.shutdown_timeout == 12.0  # environment beats file
+    assert cfg.workers == 3  # command line beats file
+    assert cfg.health.readyz_path == "/ready"
+    assert cfg.health.livez_path == "/alive"
+    assert cfg.bind == ("127.0.0.1:1", "[::1]:2")
+
+
+def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
+    toml = tmp_path / "bad.toml"
+    toml.write_text('shutdown_timout = 3\nworkers = "many"\n[health]\nbogus = 1\n')
+    env = {"SDSERVE_IDLE_GRACE": "soon", "SDSERVE_NOPE": "1"}
+    with pytest.raises(ConfigError) as info:
+        load_config(toml_path=toml, environ=env, overrides={"log": "syslog"})
+    problems = "\n".join(info.value.problems)
+    assert len(info.value.problems) == 6, problems
+    assert "shutdown_timout: unknown key (did you mean 'shutdown_timeout'?)" in problems
+    assert "workers: expected a whole number, got 'many'" in problems
+    assert "health.bogus: unknown key" in problems
+    assert "SDSERVE_IDLE_GRACE" not in problems or "idle_grace" in problems
+    assert "environment: idle_grace: expected a duration" in problems
+    assert "environment: SDSERVE_NOPE: unknown setting" in problems
+    assert "command line: log: expected one of auto, journal, stderr, got 'syslog'" in problems
+
+
+def test_cross_field_rules() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={}, overrides={"idle_grace": "30", "shutdown_timeout": "5"})
+    assert any(p.startswith("idle_grace: must be shorter") for p in info.value.problems)
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={}, overrides={"shutdown_timeout": "0", "app": "nocolon"})
+    assert len(info.value.problems) == 2
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="No such file"):
+        load_config(toml_path=tmp_path / "missing.toml", environ={})
+    broken = tmp_path / "broken.toml"
+    broken.write_text("this is = = not toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(toml_path=broken, environ={})
+
+
+def test_dump_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(
+        environ={}, overrides={"app": "x:y", "bind": ["127.0.0.1:9", 'unix:/run/a "b"']}
+    )
+    out = tmp_path / "out.toml"
+    out.write_text(dump_toml(cfg))
+    assert load_config(toml_path=out, environ={}) == cfg
+
+
+def _sdserve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sdserve", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+        timeout=60,
+        check=False,
+    )
+
+
+def test_config_command_prints_effective_configuration() -> None:
+    result = _sdserve(
+        "config", "demo:app", "--shutdown-timeout", "7", env={"SDSERVE_DRAIN_DELAY": "2"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert 'app = "demo:app"' in result.stdout
+    assert "shutdown_timeout = 7.0" in result.stdout
+    assert "drain_delay = 2.0" in result.stdout
+    assert "[health]" in result.stdout
+
+
+def test_bad_config_exits_2_listing_problems() -> None:
+    result = _sdserve("run", "sdserve.demo:create_app", "--workers", "-1", env={"SDSERVE_FOO": "1"})
+    assert result.returncode == 2
+    assert "2 problem(s)" in result.stderr
+    assert "SDSERVE_FOO: unknown setting" in result.stderr
+    assert "workers: must not be negative" in result.stderr
