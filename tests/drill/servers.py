@@ -57,4 +57,6 @@ class FaultyServer:
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
