@@ -103,7 +103,7 @@ class UnitSpec:
     admin_listen: tuple[str, ...] = ()
     user: str | None = None
     environment_file: str | None = None
-    workers: int = 1
+    workers: int = Config.workers
     shutdown_timeout: float = Config.shutdown_timeout
     start_timeout: float = Config.start_timeout
     drain_delay: float = Config.drain_delay
@@ -342,8 +342,20 @@ def render_units(spec: UnitSpec, *, systemd_version: int) -> dict[str, str]:
 
 
 def shipped_units() -> dict[str, str]:
-    """The contents of the repository's ``units/`` folder."""
-    files = render_units(UnitSpec(admin_listen=("127.0.0.1:8081",)), systemd_version=254)
+    """The contents of the repository's ``units/`` folder.
+
+    The admin socket is optional there: the service does not list it in ``Sockets=`` (which
+    would start it with the service), but it names the service, so once it is enabled its
+    descriptor is passed too (after a restart of the service).
+    """
+    spec = UnitSpec()
+    files = render_units(spec, systemd_version=254)
+    files[spec.sibling("-admin", "socket")] = render_socket(
+        spec,
+        fd_name="admin",
+        addresses=("127.0.0.1:8081",),
+        description=f"sdserve: admin socket of {spec.name}",
+    )
     files.update(
         render_units(
             UnitSpec(name="sdserve@", listen=("/run/sdserve/%i.sock",)), systemd_version=254
@@ -385,7 +397,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--user", help="a fixed user (with a sysusers.d entry) instead of DynamicUser"
     )
     parser.add_argument("--environment-file", help="EnvironmentFile= (default -/etc/default/NAME)")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--workers", type=int, default=Config.workers, help="0 serves in the main process"
+    )
     parser.add_argument("--shutdown-timeout", type=float, default=Config.shutdown_timeout)
     parser.add_argument("--start-timeout", type=float, default=Config.start_timeout)
     parser.add_argument("--drain-delay", type=float, default=Config.drain_delay)

@@ -333,8 +333,19 @@ def ensure(flavours: Sequence[str] = FLAVOURS, cache: Path | None = None) -> dic
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--cache", type=Path, help=f"cache folder (default ${CACHE_ENV} or .cache)")
+    parser.add_argument(
+        "--if-possible",
+        action="store_true",
+        help="where the rootfs cannot be built (not root, no debootstrap), say why and exit 0",
+    )
     parser.add_argument("flavours", nargs="*", default=list(FLAVOURS))
     args = parser.parse_args(argv)
+    if args.if_possible:
+        missing = [t for t in ("debootstrap", "chroot", "unshare") if shutil.which(t) is None]
+        if os.geteuid() != 0 or missing:
+            why = "not root" if os.geteuid() != 0 else f"missing {', '.join(missing)}"
+            log(f"not building the system-test rootfs: {why}")
+            return 0
     paths = ensure(args.flavours, args.cache.resolve() if args.cache else None)
     for flavour, path in paths.items():
         log(f"systemd {flavour}: {path}")

@@ -37,6 +37,18 @@ from . import rootfs
 CHECKOUT = rootfs.CHECKOUT
 BOX_TOOLS = "/opt/sds-test"  # tests/system/box, read-only inside the box
 BOX_PATH = "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# A folder holding the sdserve/ package to test instead of this checkout's (e.g. a clean
+# `git worktree` of a commit, while the checkout is being edited).
+SOURCE_ENV = "SDS_TEST_SOURCE"
+
+
+def sdserve_source() -> Path:
+    """The sdserve package the boxes run: the checkout's, unless $SDS_TEST_SOURCE says."""
+    base = Path(os.environ.get(SOURCE_ENV) or CHECKOUT).resolve()
+    if not (base / "sdserve" / "__init__.py").is_file():
+        raise BoxError(f"{base} holds no sdserve package (from ${SOURCE_ENV} or the checkout)")
+    return base / "sdserve"
+
 
 JournalEntry = dict[str, Any]
 
@@ -152,10 +164,8 @@ class Load:
     def finish(self, timeout: float = 60.0) -> LoadResult:
         if self.result is not None:
             return self.result
-        assert self.proc.stdin is not None
-        assert self.proc.stdout is not None
-        self.proc.stdin.close()  # the load's signal to stop
         try:
+            # communicate() closes the load's standard input: its signal to stop
             out, _ = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
@@ -221,7 +231,7 @@ class Box:
             "--private-network",
             "--volatile=overlay",
             "--notify-ready=yes",
-            f"--bind-ro={CHECKOUT / 'sdserve'}:{rootfs.SRC_MOUNT}/sdserve",
+            f"--bind-ro={sdserve_source()}:{rootfs.SRC_MOUNT}/sdserve",
             f"--bind-ro={Path(__file__).parent / 'box'}:{BOX_TOOLS}",
         ]
         moves = "".join(f"echo $$ > {shlex.quote(str(cg / 'cgroup.procs'))}; " for cg in cgroups)
@@ -332,6 +342,24 @@ class Box:
             )
         return res
 
+    @contextlib.contextmanager
+    def background(self, argv: Sequence[str]) -> Iterator[subprocess.Popen[str]]:
+        """Run ``argv`` inside the box while the block runs (stdout and stderr piped, text).
+        Read its result with ``communicate()``; leaving the block kills it if it still runs."""
+        with subprocess.Popen(
+            self.command(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as proc:
+            try:
+                yield proc
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.communicate()
+
     def sh(self, script: str, **kw: Any) -> subprocess.CompletedProcess[str]:
         return self.run(["sh", "-c", script], **kw)
 
@@ -351,7 +379,14 @@ class Box:
     def systemctl(
         self, *args: str, check: bool = True, timeout: float = 120.0
     ) -> subprocess.CompletedProcess[str]:
-        return self.run(["systemctl", *args], check=check, timeout=timeout)
+        res = self.run(["systemctl", *args], check=False, timeout=timeout)
+        if check and res.returncode != 0:
+            tail = self.run(["journalctl", "--no-pager", "-n", "40"], check=False).stdout
+            raise BoxError(
+                f"systemctl {shlex.join(args)} exited {res.returncode}: {res.stderr.strip()}\n"
+                f"--- journal ---\n{tail}"
+            )
+        return res
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
         out = self.systemctl("show", unit, *(f"--property={p}" for p in props)).stdout
@@ -458,25 +493,33 @@ class Box:
             f"--max-seconds={max_seconds}",
             f"--timeout={timeout}",
         ]
-        proc = subprocess.Popen(
-            self.command(argv),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        handle = Load(proc)
-        try:
-            assert proc.stdout is not None
-            readable, _, _ = select.select([proc.stdout], [], [], start_timeout)
-            first = proc.stdout.readline().strip() if readable else ""
-            if first != "started":
-                raise BoxError(f"the load did not start within {start_timeout} s: {first!r}")
-            yield handle
-            handle.finish()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        with subprocess.Popen(
+            self.command(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        ) as proc:
+            handle = Load(proc)
+            try:
+                assert proc.stdout is not None
+                readable, _, _ = select.select([proc.stdout], [], [], start_timeout)
+                first = proc.stdout.readline().strip() if readable else ""
+                if first != "started":
+                    raise BoxError(f"the load did not start within {start_timeout} s: {first!r}")
+                yield handle
+                handle.finish()
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+
+
+def wait_until(
+    condition: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.02
+) -> None:
+    """Re-check ``condition`` until it holds. Only for state that offers no event to wait on
+    (the kernel's socket tables); the timeout is an upper bound, not a guess."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what}: not within {timeout} s")
+        time.sleep(interval)
 
 
 def message(entry: JournalEntry) -> str:
