@@ -1,9 +1,11 @@
 """Dependency checks: the protocol, the registry kept on the application, and the runners.
 
 An application registers checks with :func:`add_check` (or from the config file,
-``[checks.NAME]`` sections) and warm-up steps with :func:`add_warmup`. A check is
-an async callable: it passes when it returns anything but ``False`` and fails
-when it raises or returns ``False``. A returned string is kept as its output.
+``[checks.NAME]`` sections; built-in checks are in :mod:`sdserve.builtin_checks`)
+and warm-up steps with :func:`add_warmup`. A check is an async callable: it
+passes when it returns anything but ``False`` and fails when it raises or returns
+``False``. A returned string is kept as its output; :class:`CheckFailed` fails
+with just its message. Outputs are redacted of ``CheckRegistry.secrets``.
 
 :func:`run_check` never waits longer than the check's timeout, even for a check
 that ignores cancellation: such a run is abandoned (and reaped when it ends).
@@ -75,12 +77,16 @@ class CheckRegistry:
     secrets: set[str] = field(default_factory=set)
     #: runs that timed out and ignored cancellation; kept until they end
     abandoned: set[asyncio.Task[object]] = field(default_factory=set)
+    #: the abandoned run of each check while it lasts: no new run starts until it ends
+    hanging: dict[str, asyncio.Task[object]] = field(default_factory=dict)
 
     def add(self, check: Check) -> Check:
         if check.name in self.checks:
             raise ValueError(f"a check named {check.name!r} is already registered")
         if check.timeout <= 0:
             raise ValueError(f"check {check.name!r}: timeout must be greater than 0")
+        if check.interval is not None and check.interval <= 0:
+            raise ValueError(f"check {check.name!r}: interval must be greater than 0")
         self.checks[check.name] = check
         return check
 
@@ -129,36 +135,82 @@ def add_warmup(
     return step
 
 
+class CheckFailed(Exception):
+    """Raised by a check to fail with a message (shown as is, without the class name)."""
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc)
+    if isinstance(exc, CheckFailed):
+        return text or "failed"
     name = type(exc).__name__
     return f"{name}: {text}" if text else name
 
 
-def _reap(task: asyncio.Task[object]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.debug("an abandoned check run ended with %s", _describe(task.exception()))  # type: ignore[arg-type]
+def _reaper(name: str, reg: CheckRegistry | None) -> Callable[[asyncio.Task[object]], None]:
+    def reap(task: asyncio.Task[object]) -> None:
+        if reg is not None and reg.hanging.get(name) is task:
+            del reg.hanging[name]
+        if task.cancelled():
+            outcome = "cancelled"
+        elif (exc := task.exception()) is not None:
+            outcome = _describe(exc)
+        else:
+            outcome = "a result"
+        if reg is not None:
+            outcome = reg.redact(outcome)
+        # ending on the cancellation is the usual case; anything else is worth a line
+        level = logging.DEBUG if task.cancelled() else logging.INFO
+        log.log(level, "the abandoned run of check %s ended with %s", name, outcome)
+
+    return reap
+
+
+def _abandon(task: asyncio.Task[object], name: str, reg: CheckRegistry | None) -> None:
+    """Cancel a run and stop waiting for it; it is kept (and reaped) until it really ends."""
+    task.cancel()
+    if task.done():
+        return
+    if reg is not None:
+        reg.abandoned.add(task)
+        reg.hanging[name] = task
+        task.add_done_callback(reg.abandoned.discard)
+    task.add_done_callback(_reaper(name, reg))
 
 
 async def run_check(
     check: Check, reg: CheckRegistry | None = None, limit: float | None = None
 ) -> CheckResult:
-    """Run ``check`` once; the result is ready within its timeout whatever the check does."""
+    """Run ``check`` once; the result is ready within its timeout whatever the check does.
+
+    With ``reg``, only one run of a check is in flight at a time: while an
+    abandoned run (one that timed out and ignored cancellation) is still going,
+    the check fails at once without starting another.
+    """
     limit = check.timeout if limit is None else min(limit, check.timeout)
     started = time.monotonic()
-    task: asyncio.Task[object] = asyncio.ensure_future(check.func())
+    if reg is not None and check.name in reg.hanging:
+        return CheckResult(
+            check.name,
+            False,
+            "the previous run is still running (it ignored cancellation)",
+            0.0,
+            time.time(),
+            check.critical,
+        )
+    try:
+        task: asyncio.Task[object] = asyncio.ensure_future(check.func())
+    except Exception as error:  # the callable raised before returning an awaitable
+        output = _describe(error) if reg is None else reg.redact(_describe(error))
+        return CheckResult(check.name, False, output, 0.0, time.time(), check.critical)
     try:
         done, _ = await asyncio.wait({task}, timeout=limit)
     except asyncio.CancelledError:
-        task.cancel()
+        _abandon(task, check.name, reg)
         raise
     duration = time.monotonic() - started
     if not done:
-        task.cancel()
-        if reg is not None:
-            reg.abandoned.add(task)
-            task.add_done_callback(reg.abandoned.discard)
-        task.add_done_callback(_reap)
+        _abandon(task, check.name, reg)
         ok, output = False, f"timed out after {limit:g}s"
     elif task.cancelled():
         ok, output = False, "cancelled"
@@ -173,11 +225,22 @@ async def run_check(
     return CheckResult(check.name, ok, output, duration, time.time(), check.critical)
 
 
-def checks_from_config(reg: CheckRegistry, tables: Mapping[str, Mapping[str, Any]]) -> None:
-    """Register the ``[checks.NAME]`` tables of the config file (built-in checks: issue 5)."""
-    if tables:
-        names = ", ".join(tables)
-        raise ValueError(f"checks from the config file are not supported yet: {names}")
+def checks_from_config(
+    reg: CheckRegistry,
+    tables: Mapping[str, Mapping[str, Any]],
+    environ: Mapping[str, str] | None = None,
+) -> None:
+    """Register the ``[checks.NAME]`` tables of the config file as built-in checks.
+
+    Every problem of every table is reported at once in one
+    :class:`sdserve.config.ConfigError`, each naming ``checks.NAME.key``. Secrets
+    are read from ``environ`` (default ``os.environ``) or from
+    ``$CREDENTIALS_DIRECTORY`` and added to ``reg.secrets``. See
+    :mod:`sdserve.builtin_checks` for the keys of each type.
+    """
+    from .builtin_checks import register_tables
+
+    register_tables(reg, tables, environ)
 
 
 class StartupFailed(Exception):

@@ -1,11 +1,279 @@
-"""Health endpoints: ``/livez``, ``/readyz``, ``/startupz``."""
+"""Health endpoints: ``/livez``, ``/readyz``, ``/startupz`` (paths and placement configurable).
+
+In the style of the Kubernetes API server: 200 when healthy, 503 when not; the
+plain-text body is ``ok``, or one ``[+]name ok`` / ``[-]name failed: ...`` line
+per check followed by ``<endpoint> check passed|failed``. ``?verbose`` lists
+every check even when all pass. ``?exclude=NAME`` (repeatable, or
+comma-separated) leaves a check out; the ``phase`` check of ``/readyz`` cannot be
+excluded, so ``/readyz`` is 503 from the first moment of a drain whatever the
+query says.
+
+JSON follows the IETF health-check draft (``application/health+json``): served
+when the ``Accept`` header names ``application/health+json`` or the query has
+``format=json``. ``status`` is ``pass``, ``warn`` (still 200) or ``fail`` (503);
+``checks`` maps ``NAME:responseTime`` (or ``NAME:lag`` / ``NAME:state``) to a
+one-element list with ``componentId``, ``componentType``, ``observedValue``,
+``observedUnit``, ``status``, ``time`` and ``output``.
+
+Details (check outputs, latencies, times) are shown on the admin socket, or on
+the main socket when ``health.details_on_main`` is set. Elsewhere the names and
+the pass/fail of each check are shown, with "reason withheld". Every body is
+redacted of the registry's secrets.
+
+What the endpoints test:
+
+- ``/livez``: sdserve itself. ``loop``: the event-loop heartbeat (a stall longer
+  than ``health.loop_stall``, reported while it lasts and for ``health.stall_hold``
+  after); ``monitor``: the background check tasks did not crash. Never a dependency.
+- ``/readyz``: ``phase`` (ready, not starting or draining) and every registered
+  check: a critical check past its failure threshold fails; a critical check
+  failing below the threshold, or a failing optional check, warns.
+- ``/startupz``: ``started``: start-up (checks and warm-up) finished.
+
+Probes never run a check: they read the results kept in :class:`WorkerState`.
+"""
 
 from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 from aiohttp import web
 
 from .config import HealthConfig
-from .state import WorkerState
+from .monitor import tick_period
+from .state import Phase, WorkerState
+
+Status = Literal["pass", "warn", "fail"]
+
+HEALTH_JSON = "application/health+json"
+#: checks of /readyz that ``?exclude=`` cannot remove
+NOT_EXCLUDABLE = frozenset({"phase"})
+_RANK: dict[Status, int] = {"pass": 0, "warn": 1, "fail": 2}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One line of a health report."""
+
+    name: str
+    status: Status
+    output: str = ""
+    component_type: str = "component"
+    #: milliseconds (latency, or loop lag), None when there is nothing measured
+    observed: float | None = None
+    measurement: str = "responseTime"
+    #: wall-clock time of the observation
+    time: float | None = None
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# -- what each endpoint checks ---------------------------------------------------------------
+
+
+def liveness(state: WorkerState, config: HealthConfig, now: float | None = None) -> list[Entry]:
+    """sdserve's own health: the event loop turns, the monitor runs."""
+    now = time.monotonic() if now is None else now
+    loop = state.loop
+    entries: list[Entry] = []
+    if loop.last_tick is None:
+        entries.append(Entry("loop", "pass", "not measured (before start)", "system"))
+    else:
+        late = max(0.0, now - loop.last_tick - tick_period(config))
+        lag = max(loop.lag, late)
+        if late > config.loop_stall:
+            entries.append(
+                Entry(
+                    "loop",
+                    "fail",
+                    f"event loop stalled for {late:.1f}s",
+                    "system",
+                    late * 1000,
+                    "lag",
+                    time.time(),
+                )
+            )
+        elif loop.stall is not None and now - loop.stall[0] < config.stall_hold:
+            ended, duration = loop.stall
+            entries.append(
+                Entry(
+                    "loop",
+                    "fail",
+                    f"event loop stalled for {duration:.1f}s, {now - ended:.1f}s ago",
+                    "system",
+                    duration * 1000,
+                    "lag",
+                    loop.stall_wall,
+                )
+            )
+        else:
+            entries.append(Entry("loop", "pass", "", "system", lag * 1000, "lag", time.time()))
+    if state.monitor_error is not None:
+        entries.append(Entry("monitor", "fail", state.monitor_error, "system"))
+    else:
+        entries.append(Entry("monitor", "pass", "", "system"))
+    return entries
+
+
+def readiness(state: WorkerState, config: HealthConfig) -> list[Entry]:
+    """Ready to take traffic: the phase, then every registered check."""
+    entries = [
+        Entry(
+            "phase",
+            "pass" if state.phase is Phase.READY else "fail",
+            state.phase.value,
+            "system",
+            measurement="state",
+        )
+    ]
+    reg = state.registry
+    if reg is None:
+        return entries
+    for name, check in reg.checks.items():
+        result = state.results.get(name)
+        if result is None:
+            entries.append(
+                Entry(name, "warn", "not run yet", check.component_type, measurement="state")
+            )
+            continue
+        streak = state.streaks.get(name, 0)
+        if result.ok:
+            status: Status = "pass"
+            output = result.output
+        elif check.critical and name in state.unready:
+            status = "fail"
+            output = f"{result.output or 'failed'} ({-streak} failure(s) in a row)"
+        elif check.critical:
+            status = "warn"
+            output = (
+                f"{result.output or 'failed'} "
+                f"({-streak} of {config.fail_threshold} failures before not ready)"
+            )
+        else:
+            status = "warn"
+            output = f"{result.output or 'failed'} (optional)"
+        if result.ok and name in state.unready:  # recovering: not enough passes yet
+            status = "fail"
+            output = f"recovering: {streak} of {config.pass_threshold} passes"
+        entries.append(
+            Entry(
+                name,
+                status,
+                output,
+                check.component_type,
+                result.duration * 1000,
+                "responseTime",
+                result.finished_at,
+            )
+        )
+    return entries
+
+
+def startup(state: WorkerState) -> list[Entry]:
+    if state.started:
+        return [Entry("started", "pass", "", "system", measurement="state")]
+    return [Entry("started", "fail", state.phase.value, "system", measurement="state")]
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+
+def overall(entries: Iterable[Entry]) -> Status:
+    worst: Status = "pass"
+    for e in entries:
+        if _RANK[e.status] > _RANK[worst]:
+            worst = e.status
+    return worst
+
+
+def _excluded(request: web.Request) -> set[str]:
+    names: set[str] = set()
+    for value in request.query.getall("exclude", []):
+        names.update(n.strip() for n in value.split(",") if n.strip())
+    return names
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    if name not in request.query:
+        return False
+    return request.query.get(name, "").lower() not in ("0", "false", "no")
+
+
+def wants_json(request: web.Request) -> bool:
+    """``?format=json``, or an Accept header that names application/health+json."""
+    fmt = request.query.get("format")
+    if fmt is not None:
+        return fmt.lower() == "json"
+    return HEALTH_JSON in request.headers.get("Accept", "")
+
+
+def render_text(
+    endpoint: str,
+    entries: list[Entry],
+    excluded: set[str],
+    unknown: set[str],
+    *,
+    verbose: bool,
+    details: bool,
+) -> str:
+    status = overall(entries)
+    if status != "fail" and not verbose:
+        return "ok\n"
+    lines = []
+    for e in entries:
+        if e.status == "pass":
+            line = f"[+]{e.name} ok"
+            if details and e.observed is not None and e.measurement == "responseTime":
+                line += f" ({e.observed:.1f}ms)"
+        elif not details:
+            line = f"[-]{e.name} failed: reason withheld"
+            if e.status == "warn":
+                line = f"[!]{e.name} warn: reason withheld"
+        else:
+            mark, word = ("[-]", "failed") if e.status == "fail" else ("[!]", "warn")
+            line = f"{mark}{e.name} {word}: {e.output or 'no output'}"
+        lines.append(line)
+    lines.extend(f"[+]{name} excluded: ok" for name in sorted(excluded))
+    if unknown:
+        lines.append(
+            "warn: some health checks cannot be excluded: no matches for "
+            + ", ".join(f'"{n}"' for n in sorted(unknown))
+        )
+    lines.append(f"{endpoint} check {'failed' if status == 'fail' else 'passed'}")
+    return "\n".join(lines) + "\n"
+
+
+def render_json(endpoint: str, entries: list[Entry], *, details: bool) -> str:
+    status = overall(entries)
+    body: dict[str, Any] = {"status": status, "description": f"sdserve {endpoint}"}
+    checks: dict[str, list[dict[str, Any]]] = {}
+    for e in entries:
+        item: dict[str, Any] = {
+            "componentId": e.name,
+            "componentType": e.component_type,
+            "status": e.status,
+        }
+        if details:
+            if e.observed is not None:
+                item["observedValue"] = round(e.observed, 3)
+                item["observedUnit"] = "ms"
+            if e.time is not None:
+                item["time"] = _iso(e.time)
+            if e.output:
+                item["output"] = e.output
+        checks[f"{e.name}:{e.measurement}"] = [item]
+    body["checks"] = checks
+    if status == "fail":
+        failing = [e.name for e in entries if e.status == "fail"]
+        body["output"] = "failing: " + ", ".join(failing)
+    return json.dumps(body, separators=(",", ":")) + "\n"
 
 
 def install(
@@ -15,19 +283,39 @@ def install(
 
     ``admin`` is true for the admin socket's application, where details are shown.
     """
+    details = admin or config.details_on_main
+
+    def respond(request: web.Request, endpoint: str, entries: list[Entry]) -> web.Response:
+        excluded_req = _excluded(request)
+        known = {e.name for e in entries}
+        excluded = (excluded_req & known) - NOT_EXCLUDABLE
+        unknown = excluded_req - excluded
+        kept = [e for e in entries if e.name not in excluded]
+        status = overall(kept)
+        code = 503 if status == "fail" else 200
+        if wants_json(request):
+            body, ctype = render_json(endpoint, kept, details=details), HEALTH_JSON
+        else:
+            verbose = _flag(request, "verbose")
+            body = render_text(endpoint, kept, excluded, unknown, verbose=verbose, details=details)
+            ctype = "text/plain"
+        if state.registry is not None and state.registry.secrets:
+            body = state.registry.redact(body)
+        return web.Response(
+            status=code,
+            text=body,
+            content_type=ctype,
+            headers={"Cache-Control": "no-store"},
+        )
 
     async def livez(request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+        return respond(request, "livez", liveness(state, config))
 
     async def readyz(request: web.Request) -> web.Response:
-        if state.accepting_traffic:
-            return web.Response(text="ok\n")
-        return web.Response(status=503, text=f"{state.phase.value}\n")
+        return respond(request, "readyz", readiness(state, config))
 
     async def startupz(request: web.Request) -> web.Response:
-        if state.started:
-            return web.Response(text="ok\n")
-        return web.Response(status=503, text="starting\n")
+        return respond(request, "startupz", startup(state))
 
     app.router.add_get(config.livez_path, livez)
     app.router.add_get(config.readyz_path, readyz)

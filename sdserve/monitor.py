@@ -1,15 +1,45 @@
 """Checks at run time: re-runs continuous checks in the background after READY=1.
 
 Interface used by the worker: ``CheckMonitor(state, registry, health_config,
-notifier)``, ``start()`` after READY=1, ``await stop()`` when the drain begins.
+notifier)``, ``start()`` right after READY=1, ``await stop()`` when the drain begins.
+
+- Each continuous check has one task that runs it every ``interval`` (the check's
+  own, else ``health.interval``). Runs of one check never overlap: the task waits
+  for each run, :func:`sdserve.checks.run_check` bounds it by the check's timeout,
+  and a run that ignored cancellation blocks new runs of that check until it ends
+  (they fail at once meanwhile). Probes only read the results kept in
+  :class:`sdserve.state.WorkerState`; nothing a probe does starts a run.
+- Readiness has hysteresis: a critical check takes readiness away after
+  ``health.fail_threshold`` consecutive failures and gives it back after
+  ``health.pass_threshold`` consecutive successes. ``STATUS=`` follows.
+- Liveness is about sdserve only: a timer callback (no thread, no task) ticks
+  every ``min(loop_stall / 4, 1s)`` and records how late it ran. A tick that comes
+  more than ``health.loop_stall`` late is a stall; the health endpoints report it
+  while it lasts (when a probe gets through at all) and for ``health.stall_hold``
+  after the loop recovered, so a prober whose probes timed out during the stall
+  sees it on its next probe.
 """
 
 from __future__ import annotations
 
-from .checks import CheckRegistry
+import asyncio
+import logging
+import time
+
+from .checks import Check, CheckRegistry, CheckResult, run_check
 from .config import HealthConfig
 from .notify import Notifier
-from .state import WorkerState
+from .state import Phase, WorkerState
+
+log = logging.getLogger("sdserve.monitor")
+
+#: the heartbeat never ticks less often than this
+MAX_TICK = 1.0
+
+
+def tick_period(config: HealthConfig) -> float:
+    """How often the event-loop heartbeat ticks."""
+    return min(config.loop_stall / 4, MAX_TICK)
 
 
 class CheckMonitor:
@@ -24,9 +54,161 @@ class CheckMonitor:
         self.registry = registry
         self.config = config
         self.notifier = notifier
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._period = tick_period(config)
+        self._due = 0.0
+        self._last_status: str | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the background runs (not written yet: issue 5)."""
+        """Start the heartbeat and one background task per continuous check."""
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        self.state.loop.last_tick = now
+        self._due = now + self._period
+        self._timer = loop.call_later(self._period, self._tick)
+        for check in self.registry.checks.values():
+            if check.continuous:
+                task = loop.create_task(
+                    self._run_forever(check), name=f"sdserve-check:{check.name}"
+                )
+                task.add_done_callback(self._task_ended)
+                self._tasks[check.name] = task
+        # READY=1 carries the first STATUS=; from here on STATUS= follows the checks
+        self._last_status = self.status_text()
 
     async def stop(self) -> None:
-        """Stop the background runs and wait for them to end."""
+        """Stop the heartbeat and the background runs, and wait for the tasks to end.
+
+        A check run that ignores cancellation is abandoned (see
+        :func:`sdserve.checks.run_check`); stop() does not wait for it.
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    @property
+    def running(self) -> int:
+        """Background check tasks still running."""
+        return sum(1 for t in self._tasks.values() if not t.done())
+
+    # -- heartbeat -----------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        loop_state = self.state.loop
+        lag = max(0.0, now - self._due)
+        loop_state.lag = lag
+        loop_state.max_lag = max(loop_state.max_lag, lag)
+        if lag > self.config.loop_stall:
+            gap = now - (loop_state.last_tick or now)
+            loop_state.stall = (now, gap)
+            loop_state.stall_wall = time.time()
+            log.error(
+                "the event loop was stalled for %.1fs (limit %.1fs): liveness fails for %.0fs",
+                gap,
+                self.config.loop_stall,
+                self.config.stall_hold,
+                extra={"SDSERVE_PHASE": "liveness", "SDSERVE_STALL_MS": round(gap * 1000)},
+            )
+        loop_state.last_tick = now
+        self._due = now + self._period
+        self._timer = asyncio.get_running_loop().call_later(self._period, self._tick)
+
+    # -- checks --------------------------------------------------------------------------
+
+    async def _run_forever(self, check: Check) -> None:
+        loop = asyncio.get_running_loop()
+        interval = check.interval if check.interval is not None else self.config.interval
+        next_run = loop.time() + interval
+        while True:
+            await asyncio.sleep(max(0.0, next_run - loop.time()))  # the schedule itself
+            result = await run_check(check, self.registry)
+            self.apply(check, result)
+            next_run += interval
+            if next_run < loop.time():  # runs took longer than the interval: skip, don't burst
+                next_run = loop.time() + interval
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:  # pragma: no cover - the loop never returns
+            return
+        self.state.monitor_error = f"{task.get_name()} crashed: {type(exc).__name__}: {exc}"
+        log.error(
+            "the check monitor broke: %s",
+            self.registry.redact(self.state.monitor_error),
+            exc_info=exc,
+            extra={"SDSERVE_PHASE": "liveness"},
+        )
+
+    def apply(self, check: Check, result: CheckResult) -> None:
+        """Record one result and move readiness if a threshold was crossed."""
+        name = check.name
+        before = self.state.results.get(name)
+        self.state.record([result])
+        streak = self.state.streaks[name]
+        fields = {
+            "SDSERVE_PHASE": "monitor",
+            "SDSERVE_CHECK": name,
+            "SDSERVE_CHECK_OK": int(result.ok),
+            "SDSERVE_DURATION_MS": round(result.duration * 1000, 1),
+        }
+        if not result.ok and (before is None or before.ok):
+            log.warning("check %s failed: %s", name, result.output, extra=fields)
+        elif result.ok and before is not None and not before.ok:
+            log.info("check %s passes again", name, extra=fields)
+        changed = before is None or before.ok != result.ok
+        if check.critical:
+            if name not in self.state.unready and streak <= -self.config.fail_threshold:
+                self.state.unready.add(name)
+                changed = True
+                log.error(
+                    "not ready: critical check %s failed %d time(s) in a row: %s",
+                    name,
+                    -streak,
+                    result.output,
+                    extra=fields,
+                )
+            elif name in self.state.unready and streak >= self.config.pass_threshold:
+                self.state.unready.discard(name)
+                changed = True
+                log.info(
+                    "critical check %s passed %d time(s) in a row%s",
+                    name,
+                    streak,
+                    "" if self.state.unready else ": ready again",
+                    extra=fields,
+                )
+        if changed:
+            self._update_status()
+
+    def status_text(self) -> str:
+        """The STATUS= line that describes the current health."""
+        results = self.state.results
+        if self.state.unready:
+            parts = [f"{n} ({results[n].output or 'failed'})" for n in sorted(self.state.unready)]
+            text = "not ready: " + ", ".join(parts) + " failing"
+        else:
+            text = "ready"
+        degraded = sorted(n for n, r in results.items() if not r.ok and n not in self.state.unready)
+        if degraded:
+            text += "; failing: " + ", ".join(degraded)
+        return self.registry.redact(text)
+
+    def _update_status(self) -> None:
+        if self.state.phase is not Phase.READY:
+            return  # starting: the start-up gate reports; draining: the worker does
+        text = self.status_text()
+        if text != self._last_status:
+            self._last_status = text
+            self.notifier.status(text)

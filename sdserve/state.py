@@ -1,4 +1,10 @@
-"""The lifecycle state of one worker, read by the health endpoints and the supervisor."""
+"""The lifecycle state of one worker, read by the health endpoints and the supervisor.
+
+Everything a probe reports is read from here: probes never run a check. The
+start-up gate records the first results, :class:`sdserve.monitor.CheckMonitor`
+keeps them current and keeps the readiness verdict (with hysteresis) and the
+event-loop heartbeat that liveness is based on.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,22 @@ class Phase(StrEnum):
 
 
 @dataclass
+class LoopHealth:
+    """The event-loop heartbeat, kept by the monitor (a timer callback, no thread)."""
+
+    #: ``time.monotonic()`` of the latest heartbeat tick; None before the first one
+    last_tick: float | None = None
+    #: how late the latest tick ran, seconds
+    lag: float = 0.0
+    #: the longest lag seen since start, seconds
+    max_lag: float = 0.0
+    #: the latest stall longer than ``health.loop_stall``: (monotonic end, duration)
+    stall: tuple[float, float] | None = None
+    #: wall-clock time that stall ended
+    stall_wall: float | None = None
+
+
+@dataclass
 class WorkerState:
     phase: Phase = Phase.STARTING
     started_at: float = field(default_factory=time.monotonic)
@@ -24,10 +46,25 @@ class WorkerState:
     registry: CheckRegistry | None = None
     #: latest result of every check
     results: dict[str, CheckResult] = field(default_factory=dict)
+    #: consecutive outcome of every check: +N successes or -N failures in a row
+    streaks: dict[str, int] = field(default_factory=dict)
+    #: critical checks that crossed ``health.fail_threshold`` and have not recovered
+    unready: set[str] = field(default_factory=set)
+    #: completed runs of every check (start-up gate and monitor)
+    runs: dict[str, int] = field(default_factory=dict)
+    loop: LoopHealth = field(default_factory=LoopHealth)
+    #: set when the monitor itself broke (sdserve is broken: liveness fails)
+    monitor_error: str | None = None
 
     def record(self, results: list[CheckResult]) -> None:
         for result in results:
             self.results[result.name] = result
+            self.runs[result.name] = self.runs.get(result.name, 0) + 1
+            streak = self.streaks.get(result.name, 0)
+            if result.ok:
+                self.streaks[result.name] = streak + 1 if streak > 0 else 1
+            else:
+                self.streaks[result.name] = streak - 1 if streak < 0 else -1
 
     @property
     def started(self) -> bool:
@@ -35,6 +72,11 @@ class WorkerState:
         return self.ready_at is not None
 
     @property
+    def dependencies_ready(self) -> bool:
+        """No critical check is past its failure threshold."""
+        return not self.unready
+
+    @property
     def accepting_traffic(self) -> bool:
-        """Ready and not draining: what /readyz reports."""
-        return self.phase is Phase.READY
+        """Ready, not draining, and no critical dependency down: what /readyz reports."""
+        return self.phase is Phase.READY and not self.unready
