@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +139,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if cfg.workers == 0:
         return asyncio.run(serve_in_process(cfg, listeners, notifier))
-    supervisor = importlib.import_module(".supervisor", __package__)
-    return int(supervisor.supervise(cfg, listeners, notifier))
+    from .supervisor import supervise
+
+    # workers get the same arguments, so they re-read the same file on every reload
+    worker_args = list(args.raw_argv[1:])
+    return supervise(cfg, listeners, notifier, worker_args, lambda: _load(args))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A worker process, started by the supervisor (not for direct use)."""
+    cfg = _load(args)
+    configure_logging(cfg.log, cfg.log_level)
+    from .supervisor import run_worker
+
+    return run_worker(cfg, Notifier())
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -148,16 +160,12 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lazy(
-    module: str,
-) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]] | None:
-    try:
-        mod = importlib.import_module(module, __package__)
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("sdserve"):
-            return None
-        raise
-    return mod.add_arguments, mod.run
+#: subcommands whose modules are imported only when that subcommand runs
+LAZY_COMMANDS = {
+    "check": (".checkcli", "run every dependency check once and print a table"),
+    "units": (".units", "render systemd unit files for an application"),
+    "drill": (".drill.cli", "load a service through restarts and reloads, count every failure"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,26 +180,29 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the effective configuration as TOML")
     _add_config_flags(config)
     config.set_defaults(func=cmd_config)
-    for name, module, text in (
-        ("check", ".checkcli", "run every dependency check once and print a table"),
-        ("units", ".units", "render systemd unit files for an application"),
-        ("drill", ".drill.cli", "load a service through restarts and reloads, count every failure"),
-        ("worker", ".supervisor", argparse.SUPPRESS),
-    ):
-        hooks = _lazy(module)
-        if hooks is None:
-            continue
-        add_arguments, run_fn = hooks
-        p = sub.add_parser(name) if text == argparse.SUPPRESS else sub.add_parser(name, help=text)
-        add_arguments(p)
-        p.set_defaults(func=run_fn)
+    for name, (_module, text) in LAZY_COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    worker = sub.add_parser("worker")  # internal: started by the supervisor
+    _add_config_flags(worker)
+    worker.set_defaults(func=cmd_worker)
     return parser
 
 
+def _lazy_command(name: str, argv: Sequence[str]) -> int:
+    module, text = LAZY_COMMANDS[name]
+    mod = importlib.import_module(module, __package__)
+    parser = argparse.ArgumentParser(prog=f"sdserve {name}", description=text)
+    mod.add_arguments(parser)
+    return int(mod.run(parser.parse_args(argv)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
     try:
+        if raw and raw[0] in LAZY_COMMANDS:
+            return _lazy_command(raw[0], raw[1:])
+        args = build_parser().parse_args(raw)
+        args.raw_argv = raw
         return int(args.func(args))
     except ConfigError as exc:
         print(f"sdserve: {exc}", file=sys.stderr)

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 ENV_PREFIX = "SDSERVE_"
+#: one worker per CPU
+DEFAULT_WORKERS = os.cpu_count() or 1
 
 LogTarget = Literal["auto", "journal", "stderr"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -83,8 +85,8 @@ class Config:
     admin_bind: tuple[str, ...] = ()
     #: listen backlog of the sockets sdserve binds itself
     backlog: int = 4096
-    #: worker processes under a supervisor; 0 serves in the main process
-    workers: int = 0
+    #: worker processes under a supervisor (default: one per CPU); 0 serves in the main process
+    workers: int = DEFAULT_WORKERS
     #: deadline for the dependency checks and warm-up at start
     start_timeout: float = 60.0
     #: first pause between retries of failing checks at start (doubles up to retry_max)

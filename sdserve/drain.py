@@ -101,6 +101,9 @@ class Tracker:
         self.shed_total = 0
         #: paths that are never shed under overload (health probes)
         self.exempt_paths: set[str] = set()
+        #: after this many requests (0: never), call on_limit once
+        self.request_limit = 0
+        self.on_limit: Callable[[], object] | None = None
         self._changed = asyncio.Event()
         self._timers: dict[TrackedRequestHandler, asyncio.TimerHandle] = {}
         self._ws_tasks: set[asyncio.Task[bool]] = set()
@@ -128,6 +131,8 @@ class Tracker:
                 headers={"Retry-After": "1"}, text="overloaded, retry shortly\n"
             )
         self.requests_total += 1
+        if self.requests_total == self.request_limit and self.on_limit is not None:
+            self.on_limit()
         self.inflight[id(request)] = InFlight(request, time.monotonic())
         proto = request.protocol
         if isinstance(proto, TrackedRequestHandler):

@@ -66,17 +66,33 @@ class NotifyMessage:
 
 
 class NotifySink:
-    """A real notify socket: receives sd_notify(3) datagrams and lets callers wait for them."""
+    """A real notify socket: receives sd_notify(3) datagrams and lets callers wait for them.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    ``address`` is a path, or ``@name`` for the abstract namespace. With
+    ``on_message`` every message is also handed to that callback; with
+    ``keep=False`` messages are not stored (a long-lived supervisor).
+    """
+
+    def __init__(
+        self,
+        address: Path | str,
+        *,
+        on_message: Callable[[NotifyMessage], None] | None = None,
+        keep: bool = True,
+    ) -> None:
+        self.address = str(address)
+        self.path = None if self.address.startswith("@") else Path(self.address)
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
+        bind_to = "\0" + self.address[1:] if self.path is None else self.address
+        self.sock.bind(bind_to)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock.setblocking(False)
         self.messages: list[NotifyMessage] = []
+        self._on_message = on_message
+        self._keep = keep
         self._arrived = asyncio.Event()
         asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_readable)
 
@@ -97,8 +113,12 @@ class NotifySink:
                 for line in data.decode(errors="replace").split("\n")
                 if "=" in line
             )
-            self.messages.append(NotifyMessage(pid, fields, time.monotonic()))
-            self._arrived.set()
+            message = NotifyMessage(pid, fields, time.monotonic())
+            if self._keep:
+                self.messages.append(message)
+                self._arrived.set()
+            if self._on_message is not None:
+                self._on_message(message)
 
     async def expect(
         self,
@@ -127,8 +147,9 @@ class NotifySink:
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
         self.sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
 
 @dataclass
@@ -193,7 +214,7 @@ class Launcher:
             if not k.startswith(("LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_"))
         }
         env.update(self.extra_env)
-        env["NOTIFY_SOCKET"] = str(self.sink.path)
+        env["NOTIFY_SOCKET"] = self.sink.address
         env["LISTEN_FDNAMES"] = ":".join(name for name, _ in self.sockets)
         env["_SDSERVE_LAUNCH_FDS"] = ",".join(str(s.fileno()) for _, s in self.sockets)
         return env

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import signal
 import time
 from collections.abc import Sequence
@@ -99,10 +100,23 @@ class Worker:
         self.notifier = notifier
         self.state = WorkerState()
         self.tracker = Tracker(config.idle_grace, config.max_concurrency)
+        if config.max_requests:
+            # jitter, so that workers started together are not recycled together
+            jitter = random.randint(0, config.max_requests_jitter)
+            self.tracker.request_limit = config.max_requests + jitter
+            self.tracker.on_limit = self._ask_to_be_recycled
         self._app = app
         self._runners: list[web.AppRunner] = []
         self._acceptors: list[Acceptor] = []
         self.monitor: CheckMonitor | None = None
+
+    def _ask_to_be_recycled(self) -> None:
+        log.info(
+            "served %d requests: asking the supervisor for a replacement",
+            self.tracker.request_limit,
+            extra=_fields("recycle"),
+        )
+        self.notifier.send("X_SDSERVE_RECYCLE=1")
 
     # -- start ---------------------------------------------------------------------------
 

@@ -54,7 +54,9 @@ async def make_launcher(
         sockets: list[tuple[str, object]] | None = None,
         app: str = APP,
     ) -> Launcher:
-        argv = [sys.executable, "-m", "sdserve", "run", app, "--log", "stderr", *args]
+        # single-process mode: the worker runtime itself, without the supervisor
+        argv = [sys.executable, "-m", "sdserve", "run", app, "--workers", "0", "--log", "stderr"]
+        argv += args
         launcher = Launcher(
             argv,
             sockets if sockets is not None else [("http", listen_sock)],  # type: ignore[arg-type]

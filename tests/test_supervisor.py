@@ -1,0 +1,306 @@
+"""The supervisor: workers, zero-gap reload, bad releases, crashes, orphans, recycling."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from sdserve.launcher import Launcher
+from sdserve.worker import ExitCode
+from tests.helpers import get, load
+
+pytestmark = pytest.mark.asyncio
+HOST = "127.0.0.1"
+
+APP = """
+import os
+from aiohttp import web
+from sdserve import add_check
+
+VERSION = {version!r}
+
+
+async def index(request):
+    return web.Response(text=f"{{VERSION}} {{os.getpid()}}\\n")
+
+
+def create_app():
+    app = web.Application()
+    app.router.add_get("/", index)
+{extra}
+    return app
+"""
+
+BAD_RELEASES = {
+    "syntax-error": "    def broken(:\n",
+    "failing-check": (
+        "    async def db():\n        raise ConnectionRefusedError('db is down')\n"
+        "    add_check(app, 'db', db, timeout=0.5)\n"
+    ),
+    "exits-at-start": "    os._exit(70)\n",
+}
+
+
+def write_app(directory: Path, version: str, extra: str = "") -> None:
+    (directory / "relapp.py").write_text(APP.format(version=version, extra=extra or "    pass"))
+
+
+def children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def process_state(pid: int) -> str:
+    """The state letter from /proc/PID/stat (R, S, Z...), or "gone"."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return "gone"
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+async def wait_exit(pid: int, timeout: float) -> None:
+    """Wait for a process that is not our child to exit, on its pidfd (no polling)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    gone: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await asyncio.wait_for(gone, timeout)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+MakeSupervised = Callable[..., Launcher]
+
+
+@pytest_asyncio.fixture
+async def supervised(tmp_path: Path, listen_sock: socket.socket) -> AsyncIterator[MakeSupervised]:
+    """Launchers of ``sdserve run relapp:create_app --workers N`` in a directory of its own."""
+    made: list[Launcher] = []
+    appdir = tmp_path / "app"
+    appdir.mkdir()
+    write_app(appdir, "v1")
+
+    def factory(*args: str, workers: int = 2) -> Launcher:
+        argv = [sys.executable, "-m", "sdserve", "run", "relapp:create_app"]
+        argv += ["--workers", str(workers), "--log", "stderr", *args]
+        launcher = Launcher(
+            argv,
+            [("http", listen_sock)],
+            workdir=tmp_path,
+            env={"PYTHONDONTWRITEBYTECODE": "1"},
+            cwd=appdir,
+        )
+        made.append(launcher)
+        return launcher
+
+    yield factory
+    for launcher in made:
+        await launcher.close()
+
+
+async def versions(port: int, n: int = 20) -> set[str]:
+    answers = [await get(HOST, port, "/") for _ in range(n)]
+    assert all(a.status == 200 for a in answers)
+    return {a.body.split()[0].decode() for a in answers}
+
+
+async def test_workers_share_the_socket_and_ready_waits_for_all(
+    supervised: MakeSupervised, port: int
+) -> None:
+    launcher = supervised(workers=2)
+    supervisor = await launcher.start()
+    ready = next(m for m in launcher.sink.messages if m.has("READY", "1"))
+    assert ready.pid == supervisor.pid
+    assert "generation 1: 2/2 workers ready" in ready.fields["STATUS"]
+    workers = children(supervisor.pid)
+    assert len(workers) == 2
+    pids = set()
+    for _ in range(200):  # bounded: until both workers have answered
+        pids.add(int((await get(HOST, port, "/")).body.split()[1]))
+        if pids == set(workers):
+            break
+    assert pids == set(workers)
+    assert await launcher.stop() == 0
+
+
+@pytest.mark.slow
+async def test_twenty_reloads_under_load_lose_nothing_and_new_code_goes_live(
+    supervised: MakeSupervised, port: int, tmp_path: Path
+) -> None:
+    launcher = supervised(workers=2)
+    supervisor = await launcher.start()
+    took = []
+    async with load(HOST, port, keepalive=8, newconn=8) as stats:
+        for i in range(2, 22):
+            write_app(tmp_path / "app", f"v{i}")
+            before = stats.total_ok
+            took.append(await launcher.reload(timeout=60))
+            assert await versions(port, 5) == {f"v{i}"}
+            await stats.wait_ok(before + 50, timeout=30)
+    assert launcher.pid == supervisor.pid  # MAINPID never changes
+    assert await launcher.stop() == 0
+    print(
+        f"\n20 reloads: ok={dict(stats.ok)} failed={dict(stats.failed)} "
+        f"longest={stats.longest * 1000:.0f} ms; SIGHUP to READY=1: "
+        f"min {min(took):.2f}s max {max(took):.2f}s"
+    )
+    assert not stats.failed, dict(stats.failed)
+
+
+@pytest.mark.parametrize("release", sorted(BAD_RELEASES))
+async def test_bad_release_keeps_old_code_serving(
+    supervised: MakeSupervised, port: int, tmp_path: Path, release: str
+) -> None:
+    launcher = supervised("--start-timeout", "3", "--reload-timeout", "10", workers=2)
+    supervisor = await launcher.start()
+    async with load(HOST, port, keepalive=4, newconn=4) as stats:
+        write_app(tmp_path / "app", "v2-bad", BAD_RELEASES[release])
+        await launcher.reload(timeout=60)
+        assert await versions(port, 10) == {"v1"}
+        before = stats.total_ok
+        await stats.wait_ok(before + 50, timeout=30)
+    status = launcher.sink.messages[-1].fields.get("STATUS", "")
+    assert "reload FAILED" in status
+    assert "still serving the old code" in status
+    assert "reload failed, the old generation keeps serving" in supervisor.log_text()
+    assert len(children(supervisor.pid)) == 2
+    assert not stats.failed, dict(stats.failed)
+    # fixing the release makes the next reload succeed
+    write_app(tmp_path / "app", "v3")
+    await launcher.reload(timeout=60)
+    assert await versions(port, 10) == {"v3"}
+    assert await launcher.stop() == 0
+
+
+async def test_killed_worker_is_replaced(supervised: MakeSupervised, port: int) -> None:
+    launcher = supervised(workers=2)
+    supervisor = await launcher.start()
+    async with load(HOST, port, keepalive=4, newconn=4) as stats:
+        await stats.wait_ok(200, timeout=30)
+        victim = children(supervisor.pid)[0]
+        mark = len(launcher.sink.messages)
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        await launcher.wait_for(
+            supervisor,
+            lambda m: "generation 1: 2/2 workers ready" in m.fields.get("STATUS", ""),
+            timeout=30,
+            start=mark,
+        )
+        replaced_in = time.monotonic() - killed_at
+        before = stats.total_ok
+        await stats.wait_ok(before + 200, timeout=30)
+    workers = children(supervisor.pid)
+    assert victim not in workers
+    assert len(workers) == 2
+    assert "died unexpectedly (signal SIGKILL)" in supervisor.log_text()
+    print(f"\nkill -9 of a worker: failed={dict(stats.failed)}, replaced in {replaced_in:.2f}s")
+    # Only what the killed worker held can fail: its in-flight requests and its
+    # keep-alive connections (at most one per client).
+    assert stats.total_failed <= 8
+    assert await launcher.stop() == 0
+
+
+async def test_sigkill_of_supervisor_leaves_no_worker(supervised: MakeSupervised) -> None:
+    launcher = supervised(workers=2)
+    supervisor = await launcher.start()
+    workers = children(supervisor.pid)
+    assert len(workers) == 2
+    os.kill(supervisor.pid, signal.SIGKILL)
+    await supervisor.exited
+    for pid in workers:
+        await wait_exit(pid, timeout=30)
+        assert process_state(pid) in ("gone", "Z")  # exited (a zombie until reaped)
+
+
+async def test_crash_loop_exits_with_a_reason(supervised: MakeSupervised, tmp_path: Path) -> None:
+    dies_after_ready = (
+        "    async def die_soon(app):\n"
+        "        import asyncio\n"
+        "        asyncio.get_running_loop().call_later(0.2, os._exit, 70)\n"
+        "    app.on_startup.append(die_soon)\n"
+    )
+    write_app(tmp_path / "app", "crashy", dies_after_ready)
+    launcher = supervised("--crash-limit", "4", "--crash-window", "30", workers=1)
+    supervisor = await launcher.start()
+    status = await asyncio.wait_for(asyncio.shield(supervisor.exited), 60)
+    assert status == ExitCode.CRASH_LOOP
+    stopping = [m for m in launcher.sink.messages if m.has("STOPPING", "1")]
+    assert "crash loop: 4 worker deaths within 30s" in stopping[-1].fields["STATUS"]
+
+
+async def test_failed_start_names_the_reason(supervised: MakeSupervised, tmp_path: Path) -> None:
+    write_app(tmp_path / "app", "v1", BAD_RELEASES["failing-check"])
+    launcher = supervised("--start-timeout", "1", workers=2)
+    instance = await launcher.spawn()
+    status = await asyncio.wait_for(asyncio.shield(instance.exited), 60)
+    assert status == ExitCode.STARTUP
+    texts = [m.fields.get("STATUS", "") for m in launcher.sink.messages]
+    assert any(
+        "critical checks did not pass: db (ConnectionRefusedError: db is down)" in t for t in texts
+    )
+    assert not any(m.has("READY", "1") for m in launcher.sink.messages)
+
+
+async def test_reload_during_reload_is_queued_and_during_stop_refused(
+    supervised: MakeSupervised, port: int
+) -> None:
+    launcher = supervised(workers=1)
+    supervisor = await launcher.start()
+    mark = len(launcher.sink.messages)
+    launcher.send_signal(signal.SIGHUP)
+    await launcher.wait_for(supervisor, lambda m: m.has("RELOADING", "1"), timeout=10, start=mark)
+    launcher.send_signal(signal.SIGHUP)  # arrives during the first reload
+    first_ready = await launcher.wait_for(
+        supervisor, lambda m: m.has("READY", "1"), timeout=30, start=mark
+    )
+    second = launcher.sink.messages.index(first_ready) + 1
+    await launcher.wait_for(supervisor, lambda m: m.has("RELOADING", "1"), timeout=30, start=second)
+    await launcher.wait_for(supervisor, lambda m: m.has("READY", "1"), timeout=30, start=second)
+    assert "a reload is in progress; queued one more" in supervisor.log_text()
+    assert "generation 3" in launcher.sink.messages[-1].fields["STATUS"]
+    # a reload during shutdown is refused
+    launcher.send_signal(signal.SIGTERM)
+    await launcher.wait_for(supervisor, lambda m: m.has("STOPPING", "1"), timeout=10)
+    os.kill(supervisor.pid, signal.SIGHUP)
+    assert await launcher.stop() == 0
+    assert "reload refused, the service is stopping" in supervisor.log_text()
+
+
+async def test_max_requests_recycles_without_failures(
+    supervised: MakeSupervised, port: int
+) -> None:
+    launcher = supervised("--max-requests", "300", "--max-requests-jitter", "50", workers=2)
+    supervisor = await launcher.start()
+    first = set(children(supervisor.pid))
+    async with load(HOST, port, keepalive=4, newconn=4) as stats:
+        await stats.wait_ok(2000, timeout=60)
+    log = supervisor.log_text()
+    # 2000 requests over 2 workers with a limit of at most 350 each: both were recycled
+    assert log.count("recycling worker") >= 2, log
+    assert "served 3" in log  # the worker's own line: "served N requests: asking ..."
+    assert not stats.failed, dict(stats.failed)
+    for pid in first:  # the originals drain and exit once their replacements are ready
+        await wait_exit(pid, timeout=30)
+    assert not first & set(children(supervisor.pid))
+    assert await launcher.stop() == 0
