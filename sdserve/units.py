@@ -42,6 +42,7 @@ DEFAULT_WATCHDOG = 15.0
 DEFAULT_LISTEN = ("8080",)
 DEFAULT_BACKLOG = 4096
 
+_DEFAULTS = Config()
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]+@?$")
 
 # Hardening that the demo and the system tests run under. Each line is what
@@ -103,10 +104,11 @@ class UnitSpec:
     admin_listen: tuple[str, ...] = ()
     user: str | None = None
     environment_file: str | None = None
-    workers: int = Config.workers
-    shutdown_timeout: float = Config.shutdown_timeout
-    start_timeout: float = Config.start_timeout
-    drain_delay: float = Config.drain_delay
+    #: worker processes; None leaves sdserve's own default (one per CPU)
+    workers: int | None = None
+    shutdown_timeout: float = _DEFAULTS.shutdown_timeout
+    start_timeout: float = _DEFAULTS.start_timeout
+    drain_delay: float = _DEFAULTS.drain_delay
     watchdog: float = DEFAULT_WATCHDOG
     backlog: int = DEFAULT_BACKLOG
     executable: str = EXECUTABLE
@@ -131,11 +133,12 @@ class UnitSpec:
 def daemon_config(spec: UnitSpec) -> Config:
     """sdserve's configuration for these settings, validated by sdserve's own rules."""
     overrides: dict[str, object] = {
-        "workers": spec.workers,
         "shutdown_timeout": spec.shutdown_timeout,
         "start_timeout": spec.start_timeout,
         "drain_delay": spec.drain_delay,
     }
+    if spec.workers is not None:
+        overrides["workers"] = spec.workers
     if spec.app is not None:
         overrides["app"] = spec.app
     try:
@@ -200,9 +203,9 @@ def exec_start(spec: UnitSpec, cfg: Config) -> str:
         words += ["--config", _quote_arg(spec.config)]
     # The deadlines are passed on the command line so that they always agree with the
     # timeouts of this unit: a flag wins over the config file and the environment.
+    if spec.workers is not None:
+        words += ["--workers", str(cfg.workers)]
     words += [
-        "--workers",
-        str(cfg.workers),
         "--start-timeout",
         f"{cfg.start_timeout:g}",
         "--drain-delay",
@@ -398,11 +401,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--environment-file", help="EnvironmentFile= (default -/etc/default/NAME)")
     parser.add_argument(
-        "--workers", type=int, default=Config.workers, help="0 serves in the main process"
+        "--workers", type=int, help="worker processes (default: sdserve's); 0: the main process"
     )
-    parser.add_argument("--shutdown-timeout", type=float, default=Config.shutdown_timeout)
-    parser.add_argument("--start-timeout", type=float, default=Config.start_timeout)
-    parser.add_argument("--drain-delay", type=float, default=Config.drain_delay)
+    parser.add_argument("--shutdown-timeout", type=float, default=_DEFAULTS.shutdown_timeout)
+    parser.add_argument("--start-timeout", type=float, default=_DEFAULTS.start_timeout)
+    parser.add_argument("--drain-delay", type=float, default=_DEFAULTS.drain_delay)
     parser.add_argument("--watchdog", type=float, default=DEFAULT_WATCHDOG, help="WatchdogSec=")
     parser.add_argument("--backlog", type=int, default=DEFAULT_BACKLOG)
     parser.add_argument("--executable", default=EXECUTABLE, help="path of the sdserve command")
