@@ -127,6 +127,7 @@ class HttpConn(asyncio.Protocol):
         self._body = -1
         self._need = _UNKNOWN
         self._scan = 0
+        self._copied = False
 
     # asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -139,8 +140,14 @@ class HttpConn(asyncio.Protocol):
             self.reusable = False
             self._close()
             return
-        self._buf += data
-        code = self._parse()
+        if self._buf:
+            self._buf += data
+            code = self._parse(self._buf)
+        else:
+            self._copied = False
+            code = self._parse(data)  # the usual case: the whole response in one read
+            if not code and not self._copied:
+                self._buf += data
         if code:
             self._done(code)
 
@@ -200,9 +207,8 @@ class HttpConn(asyncio.Protocol):
         if fut is not None and not fut.done():
             fut.set_result(code)
 
-    def _parse(self) -> int:
-        """0 while incomplete, else the outcome code."""
-        buf = self._buf
+    def _parse(self, buf: bytes | bytearray) -> int:
+        """0 while incomplete, else the outcome code; ``buf`` holds the response so far."""
         if self._body < 0:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
@@ -215,8 +221,10 @@ class HttpConn(asyncio.Protocol):
             except ValueError:
                 return OTHER_ERROR
             if 100 <= status < 200 and status != 101:
-                del buf[: end + 4]  # an interim response: the real one follows
-                return self._parse()
+                # an interim response: the real one follows
+                self._buf = bytearray(buf[end + 4 :])
+                self._copied = True
+                return self._parse(self._buf)
             self._status = status
             self._body = end + 4
             keep = head.startswith(b"http/1.1") and b"\r\nconnection: close" not in head
@@ -246,11 +254,10 @@ class HttpConn(asyncio.Protocol):
                 self.reusable = False
             return self._status
         if need == _CHUNKED:
-            return self._parse_chunks()
+            return self._parse_chunks(buf)
         return 0
 
-    def _parse_chunks(self) -> int:
-        buf = self._buf
+    def _parse_chunks(self, buf: bytes | bytearray) -> int:
         pos = self._scan
         for _ in range(len(buf)):  # bounded: each turn consumes at least 3 bytes
             eol = buf.find(b"\r\n", pos)

@@ -37,6 +37,8 @@ from sdserve.drill.outcome import TIMEOUT
 
 #: How often a process reports its running counts to the parent (seconds).
 PROGRESS_EVERY = 0.25
+#: How often timeouts are checked: a timed-out request is seen at most this late.
+SWEEP_EVERY = 0.005
 
 
 def write_message(out: BinaryIO, msg: dict[str, Any]) -> None:
@@ -54,13 +56,21 @@ class Recorder:
         self.code = array("h")  # see sdserve.drill.outcome
         self.target = array("h")  # index into the target list; -1 for WebSocket
         self.counts: dict[int, int] = {}
+        self._counted = 0
 
     def add(self, start: float, latency: float, code: int, target: int) -> None:
         self.start.append(start)
         self.latency.append(latency)
         self.code.append(code)
         self.target.append(target)
-        self.counts[code] = self.counts.get(code, 0) + 1
+
+    def running_counts(self) -> dict[int, int]:
+        """Requests by code so far (counting only what arrived since the last call)."""
+        codes = self.code
+        for code in codes[self._counted :]:
+            self.counts[code] = self.counts.get(code, 0) + 1
+        self._counted = len(codes)
+        return dict(self.counts)
 
 
 class LoadProcess:
@@ -85,6 +95,7 @@ class LoadProcess:
         self.ws_abnormal_closes = 0
         self.t0 = 0.0
         self.tasks: set[asyncio.Task[None]] = set()
+        self.waiting: dict[HttpConn, float] = {}
 
     @staticmethod
     def _cycle(weights: list[float], seed: int) -> list[int]:
@@ -102,46 +113,65 @@ class LoadProcess:
     async def request(self, intended: float, target: int, keepalive: bool) -> None:
         """Send one request and record how it ended.  Never retries."""
         self.inflight += 1
-        try:
-            code = await self._exchange(intended, target, keepalive)
-        finally:
-            self.inflight -= 1
-        self.rec.add(intended - self.t0, time.monotonic() - intended, code, target)
-
-    async def _exchange(self, intended: float, target: int, keepalive: bool) -> int:
-        loop = asyncio.get_running_loop()
-        deadline = max(intended, time.monotonic()) + self.timeout
         conn: HttpConn | None = None
-        pool = self.pool[target]
         if keepalive:
+            pool = self.pool[target]
             while pool:
                 c = pool.pop()
                 if not c.closed:
                     conn = c
                     break
+        deadline = (intended if intended > self.t0 else self.t0) + self.timeout
         if conn is None:
-            try:
-                async with asyncio.timeout(deadline - time.monotonic()):
-                    sock = await open_socket(self.endpoints[target])
-                    if isinstance(sock, int):
-                        return sock
-                    _, conn = await loop.create_connection(HttpConn, sock=sock)
-            except TimeoutError:
-                return TIMEOUT
-            except OSError as exc:
-                return transport_code(exc)
-        data = self.requests_ka[target] if keepalive else self.requests_close[target]
-        fut = conn.send(data)
-        timer = loop.call_at(loop.time() + (deadline - time.monotonic()), conn.expire)
+            opened = await self._connect(target, deadline)
+            if isinstance(opened, int):
+                self._record(intended, opened, target)
+                return
+            conn = opened
+        fut = conn.send(self.requests_ka[target] if keepalive else self.requests_close[target])
+        waiting = self.waiting
+        waiting[conn] = deadline
         try:
             code = await fut
         finally:
-            timer.cancel()
+            waiting.pop(conn, None)
         if keepalive and conn.reusable and not conn.closed:
-            pool.append(conn)
+            self.pool[target].append(conn)
         else:
             conn.close()
-        return code
+        self._record(intended, code, target)
+
+    def _record(self, intended: float, code: int, target: int) -> None:
+        self.inflight -= 1
+        rec = self.rec
+        rec.start.append(intended - self.t0)
+        rec.latency.append(time.monotonic() - intended)
+        rec.code.append(code)
+        rec.target.append(target)
+
+    async def _connect(self, target: int, deadline: float) -> HttpConn | int:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                sock = await open_socket(self.endpoints[target])
+                if isinstance(sock, int):
+                    return sock
+                _, conn = await loop.create_connection(HttpConn, sock=sock)
+        except TimeoutError:
+            return TIMEOUT
+        except OSError as exc:
+            return transport_code(exc)
+        return conn
+
+    async def _sweep(self) -> None:
+        """Expire requests past their deadline (checked every SWEEP_EVERY seconds)."""
+        for _ in range(int((self.duration + 2 * self.timeout + 10) / SWEEP_EVERY)):
+            await asyncio.sleep(SWEEP_EVERY)
+            now = time.monotonic()
+            late = [c for c, d in self.waiting.items() if d <= now]
+            for conn in late:
+                self.waiting.pop(conn, None)
+                conn.expire()
 
     # open loop ------------------------------------------------------------------------
     async def open_loop(self) -> None:
@@ -262,6 +292,7 @@ class LoadProcess:
         if delay > 0:
             await asyncio.sleep(delay)
         progress = asyncio.get_running_loop().create_task(self._progress(out))
+        sweep = asyncio.get_running_loop().create_task(self._sweep())
         jobs: list[Any] = []
         if self.endpoints:
             jobs.append(self.open_loop() if self.spec["mode"] == "open" else self.closed_loop())
@@ -269,9 +300,10 @@ class LoadProcess:
         await asyncio.gather(*jobs)
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=self.timeout + 5)
-        progress.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await progress
+        for task in (progress, sweep):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for pool in self.pool:
             for conn in pool:
                 conn.close()
@@ -291,8 +323,12 @@ class LoadProcess:
     async def _progress(self, out: BinaryIO) -> None:
         for _ in range(int((self.duration + self.timeout + 10) / PROGRESS_EVERY) + 1):
             await asyncio.sleep(PROGRESS_EVERY)
-            msg = {"type": "progress", "counts": dict(self.rec.counts), "inflight": self.inflight}
+            msg = {"type": "progress", "counts": rec_counts(self.rec), "inflight": self.inflight}
             write_message(out, msg)
+
+
+def rec_counts(rec: Recorder) -> dict[int, int]:
+    return rec.running_counts()
 
 
 def _raise_nofile() -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks (``make bench``): they report ratios against a baseline, they do not assert."""
