@@ -75,16 +75,20 @@ def configure_logging(
     root.setLevel(level.upper())
     under_systemd = "INVOCATION_ID" in env or "JOURNAL_STREAM" in env
     use_journal = target == "journal" or (target == "auto" and stderr_is_journal(env, out))
+    missing = ""
     if use_journal:
         try:
             from systemd.journal import JournalHandler
-        except ImportError:
-            use_journal = False
+        except ImportError as exc:
+            missing = str(exc)
         else:
             root.addHandler(JournalHandler(SYSLOG_IDENTIFIER="sdserve"))
             return "journal"
     handler = logging.StreamHandler(out)
     handler.setFormatter(StderrFormatter(syslog_prefix=under_systemd))
     root.addHandler(handler)
-    logging.getLogger("aiohttp.access").propagate = True
+    if missing:
+        logging.getLogger("sdserve").warning(
+            "cannot log to the journal (%s): logging to stderr instead", missing
+        )
     return "stderr"

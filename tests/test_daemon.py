@@ -230,3 +230,36 @@ async def test_twenty_stop_start_cycles_under_load_lose_nothing(
     assert stats.ok["keepalive"] > 0
     assert stats.ok["newconn"] > 0
     assert not stats.failed, dict(stats.failed)
+
+
+async def test_drain_delay_keeps_serving_while_not_ready(
+    make_launcher: LauncherFactory, port: int
+) -> None:
+    launcher = make_launcher("--drain-delay", "3")
+    instance = await launcher.start()
+    assert (await get(HOST, port, "/readyz")).status == 200
+    launcher.send_signal(signal.SIGTERM)
+    await launcher.wait_for(instance, lambda m: m.has("STOPPING", "1"), timeout=10)
+    # during the delay: still accepting and serving, but reporting not ready
+    assert (await get(HOST, port, "/readyz")).status == 503
+    assert (await get(HOST, port, "/")).status == 200
+    assert await launcher.stop(timeout=30) == 0
+
+
+async def test_overload_is_shed_with_503_and_retry_after(
+    make_launcher: LauncherFactory, port: int, gate: Gate
+) -> None:
+    launcher = make_launcher("--max-concurrency", "2")
+    await launcher.start()
+    held = [asyncio.create_task(get(HOST, port, f"/hold/{n}")) for n in ("a", "b")]
+    for n in ("a", "b"):
+        await gate.wait_held(n)
+    shed = await get(HOST, port, "/")
+    assert shed.status == 503
+    assert shed.headers["retry-after"] == "1"
+    assert (await get(HOST, port, "/livez")).status == 200  # probes are never shed
+    for n in ("a", "b"):
+        gate.release(n)
+    assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
+    assert (await get(HOST, port, "/")).status == 200
+    assert await launcher.stop() == 0
