@@ -5,12 +5,16 @@ starts draining races every client that is about to reuse one, and those clients
 see a reset or an empty reply. sdserve drains like this instead:
 
 1. every response prepared after the drain starts carries ``Connection: close``;
-2. a connection that is idle when the drain starts (or turns idle during it)
-   gets ``idle_grace`` seconds to deliver one more request, which is answered
-   with ``Connection: close``;
+2. during the drain the keep-alive timeout shrinks to ``idle_grace``: a
+   connection may stay idle that long, counted from its last request, to
+   deliver one more, which is answered with ``Connection: close``. One that has
+   already been idle longer is closed as the drain starts, while clients are
+   still in their steady state and not reaching for it (during a restart a
+   client short of connections works through its idle ones, so closing them
+   later races it);
 3. a request that has been read is always answered;
-4. a connection is closed only once it has stayed idle through its grace, with
-   no byte received and none waiting in the kernel;
+4. a connection is closed only when it is idle, with no byte received for its
+   grace and none waiting in the kernel;
 5. WebSockets are closed with 1001 (going away);
 6. at the deadline the handlers still running are cancelled and reported.
 
@@ -169,18 +173,20 @@ class Tracker:
         if timer is not None:
             timer.cancel()
 
-    def _arm(self, proto: TrackedRequestHandler) -> None:
-        """Give ``proto`` idle_grace seconds from now to send a request."""
+    def _arm(self, proto: TrackedRequestHandler, since: float | None = None) -> None:
+        """Close ``proto`` once idle for idle_grace, counted from ``since`` (default: now)."""
         if proto not in self.connections:
             return
         self._cancel_timer(proto)
         loop = asyncio.get_running_loop()
-        armed_at = loop.time()
-        self._timers[proto] = loop.call_at(
-            armed_at + self.idle_grace, self._expire, proto, armed_at
-        )
+        start = loop.time() if since is None else since
+        when = start + self.idle_grace
+        if when <= loop.time():
+            self._expire(proto, start)
+        else:
+            self._timers[proto] = loop.call_at(when, self._expire, proto, start)
 
-    def _expire(self, proto: TrackedRequestHandler, armed_at: float) -> None:
+    def _expire(self, proto: TrackedRequestHandler, idle_since: float) -> None:
         self._timers.pop(proto, None)
         if proto not in self.connections:
             return
@@ -190,7 +196,7 @@ class Tracker:
             if not any(f.request.protocol is proto for f in self.inflight.values()):
                 self._arm(proto)  # finishing a response prepared before the drain
             return
-        if proto.last_rx > armed_at or unread_bytes(proto) > 0:
+        if proto.last_rx > idle_since or unread_bytes(proto) > 0:
             return  # a request is arriving; it is answered with Connection: close
         self.idle_closed += 1
         proto.force_close()
@@ -215,7 +221,7 @@ class Tracker:
             self._close_websocket(ws)
         for proto in list(self.connections):
             if is_parked(proto):
-                self._arm(proto)
+                self._arm(proto, since=proto.last_rx)
         self._changed.set()
 
     @property
@@ -283,6 +289,7 @@ class TrackedRequestHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self.last_rx = asyncio.get_running_loop().time()  # idle since it connected
         self.tracker.connections.add(self)
         if self.tracker.draining:
             # accepted just before the drain began: serve its request, then close
