@@ -75,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     load.add_argument("--timeout", type=float, default=5.0, help="per request, seconds (5)")
     load.add_argument(
+        "--max-idle",
+        type=int,
+        default=32,
+        help="idle keep-alive connections each process keeps per URL (32)",
+    )
+    load.add_argument(
         "-p",
         "--processes",
         type=int,
@@ -187,6 +193,7 @@ def spec_from(args: argparse.Namespace) -> DrillSpec:
         concurrency=args.concurrency,
         keepalive=args.keepalive,
         timeout=args.timeout,
+        max_idle=args.max_idle,
         processes=args.processes,
         ws_url=args.ws_url,
         ws_clients=args.ws_clients,

@@ -30,8 +30,10 @@ from sdserve.drill.text import render_text
 
 RELOADS = 10
 RESTARTS = 10
-EVERY = 1.5
-LEAD_IN = 2.0
+#: A restart is stop-then-start (about 1-2 s here); leave the service time to catch up.
+RELOAD_EVERY = 2.0
+RESTART_EVERY = 3.0
+LEAD_IN = 4.0
 
 
 def catches_sighup(pid: int) -> bool:
@@ -84,10 +86,10 @@ async def demo() -> int:
             actions = []
             start = LEAD_IN
             if reload_ok:
-                actions.append(Action("reload", reload, Schedule(RELOADS, EVERY, start)))
-                start += RELOADS * EVERY + LEAD_IN
-            actions.append(Action("restart", restart, Schedule(RESTARTS, EVERY, start)))
-            duration = start + RESTARTS * EVERY + LEAD_IN + 1.0
+                actions.append(Action("reload", reload, Schedule(RELOADS, RELOAD_EVERY, start)))
+                start += RELOADS * RELOAD_EVERY
+            actions.append(Action("restart", restart, Schedule(RESTARTS, RESTART_EVERY, start)))
+            duration = start + RESTARTS * RESTART_EVERY + LEAD_IN / 2
             spec = DrillSpec(
                 targets=(Target(f"{base}/", 9), Target(f"{base}/slow?ms=50", 1)),
                 duration=duration,
@@ -96,6 +98,7 @@ async def demo() -> int:
                 timeout=10.0,
                 ws_url=f"ws://127.0.0.1:{port}/ws",
                 ws_clients=8,
+                after_window=1.0,
             )
             print(
                 f"drilling the demo service on {base} for {duration:.0f} s: "

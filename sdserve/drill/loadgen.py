@@ -55,14 +55,16 @@ class Recorder:
         self.latency = array("d")  # seconds from the intended send time to the outcome
         self.code = array("h")  # see sdserve.drill.outcome
         self.target = array("h")  # index into the target list; -1 for WebSocket
+        self.reused = array("b")  # 1: sent on a connection that carried an earlier request
         self.counts: dict[int, int] = {}
         self._counted = 0
 
-    def add(self, start: float, latency: float, code: int, target: int) -> None:
+    def add(self, start: float, latency: float, code: int, target: int, reused: int) -> None:
         self.start.append(start)
         self.latency.append(latency)
         self.code.append(code)
         self.target.append(target)
+        self.reused.append(reused)
 
     def running_counts(self) -> dict[int, int]:
         """Requests by code so far (counting only what arrived since the last call)."""
@@ -84,6 +86,7 @@ class LoadProcess:
         self.timeout = float(spec["timeout"])
         self.duration = float(spec["duration"])
         self.keepalive = float(spec["keepalive"])
+        self.max_idle = int(spec.get("max_idle", 32))
         self.rec = Recorder()
         self.pool: list[list[HttpConn]] = [[] for _ in self.endpoints]
         self.requests_ka = [ep.request_bytes(keepalive=True) for ep in self.endpoints]
@@ -121,11 +124,12 @@ class LoadProcess:
                 if not c.closed:
                     conn = c
                     break
+        reused = 0 if conn is None else 1
         deadline = (intended if intended > self.t0 else self.t0) + self.timeout
         if conn is None:
             opened = await self._connect(target, deadline)
             if isinstance(opened, int):
-                self._record(intended, opened, target)
+                self._record(intended, opened, target, 0)
                 return
             conn = opened
         fut = conn.send(self.requests_ka[target] if keepalive else self.requests_close[target])
@@ -135,19 +139,21 @@ class LoadProcess:
             code = await fut
         finally:
             waiting.pop(conn, None)
-        if keepalive and conn.reusable and not conn.closed:
-            self.pool[target].append(conn)
+        pool = self.pool[target]
+        if keepalive and conn.reusable and not conn.closed and len(pool) < self.max_idle:
+            pool.append(conn)
         else:
             conn.close()
-        self._record(intended, code, target)
+        self._record(intended, code, target, reused)
 
-    def _record(self, intended: float, code: int, target: int) -> None:
+    def _record(self, intended: float, code: int, target: int, reused: int) -> None:
         self.inflight -= 1
         rec = self.rec
         rec.start.append(intended - self.t0)
         rec.latency.append(time.monotonic() - intended)
         rec.code.append(code)
         rec.target.append(target)
+        rec.reused.append(reused)
 
     async def _connect(self, target: int, deadline: float) -> HttpConn | int:
         loop = asyncio.get_running_loop()
@@ -246,7 +252,7 @@ class LoadProcess:
                     self._ws_closed(conn)
                 conn = None
                 code, conn = await self._ws_open(ep, intended)
-                self.rec.add(intended - self.t0, time.monotonic() - intended, code, -1)
+                self.rec.add(intended - self.t0, time.monotonic() - intended, code, -1, 0)
                 continue
             seq += 1
             fut = conn.echo(f"drill {number} {seq}".encode())
@@ -255,7 +261,7 @@ class LoadProcess:
                 code = await fut
             finally:
                 timer.cancel()
-            self.rec.add(intended - self.t0, time.monotonic() - intended, code, -1)
+            self.rec.add(intended - self.t0, time.monotonic() - intended, code, -1, 1)
         if conn is not None:
             if not conn.closed:
                 conn.close()
@@ -314,6 +320,7 @@ class LoadProcess:
             "latency": rec.latency.tobytes(),
             "code": rec.code.tobytes(),
             "target": rec.target.tobytes(),
+            "reused": rec.reused.tobytes(),
             "not_sent": self.not_sent,
             "ws_sessions": self.ws_sessions,
             "ws_clean_closes": self.ws_clean_closes,

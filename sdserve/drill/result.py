@@ -35,7 +35,8 @@ PHASES = ("steady", "during", "after")
 
 @dataclass
 class DrillResult:
-    """Every request (intended start, latency, outcome code, target) plus the context."""
+    """Every request (intended start, latency, outcome code, target, connection reuse),
+    plus the context."""
 
     spec: DrillSpec
     started_at: str
@@ -46,6 +47,9 @@ class DrillResult:
     latency: F64
     code: I16
     target: I16
+    #: whether the request went over a connection that had carried an earlier one
+    #: (a keep-alive reuse, or a message in an open WebSocket session)
+    reused: Mask
     actions: list[ActionRecord] = field(default_factory=list)
     resources: list[ResourceSample] = field(default_factory=list)
     not_sent: int = 0
@@ -241,6 +245,10 @@ class DrillResult:
             "not_sent": self.not_sent,
             "phases": phases,
             "targets": self.per_target(),
+            "connections": {
+                "new": self.counts(~self.reused),
+                "reused": self.counts(self.reused),
+            },
             "websocket": {
                 "sessions": self.ws_sessions,
                 "clean_closes": self.ws_clean_closes,

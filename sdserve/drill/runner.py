@@ -260,6 +260,7 @@ async def run_drill(
         latency=cat("latency", np.float64),
         code=cat("code", np.int16),
         target=cat("target", np.int16),
+        reused=cat("reused", np.int8).astype(bool),
         actions=sorted(records, key=lambda r: r.start),
         resources=resources,
         not_sent=sum(int(r["not_sent"]) for r in results),

@@ -16,7 +16,12 @@ Top level (:class:`DrillJson`)::
     phases        "overall", "steady", "during", "after": PhaseJson each
                   (during = the request overlapped an action; after = it started
                   within after_window_s of an action's end; steady = the rest)
+    not_sent      requests the drill could not send (its in-flight limit): not
+                  counted as requests; a drill limit, not a failure of the target
     targets       one TargetJson per URL, the WebSocket URL last
+    connections   Counts of requests that opened their connection ("new") and
+                  of those sent on a connection that had carried an earlier
+                  request or in an open WebSocket session ("reused")
     websocket     WebSocketJson: sessions and how they ended
     actions       one ActionJson per action performed, in order of start
     timeline      one SecondJson per second, by the second a request ended
@@ -124,6 +129,11 @@ class Phases(TypedDict):
     after: PhaseJson
 
 
+class ConnectionsJson(TypedDict):
+    new: Counts
+    reused: Counts
+
+
 class DrillJson(TypedDict):
     schema: str
     started_at: str
@@ -134,6 +144,7 @@ class DrillJson(TypedDict):
     not_sent: int
     phases: Phases
     targets: list[TargetJson]
+    connections: ConnectionsJson
     websocket: WebSocketJson
     actions: list[ActionJson]
     timeline: list[SecondJson]

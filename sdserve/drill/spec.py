@@ -29,7 +29,8 @@ class DrillSpec:
     that reuse connections; the others open a new connection per request.
     ``ws_clients`` WebSocket clients stay connected to ``ws_url`` and echo a message
     every ``ws_interval`` seconds.  ``after_window`` is how long after an action its
-    "after" phase lasts.
+    "after" phase lasts.  Each process keeps at most ``max_idle`` idle keep-alive
+    connections per target, like a client's connection pool; it closes the others.
     """
 
     targets: tuple[Target, ...]
@@ -44,6 +45,7 @@ class DrillSpec:
     ws_interval: float = 0.5
     after_window: float = 2.0
     max_inflight: int = 20000
+    max_idle: int = 32
     sample_interval: float = 0.5
 
     def validate(self) -> None:
@@ -69,6 +71,8 @@ class DrillSpec:
             raise ValueError("concurrency must be at least 1")
         if not 0.0 <= self.keepalive <= 1.0:
             raise ValueError("keepalive must be a fraction in [0, 1]")
+        if self.max_idle < 0 or self.max_inflight < 1:
+            raise ValueError("max_idle must be >= 0 and max_inflight >= 1")
         if self.timeout <= 0 or self.processes < 1 or self.after_window < 0:
             raise ValueError("timeout and processes must be positive, after_window >= 0")
 
@@ -93,6 +97,7 @@ class DrillSpec:
                     "ws_clients": ws,
                     "ws_interval": self.ws_interval,
                     "max_inflight": max(1, self.max_inflight // n),
+                    "max_idle": self.max_idle,
                     "seed": k,
                 }
             )

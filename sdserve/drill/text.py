@@ -82,6 +82,12 @@ def render_text(doc: DrillJson) -> str:
             f"  {t['url']:<44} {t['requests']:>9,} requests {t['failures']:>7,} failures"
             f"  p99 {_ms(t['latency_ms']['p99'])} ms"
         )
+    conns = doc["connections"]
+    lines.append(
+        f"  connections: {conns['new']['requests']:,} requests on new ones "
+        f"({conns['new']['failures']:,} failed), {conns['reused']['requests']:,} on reused "
+        f"keep-alive connections or WebSocket sessions ({conns['reused']['failures']:,} failed)"
+    )
     ws = doc["websocket"]
     if ws["sessions"]:
         lines.append(

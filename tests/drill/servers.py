@@ -24,9 +24,9 @@ class FaultyServer:
         return f"http://127.0.0.1:{self.port}/"
 
     @classmethod
-    def start(cls, *args: str) -> FaultyServer:
+    def start(cls, *args: str, module: str = "tests.drill.faulty") -> FaultyServer:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.drill.faulty", *args],
+            [sys.executable, "-m", module, *args],
             stdout=subprocess.PIPE,
             text=True,
             start_new_session=True,

@@ -1,0 +1,120 @@
+"""Latency through reloads and restarts, as ratios to steady state, and throughput per worker count.
+
+The demo app runs under the supervisor, behind a launcher that holds the socket
+(as systemd does). The drill sends an open-loop load (latency counted from the
+intended send time, so a stall cannot hide) and runs the action on a schedule;
+its "during" phase covers each action, "steady" the time away from them. Each
+ratio is p99 during the actions over steady p99, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from sdserve.drill import Action, DrillSpec, Schedule, Target, run_drill
+from sdserve.drill.result import DrillResult
+from sdserve.launcher import Launcher
+
+RATE = 800.0
+ACTIONS = 10
+EVERY = 3.0
+START = 3.0
+
+
+def _p99(result: DrillResult, phase: str) -> float:
+    value = result.phases()[phase]["latency_ms"]["p99"]  # type: ignore[literal-required]
+    return float(value) if value is not None else float("nan")
+
+
+async def _with_service(workers: int, body: Callable[[Launcher, int], Awaitable[str]]) -> str:
+    sock = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    port = sock.getsockname()[1]
+    workdir = Path(tempfile.mkdtemp(prefix="sds-bench-"))
+    argv = [sys.executable, "-m", "sdserve", "run", "sdserve.demo:create_app"]
+    argv += ["--workers", str(workers), "--log", "stderr"]
+    launcher = Launcher(argv, [("http", sock)], workdir=workdir)
+    try:
+        await launcher.start()
+        return await body(launcher, port)
+    finally:
+        await launcher.close()
+        sock.close()
+
+
+async def _drill_through(kind: str) -> tuple[DrillResult, list[float]]:
+    took: list[float] = []
+
+    async def body(launcher: Launcher, port: int) -> str:
+        async def act() -> str:
+            began = time.monotonic()
+            if kind == "reload":
+                await launcher.reload(timeout=60)
+            else:
+                await launcher.restart(timeout=60)
+            took.append(time.monotonic() - began)
+            return f"{kind} in {took[-1]:.2f}s"
+
+        spec = DrillSpec(
+            targets=(Target(f"http://127.0.0.1:{port}/"),),
+            duration=START + ACTIONS * EVERY + 2,
+            rate=RATE,
+            keepalive=0.5,
+            processes=1,
+            after_window=1.0,
+        )
+        result = await run_drill(spec, [Action(kind, act, Schedule(ACTIONS, EVERY, START))])
+        results.append(result)
+        return ""
+
+    results: list[DrillResult] = []
+    await _with_service(2, body)
+    return results[0], took
+
+
+async def _throughput(workers: int) -> float:
+    rates: list[float] = []
+
+    async def body(launcher: Launcher, port: int) -> str:
+        spec = DrillSpec(
+            targets=(Target(f"http://127.0.0.1:{port}/"),),
+            duration=8.0,
+            concurrency=64,
+            keepalive=1.0,
+            processes=1,
+        )
+        result = await run_drill(spec, [])
+        rates.append(result.requests / result.duration)
+        return ""
+
+    await _with_service(workers, body)
+    return rates[0]
+
+
+async def _main() -> str:
+    lines = [f"open-loop {RATE:.0f} req/s, half keep-alive, {ACTIONS} actions every {EVERY:g}s"]
+    for kind in ("reload", "restart"):
+        result, took = await _drill_through(kind)
+        steady, during = _p99(result, "steady"), _p99(result, "during")
+        counts = result.phases()["overall"]
+        lines.append(
+            f"{kind:>7}: requests {counts['requests']}, failures {counts['failures']} "
+            f"{dict(counts['classes'])}; p99 steady {steady:.1f} ms, during {during:.1f} ms, "
+            f"ratio {during / steady:.2f} (goal for reload <= 1.5); "
+            f"{kind} took {min(took):.2f}-{max(took):.2f}s"
+        )
+    one, two = await _throughput(1), await _throughput(2)
+    lines.append(
+        f"throughput (closed loop, 64 keep-alive clients, the drill on the same 2 cores): "
+        f"1 worker {one:.0f} req/s, 2 workers {two:.0f} req/s, ratio {two / one:.2f}"
+    )
+    return "\n".join(lines)
+
+
+def main() -> str:
+    return asyncio.run(_main())
