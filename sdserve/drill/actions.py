@@ -54,6 +54,9 @@ class Action:
     end: ActionFn | None = None
     hold: float = 0.0
     timeout: float = 120.0
+    #: actions of one group never overlap: a run waits for the one in progress (as
+    #: systemd queues jobs on a unit); its window starts when it really begins
+    group: str | None = None
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,8 @@ An action is KIND followed by key=value words (quote the whole thing):
   kill-worker [signal=KILL] a signal to the oldest child of the target PID
   outage cmd='...' end_cmd='...' hold=S   start a dependency outage, end it S s later
 Schedule keys for every kind: times=N (1), every=T (5), at=S (first run, 1 s in).
+Actions with the same group=NAME never overlap (a run waits for the one in progress);
+restart and reload are in group "unit" unless told otherwise.
 Templates may use {unit} and {pid}.  Example:
   sdserve drill http://127.0.0.1:8080/ --rate 2000 -d 60 --unit demo \\
       --action 'restart times=10 every=5 at=3'"""
@@ -180,9 +182,10 @@ def parse_action(text: str, args: argparse.Namespace, pid: PidSource | None) -> 
         hold = float(opts.pop("hold", "1"))
     else:
         raise ValueError(f"unknown action kind {kind!r}")
+    group = opts.pop("group", "unit" if kind in ("restart", "reload") else None)
     if opts:
         raise ValueError(f"--action {text!r}: unknown keys {sorted(opts)}")
-    return Action(name, run, schedule, end=end, hold=hold)
+    return Action(name, run, schedule, end=end, hold=hold, group=group)
 
 
 def spec_from(args: argparse.Namespace) -> DrillSpec:

@@ -86,9 +86,11 @@ async def demo() -> int:
             actions = []
             start = LEAD_IN
             if reload_ok:
-                actions.append(Action("reload", reload, Schedule(RELOADS, RELOAD_EVERY, start)))
+                schedule = Schedule(RELOADS, RELOAD_EVERY, start)
+                actions.append(Action("reload", reload, schedule, group="unit"))
                 start += RELOADS * RELOAD_EVERY
-            actions.append(Action("restart", restart, Schedule(RESTARTS, RESTART_EVERY, start)))
+            schedule = Schedule(RESTARTS, RESTART_EVERY, start)
+            actions.append(Action("restart", restart, schedule, group="unit"))
             duration = start + RESTARTS * RESTART_EVERY + LEAD_IN / 2
             spec = DrillSpec(
                 targets=(Target(f"{base}/", 9), Target(f"{base}/slow?ms=50", 1)),

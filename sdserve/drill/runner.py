@@ -114,10 +114,19 @@ async def _spawn(share: dict[str, object]) -> _Loader:
     return loader
 
 
-async def _perform(action: Action, number: int, at: float, t0: float) -> ActionRecord:
+async def _perform(
+    action: Action, number: int, at: float, t0: float, lock: asyncio.Lock | None
+) -> ActionRecord:
     delay = t0 + at - time.monotonic()
     if delay > 0:
         await asyncio.sleep(delay)
+    if lock is None:
+        return await _perform_now(action, number, t0)
+    async with lock:
+        return await _perform_now(action, number, t0)
+
+
+async def _perform_now(action: Action, number: int, t0: float) -> ActionRecord:
     begin = time.monotonic()
     ok = True
     details: list[str] = []
@@ -135,11 +144,15 @@ async def _perform(action: Action, number: int, at: float, t0: float) -> ActionR
 
 
 async def _run_action(
-    action: Action, t0: float, records: list[ActionRecord], on_done: Callable[[str], None]
+    action: Action,
+    t0: float,
+    records: list[ActionRecord],
+    on_done: Callable[[str], None],
+    lock: asyncio.Lock | None,
 ) -> None:
     """Each run of one action in turn: a slow run delays the next, never overlaps it."""
     for number, at in enumerate(action.schedule.moments(), start=1):
-        rec = await _perform(action, number, at, t0)
+        rec = await _perform(action, number, at, t0, lock)
         records.append(rec)
         on_done(f"{rec.name} #{rec.number} {'ok' if rec.ok else 'FAILED'}")
 
@@ -215,7 +228,13 @@ async def run_drill(
             report()
 
         loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(_run_action(a, t0, records, action_done)) for a in actions]
+        locks = {a.group: asyncio.Lock() for a in actions if a.group is not None}
+        tasks = [
+            loop.create_task(
+                _run_action(a, t0, records, action_done, locks.get(a.group) if a.group else None)
+            )
+            for a in actions
+        ]
         if pid_source is not None:
             until = t0 + spec.duration
             tasks.append(
@@ -232,7 +251,10 @@ async def run_drill(
             if ld.result is None
         ]
         duration = time.monotonic() - t0
-        max_action = max((a.timeout * (2 if a.end else 1) + a.hold for a in actions), default=0)
+        # grouped actions may queue behind each other: allow for all of them
+        max_action = sum(
+            (a.timeout * (2 if a.end else 1) + a.hold) * a.schedule.times for a in actions
+        )
         async with asyncio.timeout(max_action + 5):
             await asyncio.gather(*tasks)
         report()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +147,41 @@ async def test_outage_marks_the_during_phase(faulty: StartServer, tmp_path: Path
     for begin, end in records["windows"]:
         in_window |= (sent <= end) & (done >= begin)
     assert np.all(in_window[bad])
+
+
+@pytest.mark.asyncio
+async def test_actions_of_one_group_never_overlap(faulty: StartServer) -> None:
+    server = faulty("none")
+    release = asyncio.Event()
+    running: list[str] = []
+    overlaps: list[list[str]] = []
+
+    def slow(name: str) -> Callable[[], Awaitable[str]]:
+        async def act() -> str:
+            running.append(name)
+            if len(running) > 1:
+                overlaps.append(list(running))
+            if name == "first":
+                await asyncio.wait_for(release.wait(), 5)  # until "other" is due and waiting
+            running.remove(name)
+            return name
+
+        return act
+
+    async def trigger() -> str:
+        release.set()
+        return "released"
+
+    same = Schedule(1, 1, 0.2)
+    actions = [
+        Action("first", slow("first"), same, group="unit"),
+        Action("second", slow("second"), Schedule(1, 1, 0.3), group="unit"),
+        Action("trigger", trigger, Schedule(1, 1, 0.5)),  # no group: runs meanwhile
+    ]
+    result = await run_drill(light_load(server.url), actions)
+    server.stop()
+    assert overlaps == []
+    recs = {r.name: r for r in result.actions}
+    assert all(r.ok for r in recs.values())
+    assert recs["second"].start >= recs["first"].end
+    assert recs["first"].end >= recs["trigger"].start
