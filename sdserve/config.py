@@ -109,6 +109,9 @@ class Config:
     #: recycle a worker after this many requests (0 = never), plus up to jitter more
     max_requests: int = 0
     max_requests_jitter: int = 0
+    #: new workers import and warm up this much nicer (lower CPU priority), so that a
+    #: reload does not take CPU from the workers serving; 0 disables it
+    warmup_nice: int = 10
     #: crash loop: this many worker deaths within crash_window make the supervisor give up
     crash_limit: int = 5
     crash_window: float = 10.0
@@ -298,6 +301,8 @@ def _validate(cfg: Config, problems: _Problems) -> None:
     non_negative("max_requests", cfg.max_requests)
     non_negative("max_requests_jitter", cfg.max_requests_jitter)
     non_negative("max_concurrency", cfg.max_concurrency)
+    if not 0 <= cfg.warmup_nice <= 19:
+        problems.add("warmup_nice", f"must be between 0 and 19, got {cfg.warmup_nice}")
     if cfg.retry_max < cfg.retry_initial:
         problems.add("retry_max", f"must be at least retry_initial ({cfg.retry_initial})")
     if cfg.workers < 0:

@@ -64,6 +64,8 @@ ENV_FDS = "_SDSERVE_WORKER_FDS"
 ENV_SUPERVISOR = "_SDSERVE_SUPERVISOR_PID"
 ENV_WORKER = "_SDSERVE_WORKER_ID"
 ENV_GENERATION = "_SDSERVE_GENERATION"
+#: the CPU priority a worker returns to once warmed up
+ENV_NICE = "_SDSERVE_NICE"
 
 _PR_SET_PDEATHSIG = 1
 
@@ -185,6 +187,7 @@ class Supervisor:
         env[ENV_SUPERVISOR] = str(os.getpid())
         env[ENV_WORKER] = str(worker_id)
         env[ENV_GENERATION] = str(generation)
+        env[ENV_NICE] = str(os.getpriority(os.PRIO_PROCESS, 0))
         if self._watchdog_usec is not None:
             # workers ping the supervisor twice as often as it must ping systemd
             env["WATCHDOG_USEC"] = str(int(self._watchdog_usec * 2e6))
@@ -193,7 +196,10 @@ class Supervisor:
     async def _spawn(self, generation: int) -> WorkerProc:
         worker_id = self.next_id
         self.next_id += 1
+        # warm up at a lower CPU priority: imports must not slow the workers serving
+        nice = ["nice", "-n", str(self.config.warmup_nice)] if self.config.warmup_nice else []
         process = await asyncio.create_subprocess_exec(
+            *nice,
             sys.executable,
             "-m",
             "sdserve",
@@ -475,6 +481,7 @@ class Supervisor:
         self.generation = 1
         self.notifier.status(f"starting {cfg.workers} worker(s)")
         first = [await self._spawn(1) for _ in range(cfg.workers)]
+        self._update_status()
         starting = asyncio.ensure_future(self._wait_ready(first, cfg.start_timeout + KILL_MARGIN))
         stopped = asyncio.ensure_future(self._stop.wait())
         try:
@@ -561,6 +568,22 @@ def worker_listeners(environ: dict[str, str] | os._Environ[str]) -> list[Listene
     return listeners_from_fds(fds)
 
 
+def restore_priority(target: int) -> None:
+    """Back to the supervisor's CPU priority once warmed up, if the limits allow it."""
+    if os.getpriority(os.PRIO_PROCESS, 0) <= target:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, target)
+    except PermissionError:
+        log.warning(
+            "cannot return to CPU priority %d after warm-up (allow it with LimitNICE=%+d "
+            "in the unit); all workers run at the same lower priority instead",
+            target,
+            target,
+            extra=_fields("priority"),
+        )
+
+
 def run_worker(config: Config, notifier: Notifier) -> int:
     """Entry point of a worker process (``sdserve worker``), started by the supervisor."""
     parent = int(os.environ.get(ENV_SUPERVISOR, "0"))
@@ -568,4 +591,7 @@ def run_worker(config: Config, notifier: Notifier) -> int:
         _die_with_parent(parent)
     faulthandler.enable()  # a watchdog SIGABRT prints where the loop was stuck
     listeners = worker_listeners(os.environ)
-    return asyncio.run(serve_in_process(config, listeners, notifier))
+    target = int(os.environ.get(ENV_NICE, str(os.getpriority(os.PRIO_PROCESS, 0))))
+    return asyncio.run(
+        serve_in_process(config, listeners, notifier, before_ready=lambda: restore_priority(target))
+    )

@@ -22,7 +22,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import IntEnum
 from typing import Any
 
@@ -94,8 +94,10 @@ class Worker:
         listeners: Sequence[Listener],
         notifier: Notifier,
         app: web.Application | None = None,
+        before_ready: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
+        self._before_ready = before_ready
         self.listeners = list(listeners)
         self.notifier = notifier
         self.state = WorkerState()
@@ -177,6 +179,8 @@ class Worker:
         checks_done = time.monotonic()
         self.monitor = CheckMonitor(self.state, reg, cfg.health, self.notifier)
         self.monitor.start()
+        if self._before_ready is not None:
+            self._before_ready()
         for acceptor in self._acceptors:
             acceptor.start()
         self.state.phase = Phase.READY
@@ -329,13 +333,16 @@ def close_listeners(listeners: Sequence[Listener]) -> None:
 
 
 async def serve_in_process(
-    config: Config, listeners: Sequence[Listener], notifier: Notifier
+    config: Config,
+    listeners: Sequence[Listener],
+    notifier: Notifier,
+    before_ready: Callable[[], None] | None = None,
 ) -> int:
-    """The single-process mode: this process is the worker."""
+    """Serve in this process until a stop signal (single-process mode, and each worker)."""
     loop = asyncio.get_running_loop()
     stop, force = asyncio.Event(), asyncio.Event()
     install_stop_signals(loop, stop, force)
-    worker = Worker(config, listeners, notifier)
+    worker = Worker(config, listeners, notifier, before_ready=before_ready)
     try:
         return int(await worker.run(stop, force))
     finally:

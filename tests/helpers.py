@@ -24,6 +24,9 @@ class Gate:
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         name = (await reader.readline()).decode().strip()
+        previous = self.held.pop(name, None)
+        if previous is not None:  # the same name again (a retried check): keep the newest
+            previous.close()
         self.held[name] = writer
         self._arrived.set()
 

@@ -16,7 +16,7 @@ import pytest_asyncio
 
 from sdserve.launcher import Launcher
 from sdserve.worker import ExitCode
-from tests.helpers import get, load
+from tests.helpers import Gate, get, load
 
 pytestmark = pytest.mark.asyncio
 HOST = "127.0.0.1"
@@ -189,6 +189,40 @@ async def test_bad_release_keeps_old_code_serving(
     write_app(tmp_path / "app", "v3")
     await launcher.reload(timeout=60)
     assert await versions(port, 10) == {"v3"}
+    assert await launcher.stop() == 0
+
+
+def nice_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+async def test_workers_warm_up_at_lower_priority(
+    supervised: MakeSupervised, tmp_path: Path, gate: Gate
+) -> None:
+    flag = tmp_path / "warm"
+    # each worker's check reports to the test's gate, then passes once the flag exists
+    check = (
+        "    async def warm():\n"
+        "        import asyncio\n"
+        f"        _r, w = await asyncio.open_unix_connection({str(gate.path)!r})\n"
+        "        w.write(f'check-{os.getpid()}\\n'.encode())\n"
+        "        w.close()\n"
+        f"        return os.path.exists({str(flag)!r})\n"
+        "    add_check(app, 'warm', warm, timeout=2)\n"
+    )
+    write_app(tmp_path / "app", "v1", check)
+    launcher = supervised("--retry-max", "0.2", workers=2)
+    supervisor = await launcher.spawn()
+    await launcher.wait_for(
+        supervisor, lambda m: "0/2 workers ready" in m.fields.get("STATUS", ""), timeout=30
+    )
+    workers = children(supervisor.pid)
+    for pid in workers:
+        await gate.wait_held(f"check-{pid}", timeout=30)
+    assert [nice_of(pid) for pid in workers] == [10, 10]  # warming up: nicer
+    flag.touch()
+    await launcher.wait_for(supervisor, lambda m: m.has("READY", "1"), timeout=30)
+    assert [nice_of(pid) for pid in workers] == [0, 0]  # serving: the supervisor's priority
     assert await launcher.stop() == 0
 
 
