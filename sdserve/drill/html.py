@@ -279,6 +279,22 @@ def render_html(doc: DrillJson) -> str:
         "<h2>Targets</h2>",
         _table(["URL", "requests", "failures", "p50 ms", "p99 ms", "max ms"], target_rows),
     ]
+    if doc["by_action"]:
+        rows = [
+            [name, ph["requests"], ph["failures"], _fmt(ph["latency_ms"]["p50"]),
+             _fmt(ph["latency_ms"]["p99"]), _fmt(ph["latency_ms"]["max"])]
+            for name, ph in doc["by_action"].items()
+        ]  # fmt: skip
+        steady = doc["phases"]["steady"]
+        rows.append(
+            ["(steady)", steady["requests"], steady["failures"],
+             _fmt(steady["latency_ms"]["p50"]), _fmt(steady["latency_ms"]["p99"]),
+             _fmt(steady["latency_ms"]["max"])]
+        )  # fmt: skip
+        parts += [
+            "<h2>Requests that overlapped each kind of action</h2>",
+            _table(["action", "requests", "failures", "p50 ms", "p99 ms", "max ms"], rows),
+        ]
     if action_rows:
         parts += [
             "<h2>Actions</h2>",

@@ -135,6 +135,18 @@ class DrillResult:
         after &= ~during
         return {"steady": ~(during | after), "during": during, "after": after}
 
+    def by_action(self) -> dict[str, PhaseJson]:
+        """For each action name: the requests that overlapped one of its runs."""
+        end = self.start + self.latency
+        out: dict[str, PhaseJson] = {}
+        for name in dict.fromkeys(a.name for a in self.actions):
+            mask = np.zeros(self.code.size, dtype=bool)
+            for a in self.actions:
+                if a.name == name:
+                    mask |= (self.start <= a.end) & (end >= a.start)
+            out[name] = self.phase(mask)
+        return out
+
     def phase(self, mask: Mask | None) -> PhaseJson:
         c = self.counts(mask)
         return {**c, "latency_ms": self.percentiles(mask)}
@@ -244,6 +256,7 @@ class DrillResult:
             "max_failures": max_failures,
             "not_sent": self.not_sent,
             "phases": phases,
+            "by_action": self.by_action(),
             "targets": self.per_target(),
             "connections": {
                 "new": self.counts(~self.reused),

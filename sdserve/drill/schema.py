@@ -16,6 +16,8 @@ Top level (:class:`DrillJson`)::
     phases        "overall", "steady", "during", "after": PhaseJson each
                   (during = the request overlapped an action; after = it started
                   within after_window_s of an action's end; steady = the rest)
+    by_action     action name -> PhaseJson of the requests that overlapped one of
+                  that action's runs
     not_sent      requests the drill could not send (its in-flight limit): not
                   counted as requests; a drill limit, not a failure of the target
     targets       one TargetJson per URL, the WebSocket URL last
@@ -143,6 +145,7 @@ class DrillJson(TypedDict):
     max_failures: int
     not_sent: int
     phases: Phases
+    by_action: dict[str, PhaseJson]
     targets: list[TargetJson]
     connections: ConnectionsJson
     websocket: WebSocketJson

@@ -73,7 +73,16 @@ def render_text(doc: DrillJson) -> str:
                     f"  FAILED {a['name']} #{a['number']} at {a['start_s']:.1f} s: {a['detail']}"
                 )
         for name, times in by_name.items():
-            lines.append(f"  {name:<14} x{len(times):<4} took {min(times):.2f}-{max(times):.2f} s")
+            during = doc["by_action"].get(name)
+            extra = ""
+            if during is not None:
+                extra = (
+                    f"; meanwhile {during['requests']:,} requests, "
+                    f"{during['failures']:,} failed, p99 {_ms(during['latency_ms']['p99'])} ms"
+                )
+            lines.append(
+                f"  {name:<14} x{len(times):<4} took {min(times):.2f}-{max(times):.2f} s{extra}"
+            )
         lines += failed
 
     lines += ["", "targets:"]
