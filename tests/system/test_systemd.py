@@ -62,8 +62,19 @@ def sdserve_entries(box: Box, cursor: str) -> list[JournalEntry]:
     return [e for e in box.journal(cursor=cursor, unit=SERVICE) if "SDSERVE_PHASE" in e]
 
 
-def main_pid(box: Box) -> int:
-    return int(box.show(SERVICE, "MainPID")["MainPID"])
+def main_pid(box: Box, unit: str = SERVICE) -> int:
+    return int(box.show(unit, "MainPID")["MainPID"])
+
+
+def answered_by(box: Box, body: str, unit: str = SERVICE) -> bool:
+    """Whether the demo's answer came from the unit's main process or one of its workers."""
+    m = re.search(r"\(pid (\d+)\)", body)
+    assert m, body
+    pid, main = int(m.group(1)), main_pid(box, unit)
+    if pid == main:
+        return True
+    ppid = box.run(["ps", "-o", "ppid=", "-p", str(pid)], check=False).stdout.strip()
+    return ppid == str(main)
 
 
 # ---- the units ---------------------------------------------------------------------------
@@ -108,11 +119,13 @@ def test_first_connection_activates_the_service(box: Box, flavour: str) -> None:
 
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("hello from sdserve demo")
-    props = box.show(SERVICE, "ActiveState", "MainPID", "StatusText", "WatchdogUSec")
+    assert answered_by(box, res.stdout)
+    # A worker may answer before the whole generation is ready: join the start job.
+    box.systemctl("start", SERVICE)
+    props = box.show(SERVICE, "ActiveState", "StatusText", "WatchdogUSec")
     assert props["ActiveState"] == "active"
     assert props["WatchdogUSec"] == "15s"
-    assert f"pid {props['MainPID']})" in res.stdout
-    assert props["StatusText"].startswith("serving on http=")
+    assert re.search(r"serving on http=|\d+/\d+ workers ready", props["StatusText"]), props
     # only the http socket: the admin socket is optional and was not started
     sockets = [e for e in sdserve_entries(box, cursor) if e["SDSERVE_PHASE"] == "sockets"]
     assert [e["SDSERVE_SOCKETS"] for e in sockets] == ["http"]
@@ -130,9 +143,26 @@ def test_admin_socket_is_passed_once_enabled(box: Box, flavour: str) -> None:
     assert curl(box, "http://127.0.0.1:8080/").stdout.startswith("hello")
 
 
-def test_ready_waits_for_the_check_and_status_shows_it(box: Box, flavour: str) -> None:
+@pytest.mark.parametrize(
+    "workers",
+    [
+        pytest.param(0, id="in-process"),
+        pytest.param(
+            None,
+            id="supervised",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="the supervisor does not pass its workers' STATUS= (the check they "
+                "wait for) on to systemd yet: status says 'starting N worker(s)'",
+            ),
+        ),
+    ],
+)
+def test_ready_waits_for_the_check_and_status_shows_it(
+    box: Box, flavour: str, workers: int | None
+) -> None:
     flag = f"{FLAG_DIR}/ready"
-    install(box, flavour, environment={"DEMO_WAIT_FILE": flag})
+    install(box, flavour, spec=UnitSpec(workers=workers), environment={"DEMO_WAIT_FILE": flag})
     box.systemctl("start", "sdserve.socket")
     cursor = box.cursor()
     # The first connection activates the service; the request waits in the socket's queue.
@@ -219,7 +249,8 @@ def test_journal_has_sdserve_fields(box: Box, flavour: str) -> None:
     # the fields can be matched on, as an operator would
     # (the box booted for this test, so its journal holds this one start only)
     matched = box.journal(args=["SDSERVE_PHASE=ready"])
-    assert [e["SDSERVE_PHASE"] for e in matched] == ["ready"]
+    assert matched
+    assert {e["SDSERVE_PHASE"] for e in matched} == {"ready"}
 
 
 # ---- restarts, stop, watchdog --------------------------------------------------------------
@@ -256,15 +287,15 @@ def test_twenty_restarts_under_load_lose_nothing(box: Box, flavour: str, record:
     assert result.ok == result.requests > 20 * 16
     assert result.by_kind["keepalive"]["requests"] > 0
     assert result.by_kind["fresh"]["requests"] > 0
+    # every process drained (one per worker and restart), none cancelled a request
     drains = [e for e in sdserve_entries(box, cursor) if e["SDSERVE_PHASE"] == "drained"]
-    assert len(drains) == 20
+    assert len(drains) >= 20
     assert all(e.get("SDSERVE_CANCELLED") == "0" for e in drains)
 
 
 def test_stop_completes_requests_in_flight(box: Box, flavour: str) -> None:
     install(box, flavour)
     box.systemctl("start", "sdserve.socket", SERVICE)
-    pid = main_pid(box)
     n = 6
     with contextlib.ExitStack() as stack:
         clients = [
@@ -276,10 +307,11 @@ def test_stop_completes_requests_in_flight(box: Box, flavour: str) -> None:
             for _ in range(n)
         ]
 
-        # In flight = accepted by sdserve: the socket table is the only place that says so.
+        # In flight = accepted by sdserve (a connection still in the listen queue belongs to
+        # no process yet): the socket table is the only place that says so.
         def accepted() -> bool:
             out = box.run(["ss", "-Htnp", "state", "established", "( sport = :8080 )"]).stdout
-            return out.count(f"pid={pid},") == n
+            return out.count("users:") == n
 
         wait_until(accepted, timeout=20, what=f"{n} connections accepted by sdserve")
         cursor = box.cursor()
@@ -295,13 +327,13 @@ def test_stop_completes_requests_in_flight(box: Box, flavour: str) -> None:
         "Result": "success",
     }
     drained = [e for e in sdserve_entries(box, cursor) if e["SDSERVE_PHASE"] == "drained"]
-    assert len(drained) == 1
-    assert drained[0]["SDSERVE_REQUESTS"] == str(n)
-    assert drained[0]["SDSERVE_CANCELLED"] == "0"
+    assert sum(int(e["SDSERVE_REQUESTS"]) for e in drained) == n
+    assert all(e["SDSERVE_CANCELLED"] == "0" for e in drained)
 
 
-def test_blocked_event_loop_trips_the_watchdog(box: Box, flavour: str) -> None:
-    install(box, flavour, spec=UnitSpec(watchdog=3))
+def test_blocked_event_loop_trips_systemds_watchdog(box: Box, flavour: str) -> None:
+    """Served in the main process (--workers 0): systemd's watchdog restarts the service."""
+    install(box, flavour, spec=UnitSpec(watchdog=3, workers=0))
     box.systemctl("start", "sdserve.socket", SERVICE)
     pid = main_pid(box)
     cursor = box.cursor()
@@ -327,13 +359,86 @@ def test_blocked_event_loop_trips_the_watchdog(box: Box, flavour: str) -> None:
         )
         blocked.communicate(timeout=30)
     assert "limit 3s" in message(timeout_entry)
-    assert box.show(SERVICE, "WatchdogUSec")["WatchdogUSec"] == "3s"
-    props = box.show(SERVICE, "ActiveState", "MainPID", "NRestarts")
+    props = box.show(SERVICE, "ActiveState", "MainPID", "NRestarts", "WatchdogUSec")
     assert props["ActiveState"] == "active"
+    assert props["WatchdogUSec"] == "3s"
     assert int(props["NRestarts"]) >= 1
     assert int(props["MainPID"]) != pid
     assert blocked.returncode != 0, "the blocked request cannot be answered: its process died"
     assert curl(box, "http://127.0.0.1:8080/").stdout.startswith("hello from sdserve demo")
+
+
+def test_blocked_worker_is_replaced_under_the_watchdog(box: Box, flavour: str) -> None:
+    """With workers, the supervisor keeps systemd's watchdog fed and replaces the worker whose
+    loop is blocked; the journal says which and why."""
+    install(box, flavour, spec=UnitSpec(watchdog=3, workers=2))
+    box.systemctl("start", "sdserve.socket", SERVICE)
+    pid = main_pid(box)
+    cursor = box.cursor()
+    block = ["curl", "-sS", "--max-time", "60", "http://127.0.0.1:8080/block?ms=30000"]
+    with box.background(block) as blocked:
+        missed = box.wait_journal(
+            lambda e: e.get("SDSERVE_PHASE") == "watchdog",
+            cursor=cursor,
+            unit=SERVICE,
+            timeout=20,
+            what="the supervisor's watchdog report",
+        )
+        replaced = box.wait_journal(
+            lambda e: e.get("SDSERVE_PHASE") == "worker-ready",
+            cursor=missed["__CURSOR"],
+            unit=SERVICE,
+            timeout=30,
+            what="a replacement worker",
+        )
+        blocked.communicate(timeout=30)
+    assert "event loop blocked" in message(missed)
+    assert replaced["SDSERVE_WORKER"] != missed["SDSERVE_WORKER"]
+    props = box.show(SERVICE, "ActiveState", "MainPID", "NRestarts")
+    assert props == {"ActiveState": "active", "MainPID": str(pid), "NRestarts": "0"}
+    assert blocked.returncode != 0
+    assert curl(box, "http://127.0.0.1:8080/").stdout.startswith("hello from sdserve demo")
+
+
+@pytest.mark.slow
+def test_reload_under_load_keeps_the_main_process(box: Box, flavour: str, record: Record) -> None:
+    """systemd 252: ExecReload sends SIGHUP; 254: Type=notify-reload (systemd sends it and waits
+    for RELOADING=1 ... READY=1). Either way: same MainPID, no failed request."""
+    install(box, flavour)
+    box.systemctl("start", "sdserve.socket", SERVICE)
+    pid = main_pid(box)
+    cursor = box.cursor()
+    took = []
+    with box.load(path="/slow?ms=10", keepalive=8, fresh=8, max_seconds=200) as load:
+        for _ in range(5):
+            started = time.monotonic()
+            box.systemctl("reload", SERVICE)
+            if int(flavour) < 253:
+                # ExecReload returns once the signal is sent; sdserve logs the end of the
+                # reload just before its READY=1
+                box.wait_journal(
+                    lambda e: e.get("SDSERVE_PHASE") in ("reloaded", "reload-failed"),
+                    cursor=cursor,
+                    unit=SERVICE,
+                    timeout=60,
+                    what="the end of the reload",
+                )
+            cursor_after = box.cursor()
+            took.append(time.monotonic() - started)
+            ends = [
+                e["SDSERVE_PHASE"]
+                for e in sdserve_entries(box, cursor)
+                if e["SDSERVE_PHASE"] in ("reloaded", "reload-failed")
+            ]
+            assert ends == ["reloaded"]
+            cursor = cursor_after
+            assert box.show(SERVICE, "ActiveState")["ActiveState"] == "active"
+        result = load.finish()
+    record("5 reloads under load", f"{result.summary()}; reload {max(took):.2f} s at most")
+    assert main_pid(box) == pid
+    assert result.failed == 0, result.summary() + "\n" + "\n".join(result.examples)
+    assert result.hung_clients == 0
+    assert result.ok == result.requests > 0
 
 
 # ---- templates ---------------------------------------------------------------------------
@@ -349,7 +454,8 @@ def test_template_runs_several_apps(box: Box, flavour: str) -> None:
         res = curl(box, "http://localhost/", "--unix-socket", f"/run/sdserve/{app}.sock")
         assert res.returncode == 0, res.stderr
         answers[app] = res.stdout
-        state = box.show(f"sdserve@{app}.service", "ActiveState", "MainPID")
-        assert state["ActiveState"] == "active"
-        assert f"pid {state['MainPID']})" in res.stdout
+        unit = f"sdserve@{app}.service"
+        assert answered_by(box, res.stdout, unit)
+        box.systemctl("start", unit)  # joins the start job
+        assert box.show(unit, "ActiveState")["ActiveState"] == "active"
     assert answers["shop"] != answers["blog"]

@@ -116,6 +116,22 @@ def _pidfd_wait(pid: int, sock: socket.socket, timeout: float) -> list[str]:
         os.close(pidfd)
 
 
+def kill_group(proc: subprocess.Popen[Any]) -> None:
+    """Kill a command started in the box. ``nsenter`` forks to enter the box's PID namespace:
+    its child is killed so that nsenter reaps it and exits (killing nsenter first would leave
+    the child a zombie that only the host's PID 1 may reap, and the box's shutdown waits for
+    it). Before the fork, the session of nsenter is killed instead."""
+    if proc.poll() is not None:
+        return
+    inner = [pid for pid, _comm in _children(proc.pid)]
+    for pid in inner:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if not inner:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _children(pid: int) -> list[tuple[int, str]]:
     out = []
     for entry in Path("/proc").iterdir():
@@ -168,7 +184,7 @@ class Load:
             # communicate() closes the load's standard input: its signal to stop
             out, _ = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            kill_group(self.proc)
             self.proc.communicate()
             raise
         lines = [line for line in out.splitlines() if line.startswith("{")]
@@ -327,14 +343,21 @@ class Box:
         check: bool = True,
         timeout: float = 60.0,
     ) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run(
+        with subprocess.Popen(
             self.command(argv),
-            input=input,
-            capture_output=True,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=timeout,
-            check=False,
-        )
+            start_new_session=True,
+        ) as proc:
+            try:
+                out, err = proc.communicate(input, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                kill_group(proc)
+                proc.communicate()
+                raise
+        res = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         if check and res.returncode != 0:
             raise BoxError(
                 f"{shlex.join(argv)} exited {res.returncode}\n"
@@ -352,12 +375,12 @@ class Box:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,
         ) as proc:
             try:
                 yield proc
             finally:
-                if proc.poll() is None:
-                    proc.kill()
+                kill_group(proc)
                 proc.communicate()
 
     def sh(self, script: str, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -435,7 +458,10 @@ class Box:
             argv.append(f"--unit={unit}")
         seen: list[str] = []
         with subprocess.Popen(
-            self.command(argv), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+            self.command(argv),
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         ) as follow:
             assert follow.stdout is not None
             fd = follow.stdout.fileno()
@@ -464,7 +490,7 @@ class Box:
                         if match(entry):
                             return entry
             finally:
-                follow.kill()
+                kill_group(follow)
 
     # ---- load -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -494,7 +520,11 @@ class Box:
             f"--timeout={timeout}",
         ]
         with subprocess.Popen(
-            self.command(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            self.command(argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         ) as proc:
             handle = Load(proc)
             try:
@@ -506,8 +536,7 @@ class Box:
                 yield handle
                 handle.finish()
             finally:
-                if proc.poll() is None:
-                    proc.kill()
+                kill_group(proc)
 
 
 def wait_until(
