@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import socket
 import time
@@ -280,4 +281,28 @@ async def test_overload_is_shed_with_503_and_retry_after(
         gate.release(n)
     assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
     assert (await get(HOST, port, "/")).status == 200
+    assert await launcher.stop() == 0
+
+
+async def test_watchdog_pings_stop_while_the_loop_is_blocked(
+    make_launcher: LauncherFactory, port: int
+) -> None:
+    launcher = make_launcher(app="sdserve.demo:create_app", env={"WATCHDOG_USEC": "200000"})
+    instance = await launcher.start()
+
+    def pings() -> list[float]:
+        return [m.received for m in launcher.sink.messages if m.has("WATCHDOG", "1")]
+
+    # pings every 0.1 s (half of WATCHDOG_USEC), from the event loop
+    mark = len(launcher.sink.messages)
+    for _ in range(3):
+        await launcher.wait_for(instance, lambda m: m.has("WATCHDOG", "1"), timeout=5, start=mark)
+        mark = len(launcher.sink.messages)
+    blocked = asyncio.create_task(get(HOST, port, "/block?ms=1000"))
+    assert (await blocked).status == 200
+    await launcher.wait_for(instance, lambda m: m.has("WATCHDOG", "1"), timeout=5, start=mark)
+    times = pings()
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert max(gaps) >= 0.9, gaps  # no ping while the handler held the loop
+    assert sorted(gaps)[len(gaps) // 2] < 0.3  # otherwise every ~0.1 s
     assert await launcher.stop() == 0
