@@ -23,6 +23,7 @@ from typing import Any
 
 from .activation import ActivationError, Listener, listeners_from_environ
 from .binding import BindError, bind_all
+from .checks import CheckRegistry, checks_from_config
 from .config import Config, ConfigError, dump_toml, load_config
 from .log import configure_logging
 from .notify import Notifier
@@ -97,7 +98,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    return load_config(toml_path=args.config, overrides=_overrides(args))
+    cfg = load_config(toml_path=args.config, overrides=_overrides(args))
+    # [checks.NAME] tables are checked now, so that their problems stop the start early
+    checks_from_config(CheckRegistry(), cfg.checks)
+    return cfg
 
 
 def take_listeners(cfg: Config) -> list[Listener]:
@@ -138,6 +142,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         },
     )
     if cfg.workers == 0:
+        if cfg.max_requests:
+            log.warning("max_requests is ignored without workers (workers = 0)")
         return asyncio.run(serve_in_process(cfg, listeners, notifier))
     from .supervisor import supervise
 

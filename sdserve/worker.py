@@ -33,7 +33,7 @@ from .acceptor import Acceptor
 from .activation import Listener
 from .appload import AppLoadError, build_app
 from .checks import StartupFailed, checks_from_config, registry, wait_until_ready
-from .config import Config
+from .config import Config, ConfigError
 from .drain import TrackedRequestHandler, Tracker
 from .monitor import CheckMonitor
 from .notify import Notifier
@@ -290,7 +290,7 @@ class Worker:
             return ExitCode.OK
         try:
             start.result()
-        except (AppLoadError, StartupFailed) as exc:
+        except (AppLoadError, StartupFailed, ConfigError) as exc:
             return await self._start_failed(str(exc))
         except TimeoutError:
             return await self._start_failed(

@@ -110,6 +110,15 @@ def test_config_command_prints_effective_configuration() -> None:
     assert "[health]" in result.stdout
 
 
+def test_bad_check_table_exits_2_before_binding(tmp_path: Path) -> None:
+    toml = tmp_path / "checks.toml"
+    toml.write_text('[checks.db]\ntype = "postgres"\npasword = "x"\n')
+    result = _sdserve("run", "sdserve.demo:create_app", "--config", str(toml), "--log", "stderr")
+    assert result.returncode == 2
+    assert "checks.db.pasword" in result.stderr
+    assert "sockets" not in result.stderr  # nothing was bound
+
+
 def test_bad_config_exits_2_listing_problems() -> None:
     result = _sdserve("run", "sdserve.demo:create_app", "--workers", "-1", env={"SDSERVE_FOO": "1"})
     assert result.returncode == 2
