@@ -204,11 +204,11 @@ class Worker:
     async def _stop(self, force: asyncio.Event) -> ExitCode:
         cfg = self.config
         loop = asyncio.get_running_loop()
-        self.state.phase = Phase.DRAINING
-        if self.monitor is not None:
-            await self.monitor.stop()
+        self.state.phase = Phase.DRAINING  # /readyz answers 503 from here on
         busy = len(self.tracker.connections)
         self.notifier.stopping(f"draining {busy} connection(s)")
+        if self.monitor is not None:
+            await self.monitor.stop()
         log.info("stopping: %d connection(s) open", busy, extra=_fields("stopping"))
         if cfg.drain_delay > 0:
             log.info("reporting not ready for %.1fs before the drain", cfg.drain_delay)
