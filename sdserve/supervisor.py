@@ -224,8 +224,15 @@ class Supervisor:
         fields = message.fields
         if fields.get("WATCHDOG") == "1":
             self._arm_watchdog(worker)
+        starting = not worker.ready.is_set() and not self.stopping
         if "STATUS" in fields:
             worker.status = fields["STATUS"]
+            if starting and fields.get("READY") != "1":
+                # what a starting worker waits for is what the operator wants to see
+                self.notifier.status(f"{self._status_line()}; worker {worker.id}: {worker.status}")
+        if "EXTEND_TIMEOUT_USEC" in fields and starting:
+            # a worker still retrying its checks keeps systemd's start (or reload) waiting
+            self.notifier.send(f"EXTEND_TIMEOUT_USEC={fields['EXTEND_TIMEOUT_USEC']}")
         if fields.get("READY") == "1" and not worker.ready.is_set():
             worker.ready.set()
             log.info(
@@ -369,7 +376,6 @@ class Supervisor:
         began = time.monotonic()
         self.notifier.reloading(f"reloading: starting generation {self.generation + 1}")
         log.info("reload: starting generation %d", self.generation + 1, extra=_fields("reload"))
-        old = self._current()
         new: list[WorkerProc] = []
         try:
             try:
@@ -394,6 +400,8 @@ class Supervisor:
             self.notifier.ready(self._status_line())
             return
         self.generation = generation
+        # every older worker, including any that replaced a crashed one during the reload
+        old = [w for w in self.workers.values() if w.generation != generation]
         await self._retire_all(old, time.monotonic() + self.kill_deadline)
         took = time.monotonic() - began
         self.last_reload = f"reloaded at {time.strftime('%H:%M:%S')} in {took:.2f}s"
@@ -504,6 +512,12 @@ class Supervisor:
 
     async def _shutdown(self, why: str) -> ExitCode:
         self.stopping = True
+        # no reload, replacement or recycling may start a worker or send READY=1 now
+        background = list(self._tasks)
+        for task in background:
+            task.cancel()
+        if background:
+            await asyncio.wait(background)
         if self.fatal is not None:
             reason = self.fatal[1]
             log.error("%s", reason, extra=_fields("fatal"))

@@ -226,6 +226,27 @@ async def test_workers_warm_up_at_lower_priority(
     assert await launcher.stop() == 0
 
 
+async def test_workers_start_status_and_extensions_reach_systemd(
+    supervised: MakeSupervised, tmp_path: Path
+) -> None:
+    flag = tmp_path / "db-up"
+    check = (
+        f"    async def db():\n        return os.path.exists({str(flag)!r})\n"
+        "    add_check(app, 'db', db, timeout=0.5)\n"
+    )
+    write_app(tmp_path / "app", "v1", check)
+    launcher = supervised("--retry-max", "0.2", workers=2)
+    supervisor = await launcher.spawn()
+    waiting = await launcher.wait_for(
+        supervisor, lambda m: "waiting for db" in m.fields.get("STATUS", ""), timeout=30
+    )
+    assert "0/2 workers ready; worker " in waiting.fields["STATUS"]
+    await launcher.wait_for(supervisor, lambda m: "EXTEND_TIMEOUT_USEC" in m.fields, timeout=30)
+    flag.touch()
+    await launcher.wait_for(supervisor, lambda m: m.has("READY", "1"), timeout=30)
+    assert await launcher.stop() == 0
+
+
 async def test_killed_worker_is_replaced(supervised: MakeSupervised, port: int) -> None:
     launcher = supervised(workers=2)
     supervisor = await launcher.start()
