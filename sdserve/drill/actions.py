@@ -29,14 +29,20 @@ class ActionError(RuntimeError):
 
 @dataclass(frozen=True)
 class Schedule:
-    """Run ``times`` times, every ``every`` seconds, the first ``start`` seconds in."""
+    """Run ``times`` times, every ``every`` seconds, the first ``start`` seconds in.
+
+    A run never starts before the previous one ended, nor less than ``min_gap``
+    seconds after it (so that a service restarted again and again gets time to
+    serve in between).
+    """
 
     times: int = 1
     every: float = 5.0
     start: float = 1.0
+    min_gap: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.times < 0 or self.every <= 0 or self.start < 0:
+        if self.times < 0 or self.every <= 0 or self.start < 0 or self.min_gap < 0:
             raise ValueError(f"bad schedule: {self}")
 
     def moments(self) -> list[float]:

@@ -46,7 +46,8 @@ An action is KIND followed by key=value words (quote the whole thing):
   signal signal=HUP        a signal to the target PID (--pid / --pidfile / --pid-cmd)
   kill-worker [signal=KILL] a signal to the oldest child of the target PID
   outage cmd='...' end_cmd='...' hold=S   start a dependency outage, end it S s later
-Schedule keys for every kind: times=N (1), every=T (5), at=S (first run, 1 s in).
+Schedule keys for every kind: times=N (1), every=T (5), at=S (first run, 1 s in),
+gap=G (a run starts at least G s after the previous one ended; 0).
 Actions with the same group=NAME never overlap (a run waits for the one in progress);
 restart and reload are in group "unit" unless told otherwise.
 Templates may use {unit} and {pid}.  Example:
@@ -156,6 +157,7 @@ def parse_action(text: str, args: argparse.Namespace, pid: PidSource | None) -> 
         times=int(opts.pop("times", "1")),
         every=float(opts.pop("every", "5")),
         start=float(opts.pop("at", "1")),
+        min_gap=float(opts.pop("gap", "0")),
     )
     fields = {"unit": args.unit, "pid": args.pid if args.pid is not None else ""}
     hold = 0.0

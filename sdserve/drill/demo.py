@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from sdserve.drill.actions import Action, ActionError, Schedule
@@ -30,10 +31,17 @@ from sdserve.drill.text import render_text
 
 RELOADS = 10
 RESTARTS = 10
-#: A restart is stop-then-start (about 1-2 s here); leave the service time to catch up.
-RELOAD_EVERY = 2.0
-RESTART_EVERY = 3.0
 LEAD_IN = 4.0
+
+
+def spacing(took: float, least: float) -> tuple[float, float]:
+    """How often to act and the least gap after a run, given how long one run took.
+
+    A restart is stop-then-start (one to a few seconds here); the service gets at
+    least as long again to serve the queue before the next one.
+    """
+    gap = max(1.0, took)
+    return max(least, took + gap + 0.5), gap
 
 
 def catches_sighup(pid: int) -> bool:
@@ -83,15 +91,21 @@ async def demo() -> int:
             async def target_pid() -> int | None:
                 return launcher.pid
 
+            # One of each first, outside the drill, to learn how long they take here.
+            began = time.monotonic()
+            await launcher.restart()
+            restart_every, restart_gap = spacing(time.monotonic() - began, 3.0)
             actions = []
             start = LEAD_IN
             if reload_ok:
-                schedule = Schedule(RELOADS, RELOAD_EVERY, start)
+                reload_every, reload_gap = spacing(await launcher.reload(), 2.0)
+                schedule = Schedule(RELOADS, reload_every, start, min_gap=reload_gap)
                 actions.append(Action("reload", reload, schedule, group="unit"))
-                start += RELOADS * RELOAD_EVERY
-            schedule = Schedule(RESTARTS, RESTART_EVERY, start)
+                start += RELOADS * reload_every
+            schedule = Schedule(RESTARTS, restart_every, start, min_gap=restart_gap)
             actions.append(Action("restart", restart, schedule, group="unit"))
-            duration = start + RESTARTS * RESTART_EVERY + LEAD_IN / 2
+            # room at the end in case slow runs push the later ones back
+            duration = start + RESTARTS * restart_every * 1.3 + LEAD_IN / 2
             spec = DrillSpec(
                 targets=(Target(f"{base}/", 9), Target(f"{base}/slow?ms=50", 1)),
                 duration=duration,

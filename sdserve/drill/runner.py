@@ -148,11 +148,22 @@ async def _run_action(
     t0: float,
     records: list[ActionRecord],
     on_done: Callable[[str], None],
+    *,
     lock: asyncio.Lock | None,
+    until: float,
 ) -> None:
-    """Each run of one action in turn: a slow run delays the next, never overlaps it."""
-    for number, at in enumerate(action.schedule.moments(), start=1):
-        rec = await _perform(action, number, at, t0, lock)
+    """Each run of one action in turn: a slow run delays the next, never overlaps it.
+    A run pushed back past the end of the load (``until``) is skipped and recorded so."""
+    gap = action.schedule.min_gap
+    previous_end: float | None = None
+    for number, planned in enumerate(action.schedule.moments(), start=1):
+        at = planned if previous_end is None else max(planned, previous_end + gap)
+        if at >= until:
+            detail = f"skipped: pushed back to {at:.1f} s, after the load ended"
+            rec = ActionRecord(action.name, number, at, at, False, detail)
+        else:
+            rec = await _perform(action, number, at, t0, lock)
+        previous_end = rec.end
         records.append(rec)
         on_done(f"{rec.name} #{rec.number} {'ok' if rec.ok else 'FAILED'}")
 
@@ -231,7 +242,14 @@ async def run_drill(
         locks = {a.group: asyncio.Lock() for a in actions if a.group is not None}
         tasks = [
             loop.create_task(
-                _run_action(a, t0, records, action_done, locks.get(a.group) if a.group else None)
+                _run_action(
+                    a,
+                    t0,
+                    records,
+                    action_done,
+                    lock=locks.get(a.group) if a.group else None,
+                    until=spec.duration,
+                )
             )
             for a in actions
         ]

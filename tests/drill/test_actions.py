@@ -185,3 +185,23 @@ async def test_actions_of_one_group_never_overlap(faulty: StartServer) -> None:
     assert all(r.ok for r in recs.values())
     assert recs["second"].start >= recs["first"].end
     assert recs["first"].end >= recs["trigger"].start
+
+
+@pytest.mark.asyncio
+async def test_min_gap_pushes_runs_back_and_late_runs_are_skipped(faulty: StartServer) -> None:
+    server = faulty("none")
+
+    async def slow() -> str:
+        await asyncio.sleep(0.3)  # the action itself takes this long
+        return "done"
+
+    # every 0.1 s, but each run takes 0.3 s and the next waits 0.2 s more after it
+    schedule = Schedule(times=5, every=0.1, start=0.1, min_gap=0.2)
+    result = await run_drill(light_load(server.url, 1.0), [Action("slow", slow, schedule)])
+    server.stop()
+    runs = [r for r in result.actions if r.ok]
+    skipped = [r for r in result.actions if not r.ok]
+    assert len(runs) + len(skipped) == 5
+    assert len(runs) == 2  # at 0.1 and about 0.6; the third could not start before 1.1 s
+    assert runs[1].start >= runs[0].end + 0.2
+    assert all(r.detail.startswith("skipped") for r in skipped)
