@@ -264,7 +264,6 @@ def url_secrets(url: str) -> set[str]:
         parts = urllib.parse.urlsplit(url)
         if parts.password:
             found.add(urllib.parse.unquote(parts.password))
-            found.add(parts.password)
         for key, value in urllib.parse.parse_qsl(parts.query):
             if key.lower() in ("password", "pass", "passwd"):
                 found.add(value)
@@ -345,7 +344,11 @@ class _Table:
             return convert(raw)
         except (TypeError, ValueError, re.error) as exc:
             detail = f" ({exc})" if str(exc) else ""
-            self.problem(key, f"expected {what}, got {raw!r}{detail}")
+            shown = repr(raw)
+            if isinstance(raw, str):  # never echo a password back, even of a bad URL
+                for secret in url_secrets(raw):
+                    shown = shown.replace(secret, "***")
+            self.problem(key, f"expected {what}, got {shown}{detail}")
             return _MISSING
 
     def string(self, key: str, default: Any = None) -> Any:
