@@ -96,6 +96,11 @@ class CheckMonitor:
             await asyncio.wait(tasks)
 
     @property
+    def tasks(self) -> tuple[asyncio.Task[None], ...]:
+        """The background check tasks (one per continuous check)."""
+        return tuple(self._tasks.values())
+
+    @property
     def running(self) -> int:
         """Background check tasks still running."""
         return sum(1 for t in self._tasks.values() if not t.done())
@@ -196,7 +201,10 @@ class CheckMonitor:
         """The STATUS= line that describes the current health."""
         results = self.state.results
         if self.state.unready:
-            parts = [f"{n} ({results[n].output or 'failed'})" for n in sorted(self.state.unready)]
+            parts = [
+                f"{n} (recovering)" if results[n].ok else f"{n} ({results[n].output or 'failed'})"
+                for n in sorted(self.state.unready)
+            ]
             text = "not ready: " + ", ".join(parts) + " failing"
         else:
             text = "ready"

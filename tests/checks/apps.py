@@ -8,7 +8,8 @@
   until ``POST /_release``; it counts the cancellations it ignored;
 - ``leaky``: fails, while the flag ``leaky`` exists, with a message that contains
   the DSN of ``CHECKS_APP_DSN``, password included (as careless libraries do);
-  the DSN's password is registered as a secret, so it must be redacted.
+  the DSN's password is registered as a secret, so it must be redacted;
+- ``pool``: a query on the asyncpg pool the app opens in ``on_startup``.
 
 Flags are files in ``CHECKS_APP_FLAGS``, read by the check at each run.
 ``GET /_counts`` reports the process's tasks, fds and sockets, and the runs;
@@ -22,12 +23,15 @@ import os
 import time
 from pathlib import Path
 
+import asyncpg  # type: ignore[import-untyped]
 from aiohttp import web
 
-from sdserve.builtin_checks import url_secrets
+from sdserve.builtin_checks import postgres_pool, url_secrets
 from sdserve.checks import add_check, registry
 
 COUNTS = web.AppKey("counts", dict[str, int])
+POOL = web.AppKey("pool", asyncpg.Pool)
+SHARED_PG = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 def process_counts() -> dict[str, int]:
@@ -82,7 +86,21 @@ def factory() -> web.Application:
             raise ConnectionError(f"could not connect to {dsn}")
         return f"connected to {dsn}"
 
-    available = {"counted": counted, "boom": boom, "hang": hang, "leaky": leaky}
+    async def pool() -> str:
+        # uses a resource the application opens in on_startup
+        return await postgres_pool(app[POOL])()  # type: ignore[return-value]
+
+    async def open_pool(app: web.Application) -> None:
+        app[POOL] = await asyncpg.create_pool(SHARED_PG, min_size=1, max_size=2)
+
+    async def close_pool(app: web.Application) -> None:
+        await app[POOL].close()
+
+    if "pool" in wanted:
+        app.on_startup.append(open_pool)
+        app.on_cleanup.append(close_pool)
+
+    available = {"counted": counted, "boom": boom, "hang": hang, "leaky": leaky, "pool": pool}
     for name in sorted(wanted):
         add_check(app, name, available[name], timeout=0.5)
     if "leaky" in wanted:
