@@ -143,6 +143,8 @@ def plot_phases(doc: DrillJson) -> Figure:
         ax.bar([k + (i - 1) * width for k in range(len(keys))], vals, width=width, label=ph)
     ax.set_xticks(range(len(keys)), keys)
     ax.set_yscale("symlog", linthresh=1.0)
+    top = max((by_phase[ph]["latency_ms"]["max"] or 0.0) for ph in phases)
+    ax.set_ylim(0, max(top, 1.0) * 3)
     ax.set_ylabel("latency ms")
     ax.set_title("Latency by phase: steady, during an action, after it")
     ax.legend(fontsize=8)
@@ -272,6 +274,10 @@ def render_html(doc: DrillJson) -> str:
         f"{html.escape(describe_load(doc))} &middot; started {html.escape(doc['started_at'])}"
         f" &middot; schema {html.escape(doc['schema'])}</p>",
         imgs,
+        "<p>Phases: <b>during</b> = the request overlapped an action; <b>after</b> = it "
+        f"started within {doc['spec']['after_window_s']:g} s after an action ended; "
+        "<b>steady</b> = the rest. Latency counts from the moment a request was due "
+        "(open loop), over requests that got a response.</p>",
         "<h2>Requests by class and phase</h2>",
         _table(["class", *names], class_rows),
         "<h2>Latency (ms) by phase</h2>",
