@@ -26,7 +26,6 @@ from sdserve.drill.actions import (
     send_signal,
 )
 from sdserve.drill.client import TargetError
-from sdserve.drill.html import render_html
 from sdserve.drill.result import DrillResult
 from sdserve.drill.runner import DrillError, run_drill
 from sdserve.drill.schema import DrillJson
@@ -216,6 +215,8 @@ def write_outputs(doc: DrillJson, json_path: Path | None, html_path: Path | None
         json_path.write_text(json.dumps(doc, indent=1) + "\n")
         written.append(f"JSON: {json_path}")
     if html_path is not None:
+        from sdserve.drill.html import render_html  # matplotlib: only when asked for
+
         html_path.parent.mkdir(parents=True, exist_ok=True)
         html_path.write_text(render_html(doc))
         written.append(f"HTML report: {html_path} ({html_path.stat().st_size:,} bytes)")

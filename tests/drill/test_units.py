@@ -92,3 +92,11 @@ def test_proc_tree_of_this_process() -> None:
     assert s.fds >= 3
     assert s.rss_bytes > 1_000_000
     assert sample(None, 0.0).processes == 0
+
+
+def test_public_api() -> None:
+    from sdserve import drill
+
+    assert drill.__all__ == sorted(drill.__all__)
+    for name in drill.__all__:
+        assert hasattr(drill, name), name
