@@ -289,7 +289,7 @@ async def test_liveness_reports_a_stall_after_the_loop_recovers() -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_broken_monitor_fails_liveness() -> None:
+async def test_a_broken_monitor_fails_liveness(monkeypatch: pytest.MonkeyPatch) -> None:
     reg = CheckRegistry()
 
     async def fine() -> bool:
@@ -304,7 +304,7 @@ async def test_a_broken_monitor_fails_liveness() -> None:
         broke.set()
         raise KeyError("a bug in the monitor")
 
-    monitor.apply = apply  # type: ignore[method-assign]
+    monkeypatch.setattr(monitor, "apply", apply)
     monitor.start()
     try:
         await asyncio.wait_for(broke.wait(), 10)
