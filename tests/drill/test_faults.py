@@ -46,7 +46,7 @@ async def test_counts_equal_server_records(
         duration=1.0,
         concurrency=6,
         keepalive=keepalive,
-        timeout=0.25,
+        timeout=1.0 if fault == "hang" else 10.0,  # a hang waits this long
         processes=2,
     )
     result = await run_drill(spec)
