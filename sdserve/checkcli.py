@@ -26,7 +26,14 @@ from typing import TextIO
 from aiohttp import web
 
 from .appload import AppLoadError, build_app
-from .checks import CheckRegistry, CheckResult, checks_from_config, registry, run_check
+from .checks import (
+    CheckRegistry,
+    CheckResult,
+    checks_from_config,
+    registry,
+    run_bounded,
+    run_check,
+)
 from .config import Config, ConfigError, load_config
 
 EXIT_OK = 0
@@ -126,11 +133,6 @@ async def check_app(
             return EXIT_OK
         results = list(await asyncio.gather(*(run_check(c, reg) for c in reg.checks.values())))
         report(reg, results, out, fmt)
-        if reg.abandoned:
-            err.write(
-                f"sdserve check: {len(reg.abandoned)} check run(s) ignored cancellation "
-                "and were left behind\n"
-            )
         return EXIT_CHECK_FAILED if any(not r.ok and r.critical for r in results) else EXIT_OK
     finally:
         if runner is not None:
@@ -144,13 +146,9 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.app:
         raise ConfigError(["app: no application given (sdserve check MODULE:FACTORY)"])
     # Not asyncio.run(): it would wait forever for a check run that ignores cancellation.
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(
-            check_app(
-                cfg, startup=not args.no_startup, out=sys.stdout, err=sys.stderr, fmt=args.format
-            )
-        )
-    finally:
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
+    return run_bounded(
+        check_app(
+            cfg, startup=not args.no_startup, out=sys.stdout, err=sys.stderr, fmt=args.format
+        ),
+        grace=1.0,
+    )

@@ -18,15 +18,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
 log = logging.getLogger("sdserve.checks")
 
 CheckFunc = Callable[[], Awaitable[object]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,7 @@ async def run_check(
         )
     try:
         task: asyncio.Task[object] = asyncio.ensure_future(check.func())
+        task.set_name(f"sdserve-check-run:{check.name}")
     except Exception as error:  # the callable raised before returning an awaitable
         output = _describe(error) if reg is None else reg.redact(_describe(error))
         return CheckResult(check.name, False, output, 0.0, time.time(), check.critical)
@@ -349,3 +351,35 @@ async def wait_until_ready(
         if not result.ok:
             raise StartupFailed(f"warm-up step failed: {_summary([result])}", [result])
     return list(results.values())
+
+
+def run_bounded(main: Coroutine[Any, Any, T], *, grace: float) -> T:
+    """Like :func:`asyncio.run`, but waits at most ``grace`` seconds for leftover tasks.
+
+    ``asyncio.run`` cancels the tasks still running when ``main`` returns and then
+    waits for them without a limit, so one check run that ignores cancellation
+    keeps the process from ever exiting. Here the leftovers get ``grace`` seconds
+    after their cancellation; those still running then are named in a log line
+    and left behind when the loop closes.
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        result = loop.run_until_complete(main)
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            _, stuck = loop.run_until_complete(asyncio.wait(pending, timeout=grace))
+            if stuck:
+                log.error(
+                    "%d task(s) ignored cancellation for %.1fs and are left behind: %s",
+                    len(stuck),
+                    grace,
+                    ", ".join(sorted(t.get_name() for t in stuck)),
+                )
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        return result
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()

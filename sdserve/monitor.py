@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 
 from .checks import Check, CheckRegistry, CheckResult, run_check
 from .config import HealthConfig
@@ -148,11 +149,13 @@ class CheckMonitor:
         exc = task.exception()
         if exc is None:  # pragma: no cover - the loop never returns
             return
-        self.state.monitor_error = f"{task.get_name()} crashed: {type(exc).__name__}: {exc}"
+        error = self.registry.redact(f"{task.get_name()} crashed: {type(exc).__name__}: {exc}")
+        self.state.monitor_error = error
+        trace = self.registry.redact("".join(traceback.format_exception(exc)))
         log.error(
-            "the check monitor broke: %s",
-            self.registry.redact(self.state.monitor_error),
-            exc_info=exc,
+            "the check monitor broke (liveness fails from now on): %s\n%s",
+            error,
+            trace.rstrip(),
             extra={"SDSERVE_PHASE": "liveness"},
         )
 

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
 from sdserve import builtin_checks as bc
-from sdserve.checks import Check, CheckFunc, CheckRegistry, run_check
+from sdserve.checks import Check, CheckFunc, CheckRegistry, run_bounded, run_check
 
 SHARED_PG = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -235,3 +235,29 @@ async def test_raising_checks_fail_with_the_exception_and_secrets_are_redacted()
     assert (result.ok, result.output) == (False, "ValueError: built wrong")
     result = await run_check(Check("n", says_no), reg)
     assert (result.ok, result.output) == (False, "returned False")
+
+
+def test_run_bounded_does_not_wait_forever_for_a_task_that_ignores_cancellation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    left: list[asyncio.Task[None]] = []
+
+    async def stubborn() -> None:
+        for _ in range(3):  # ignores the first three cancellations, then gives in
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                continue
+
+    async def main() -> str:
+        left.append(asyncio.create_task(stubborn(), name="stubborn"))
+        await asyncio.sleep(0)  # let it start
+        return "main done"
+
+    began = time.monotonic()
+    assert run_bounded(main(), grace=0.2) == "main done"
+    assert time.monotonic() - began < 0.2 + 0.5
+    assert "1 task(s) ignored cancellation for 0.2s and are left behind: stubborn" in caplog.text
+    assert not left[0].done()
+    # give in: the loop is closed, so close the coroutine by hand (no warning left behind)
+    left[0].get_coro().close()

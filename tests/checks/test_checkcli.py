@@ -134,7 +134,7 @@ async def test_a_check_that_hangs_does_not_hang_the_command(tmp_path: Path) -> N
     )
     assert code == 1, out + err
     assert "timed out after 0.5s" in out
-    assert "1 check run(s) ignored cancellation and were left behind" in err
+    assert "ignored cancellation for 1.0s and are left behind: sdserve-check-run:hang" in err
 
 
 @pytest.mark.asyncio
