@@ -132,3 +132,24 @@ async def test_open_loop_latency_counts_from_the_intended_send_time(
     waited = result.latency[during] - (end - sent[during])
     assert np.all(waited >= -0.002)
     assert result.latency.max() >= stall - 0.05
+
+
+@pytest.mark.asyncio
+async def test_requests_over_the_inflight_limit_are_not_sent_and_not_counted(
+    faulty: StartServer,
+) -> None:
+    """At its in-flight limit an open-loop drill skips sends and says so, apart."""
+    server = faulty("hang", "--every", "1")
+    spec = DrillSpec(
+        targets=(Target(server.url),),
+        duration=1.0,
+        rate=100,
+        timeout=3.0,
+        processes=1,
+        max_inflight=5,
+    )
+    result = await run_drill(spec)
+    records = server.stop()
+    assert result.requests == 5 == records["counts"]["hang"]
+    assert result.not_sent == 95
+    assert drill_view(result) == {"hang": 5}
