@@ -1,7 +1,8 @@
 """Checks at run time: re-runs continuous checks in the background after READY=1.
 
 Interface used by the worker: ``CheckMonitor(state, registry, health_config,
-notifier)``, ``start()`` right after READY=1, ``await stop()`` when the drain begins.
+notifier)``, ``start()`` right after READY=1, ``await stop()`` when the drain begins
+(the loop heartbeat goes on until the worker is stopped, or ``close()``).
 
 - Each continuous check has one task that runs it every ``interval`` (the check's
   own, else ``health.interval``). Runs of one check never overlap: the task waits
@@ -81,20 +82,25 @@ class CheckMonitor:
         self._last_status = self.status_text()
 
     async def stop(self) -> None:
-        """Stop the heartbeat and the background runs, and wait for the tasks to end.
+        """Stop the background runs and wait for their tasks to end (the drain begins).
 
-        A check run that ignores cancellation is abandoned (see
-        :func:`sdserve.checks.run_check`); stop() does not wait for it.
+        The heartbeat goes on through the drain, so that ``/livez`` still tells a
+        stalled loop from a working one; it ends with the worker (phase
+        ``stopped``) or :meth:`close`. A check run that ignores cancellation is
+        abandoned (see :func:`sdserve.checks.run_check`); stop() does not wait for it.
         """
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         tasks = list(self._tasks.values())
         self._tasks.clear()
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+
+    def close(self) -> None:
+        """Stop the heartbeat too."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     @property
     def tasks(self) -> tuple[asyncio.Task[None], ...]:
@@ -126,6 +132,9 @@ class CheckMonitor:
                 extra={"SDSERVE_PHASE": "liveness", "SDSERVE_STALL_MS": round(gap * 1000)},
             )
         loop_state.last_tick = now
+        if self.state.phase is Phase.STOPPED:
+            self._timer = None
+            return
         self._due = now + self._period
         self._timer = asyncio.get_running_loop().call_later(self._period, self._tick)
 

@@ -245,6 +245,7 @@ async def test_readiness_hysteresis_and_status(sink: NotifySink) -> None:
             assert state.accepting_traffic is ready_after, (outcome, state.streaks)
     finally:
         await monitor.stop()
+        monitor.close()
     assert monitor.running == 0
     statuses = [m.fields["STATUS"] for m in sink.messages if "STATUS" in m.fields]
     # STATUS= follows every change; readiness itself moved only at the thresholds
@@ -286,6 +287,7 @@ async def test_liveness_reports_a_stall_after_the_loop_recovers() -> None:
         assert "ago" in entries[0].output
     finally:
         await monitor.stop()
+        monitor.close()
 
 
 @pytest.mark.asyncio
@@ -316,3 +318,4 @@ async def test_a_broken_monitor_fails_liveness(monkeypatch: pytest.MonkeyPatch) 
         assert "KeyError" in entries[1].output
     finally:
         await monitor.stop()
+        monitor.close()
