@@ -48,29 +48,24 @@ class LiveProgress:
         for code, n in p.counts.items():
             by_class[classify(code)] += n
         total = sum(by_class.values())
-        table = Table(box=None, padding=(0, 1), show_header=True, header_style="bold")
-        table.add_column("elapsed")
-        table.add_column("requests", justify="right")
-        table.add_column("req/s", justify="right")
-        for cls in CLASSES:
-            table.add_column(cls, justify="right")
-        table.add_column("in flight", justify="right")
-        table.add_column("actions", justify="right")
         rate = total / p.elapsed if p.elapsed > 0 else 0.0
-        cells = []
-        for cls in CLASSES:
-            n = by_class[cls]
-            style = "green" if cls == "success" else ("bold red" if n else "dim")
-            cells.append(Text(f"{n:,}", style=style))
-        table.add_row(
-            f"{min(p.elapsed, p.duration):5.1f}/{p.duration:g} s",
-            f"{total:,}",
-            f"{rate:,.0f}",
-            *cells,
-            f"{p.inflight:,}",
-            f"{p.actions_done}/{p.actions_total}",
-        )
         done = min(p.elapsed, p.duration)
-        bar = ProgressBar(total=max(p.duration, 1e-9), completed=done, width=60)
+        bar = Table.grid(padding=(0, 1))
+        bar.add_row(
+            ProgressBar(total=max(p.duration, 1e-9), completed=done, width=40),
+            Text(f"{done:5.1f}/{p.duration:g} s"),
+        )
+        head = Text.assemble(
+            ("requests ", "bold"),
+            f"{total:,} ({rate:,.0f}/s)  ",
+            ("ok ", "bold"),
+            (f"{by_class['success']:,}", "green"),
+            f"  in flight {p.inflight:,}  actions {p.actions_done}/{p.actions_total}",
+        )
+        fails = Text()
+        for cls in CLASSES[1:]:
+            n = by_class[cls]
+            fails.append(f"{cls} ", style="bold" if n else "dim")
+            fails.append(f"{n:,}  ", style="bold red" if n else "dim")
         last = Text(f"last action: {p.last_action}" if p.last_action else "", style="cyan")
-        return Group(bar, table, last)
+        return Group(bar, head, fails, last)
