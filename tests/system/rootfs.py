@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 # Bump to force a rebuild of every flavour after changing how they are built.
-ROOTFS_VERSION = 4
+ROOTFS_VERSION = 5
 
 FLAVOURS = ("252", "254")
 SUITE = "bookworm"

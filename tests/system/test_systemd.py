@@ -245,7 +245,10 @@ def test_journal_has_sdserve_fields(box: Box, flavour: str) -> None:
         assert "CODE_FILE" in e
     assert by_phase["checks"]["SDSERVE_CHECK"] == "flag-file"
     assert by_phase["checks"]["SDSERVE_CHECK_OK"] == "1"
-    assert float(by_phase["ready"]["SDSERVE_DURATION_MS"]) >= 0
+    # each process that serves logs how long its start took (the supervisor, if any, adds
+    # its own "ready" with the worker count)
+    ready = [e for e in entries if e["SDSERVE_PHASE"] == "ready"]
+    assert any(float(e.get("SDSERVE_DURATION_MS", -1)) >= 0 for e in ready), ready
     # the fields can be matched on, as an operator would
     # (the box booted for this test, so its journal holds this one start only)
     matched = box.journal(args=["SDSERVE_PHASE=ready"])
