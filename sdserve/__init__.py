@@ -19,15 +19,56 @@ Exceptions::
     BindError          an address cannot be parsed or bound
     AppLoadError       MODULE:FACTORY cannot be imported or built
     StartupFailed      critical checks or warm-up did not pass before the deadline
+
+Names are imported on first use, so that ``python -m sdserve`` can act before the
+heavy imports (a worker lowers its CPU priority first).
 """
 
-from .activation import ActivationError, Listener, listeners_from_environ
-from .appload import AppLoadError
-from .binding import BindError, bind_address
-from .checks import Check, CheckResult, StartupFailed, add_check, add_warmup
-from .config import Config, ConfigError, HealthConfig, load_config
-from .notify import Notifier
-from .worker import ExitCode, Worker
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .activation import ActivationError as ActivationError
+    from .activation import Listener as Listener
+    from .activation import listeners_from_environ as listeners_from_environ
+    from .appload import AppLoadError as AppLoadError
+    from .binding import BindError as BindError
+    from .binding import bind_address as bind_address
+    from .checks import Check as Check
+    from .checks import CheckResult as CheckResult
+    from .checks import StartupFailed as StartupFailed
+    from .checks import add_check as add_check
+    from .checks import add_warmup as add_warmup
+    from .config import Config as Config
+    from .config import ConfigError as ConfigError
+    from .config import HealthConfig as HealthConfig
+    from .config import load_config as load_config
+    from .notify import Notifier as Notifier
+    from .worker import ExitCode as ExitCode
+    from .worker import Worker as Worker
+
+_EXPORTS = {
+    "ActivationError": ".activation",
+    "AppLoadError": ".appload",
+    "BindError": ".binding",
+    "Check": ".checks",
+    "CheckResult": ".checks",
+    "Config": ".config",
+    "ConfigError": ".config",
+    "ExitCode": ".worker",
+    "HealthConfig": ".config",
+    "Listener": ".activation",
+    "Notifier": ".notify",
+    "StartupFailed": ".checks",
+    "Worker": ".worker",
+    "add_check": ".checks",
+    "add_warmup": ".checks",
+    "bind_address": ".binding",
+    "listeners_from_environ": ".activation",
+    "load_config": ".config",
+}
 
 __all__ = [
     "ActivationError",
@@ -50,3 +91,16 @@ __all__ = [
     "load_config",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sdserve' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -188,6 +188,8 @@ class Supervisor:
         env[ENV_WORKER] = str(worker_id)
         env[ENV_GENERATION] = str(generation)
         env[ENV_NICE] = str(os.getpriority(os.PRIO_PROCESS, 0))
+        # warm up at a lower CPU priority: imports must not slow the workers serving
+        env["_SDSERVE_WARMUP_NICE"] = str(self.config.warmup_nice)
         if self._watchdog_usec is not None:
             # workers ping the supervisor twice as often as it must ping systemd
             env["WATCHDOG_USEC"] = str(int(self._watchdog_usec * 2e6))
@@ -196,10 +198,7 @@ class Supervisor:
     async def _spawn(self, generation: int) -> WorkerProc:
         worker_id = self.next_id
         self.next_id += 1
-        # warm up at a lower CPU priority: imports must not slow the workers serving
-        nice = ["nice", "-n", str(self.config.warmup_nice)] if self.config.warmup_nice else []
         process = await asyncio.create_subprocess_exec(
-            *nice,
             sys.executable,
             "-m",
             "sdserve",
