@@ -306,7 +306,8 @@ def dropin_path(spec: UnitSpec) -> str:
 
 def render_sysusers(spec: UnitSpec) -> str:
     assert spec.user is not None
-    return f'u {spec.user} - "sdserve: {spec.name.rstrip("@")}" - -\n'
+    # GECOS may not hold ':'
+    return f'u {spec.user} - "sdserve service {spec.name.rstrip("@")}" - -\n'
 
 
 def render_units(spec: UnitSpec, *, systemd_version: int) -> dict[str, str]:

@@ -153,6 +153,7 @@ def test_fixed_user_gets_a_sysusers_entry() -> None:
     assert value(service, "Service", "User") == "shop"
     assert value(service, "Service", "DynamicUser") == "no"
     assert files["sysusers.d/shop.conf"].startswith("u shop - ")
+    assert ":" not in files["sysusers.d/shop.conf"]  # sysusers rejects it in GECOS
     with pytest.raises(UnitError, match="user"):
         render_units(UnitSpec(app="m:f", user="Bad User"), systemd_version=252)
 

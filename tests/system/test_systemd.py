@@ -462,3 +462,57 @@ def test_template_runs_several_apps(box: Box, flavour: str) -> None:
         box.systemctl("start", unit)  # joins the start job
         assert box.show(unit, "ActiveState")["ActiveState"] == "active"
     assert answers["shop"] != answers["blog"]
+
+
+def test_sdserve_units_renders_working_units(box: Box, flavour: str) -> None:
+    """`sdserve units` run inside the box: the units it writes verify, start and serve, with a
+    fixed user from its sysusers.d entry and an admin socket."""
+    out = "/tmp/rendered"
+    box.run(
+        [
+            "sdserve",
+            "units",
+            "--name=shop",
+            "--app=sdserve.demo:create_app",
+            "--listen=127.0.0.1:9000",
+            "--listen=[::1]:9000",
+            "--admin-listen=127.0.0.1:9001",
+            "--user=shop",
+            "--environment-file=-/etc/shop.env",
+            "--workers=1",
+            "--shutdown-timeout=10",
+            "--watchdog=5",
+            f"--out={out}",
+        ]
+    )
+    files = box.run(["find", out, "-type", "f", "-printf", "%P\\n"]).stdout.split()
+    expected = {"shop.socket", "shop-admin.socket", "shop.service", "sysusers.d/shop.conf"}
+    if int(flavour) >= 253:  # the renderer detected the box's systemd
+        expected.add("shop.service.d/50-notify-reload.conf")
+    assert set(files) == expected
+    box.sh(
+        f"cp -r {out}/shop* /etc/systemd/system/ && mkdir -p /etc/sysusers.d"
+        f" && cp {out}/sysusers.d/shop.conf /etc/sysusers.d/"
+        " && systemd-sysusers && systemctl daemon-reload"
+    )
+    units = ["shop.socket", "shop-admin.socket", "shop.service"]
+    verify = box.run(["systemd-analyze", "verify", *units], check=False)
+    assert verify.returncode == 0, verify.stderr
+    assert verify.stderr.strip() == "", verify.stderr
+
+    box.systemctl("start", "shop.socket", "shop-admin.socket")
+    for url in ("http://127.0.0.1:9000/", "http://[::1]:9000/"):
+        res = curl(box, url)
+        assert res.returncode == 0, res.stderr
+        assert answered_by(box, res.stdout, "shop.service")
+    assert curl(box, "http://127.0.0.1:9001/livez", "--fail").returncode == 0
+    box.systemctl("start", "shop.service")  # joins the start job
+    props = box.show("shop.service", "User", "TimeoutStopUSec", "WatchdogUSec", "ActiveState")
+    assert props == {
+        "User": "shop",
+        "TimeoutStopUSec": "20s",  # 0 drain delay + 10 shutdown + 5 cleanup + 5 margin
+        "WatchdogUSec": "5s",
+        "ActiveState": "active",
+    }
+    owner = box.run(["ps", "-o", "user=", "-p", str(main_pid(box, "shop.service"))]).stdout
+    assert owner.strip() == "shop"
