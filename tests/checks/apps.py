@@ -9,7 +9,8 @@
 - ``leaky``: fails, while the flag ``leaky`` exists, with a message that contains
   the DSN of ``CHECKS_APP_DSN``, password included (as careless libraries do);
   the DSN's password is registered as a secret, so it must be redacted;
-- ``pool``: a query on the asyncpg pool the app opens in ``on_startup``.
+- ``pool``: a query on the asyncpg pool the app opens in ``on_startup``;
+- ``warmup``: a warm-up step ``fill-cache`` (counted in ``/_counts`` as ``warmed``).
 
 Flags are files in ``CHECKS_APP_FLAGS``, read by the check at each run.
 ``GET /_counts`` reports the process's tasks, fds and sockets, and the runs;
@@ -27,7 +28,7 @@ import asyncpg  # type: ignore[import-untyped]
 from aiohttp import web
 
 from sdserve.builtin_checks import postgres_pool, url_secrets
-from sdserve.checks import add_check, registry
+from sdserve.checks import add_check, add_warmup, registry
 
 COUNTS = web.AppKey("counts", dict[str, int])
 POOL = web.AppKey("pool", asyncpg.Pool)
@@ -95,6 +96,14 @@ def factory() -> web.Application:
 
     async def close_pool(app: web.Application) -> None:
         await app[POOL].close()
+
+    async def warm() -> str:
+        counts["warmed"] = counts.get("warmed", 0) + 1
+        return "cache loaded"
+
+    if "warmup" in wanted:
+        add_warmup(app, "fill-cache", warm)
+        wanted.discard("warmup")
 
     if "pool" in wanted:
         app.on_startup.append(open_pool)

@@ -95,6 +95,23 @@ async def test_redis_down_at_start_then_ready_within_one_interval(
 
 
 @pytest.mark.asyncio
+async def test_warm_up_runs_after_the_checks_and_before_ready(
+    service_factory: ServiceFactory,
+) -> None:
+    svc = service_factory(config(), env={"CHECKS_APP_CHECKS": "counted,warmup"})
+    await svc.launcher.spawn()
+    warming = await svc.expect_status("warming up: fill-cache", timeout=30)
+    ready = await svc.expect(lambda m: m.has("READY", "1"), timeout=30)
+    assert svc.messages.index(warming) < svc.messages.index(ready)
+    async with aiohttp.ClientSession() as session:
+        _, body, _ = await get(session, svc.url("/_counts"))
+    runs = json.loads(body)["runs"]
+    assert runs["warmed"] == 1
+    assert runs["counted"] >= 1
+    assert "check fill-cache passed" in svc.log_text()
+
+
+@pytest.mark.asyncio
 async def test_postgres_down_at_start_then_ready(
     service_factory: ServiceFactory, pg_proxy: TcpProxy
 ) -> None:
