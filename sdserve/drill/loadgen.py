@@ -294,6 +294,7 @@ class LoadProcess:
     # the whole run ----------------------------------------------------------------------
     async def run(self, t0: float, out: BinaryIO) -> dict[str, Any]:
         self.t0 = t0
+        cpu_start = sum(os.times()[:2])
         delay = t0 - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -325,6 +326,7 @@ class LoadProcess:
             "ws_sessions": self.ws_sessions,
             "ws_clean_closes": self.ws_clean_closes,
             "ws_abnormal_closes": self.ws_abnormal_closes,
+            "cpu_s": sum(os.times()[:2]) - cpu_start,
         }
 
     async def _progress(self, out: BinaryIO) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,6 +57,10 @@ class DrillResult:
     ws_sessions: int = 0
     ws_clean_closes: int = 0
     ws_abnormal_closes: int = 0
+    #: CPU seconds the load processes used (user + system)
+    drill_cpu_s: float = 0.0
+    #: the 1-minute load average of this machine when the drill started and ended
+    load_average: tuple[float, float] = (0.0, 0.0)
     errors: list[str] = field(default_factory=list)
 
     # counting ------------------------------------------------------------------
@@ -268,6 +273,15 @@ class DrillResult:
                 "abnormal_closes": self.ws_abnormal_closes,
             },
             "actions": actions,
+            "host": {
+                "cpus": os.cpu_count() or 1,
+                "load_average_start": round(self.load_average[0], 2),
+                "load_average_end": round(self.load_average[1], 2),
+                "drill_cpu_s": round(self.drill_cpu_s, 2),
+                "drill_busy": round(
+                    self.drill_cpu_s / max(self.duration * self.spec.processes, 1e-9), 3
+                ),
+            },
             "timeline": self.timeline(),
             "resources": resources,
             "errors": list(self.errors),

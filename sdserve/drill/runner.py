@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import os
 import pickle
 import struct
 import sys
@@ -195,6 +196,7 @@ async def run_drill(
     across restarts).  ``on_progress`` is called from the event loop a few times a second.
     """
     spec.validate()
+    load_start = os.getloadavg()[0]
     for a in actions:
         for at in a.schedule.moments():
             if at >= spec.duration:
@@ -307,5 +309,7 @@ async def run_drill(
         ws_sessions=sum(int(r["ws_sessions"]) for r in results),
         ws_clean_closes=sum(int(r["ws_clean_closes"]) for r in results),
         ws_abnormal_closes=sum(int(r["ws_abnormal_closes"]) for r in results),
+        drill_cpu_s=sum(float(r.get("cpu_s", 0.0)) for r in results),
+        load_average=(load_start, os.getloadavg()[0]),
         errors=errors,
     )

@@ -26,6 +26,10 @@ Top level (:class:`DrillJson`)::
                   request or in an open WebSocket session ("reused")
     websocket     WebSocketJson: sessions and how they ended
     actions       one ActionJson per action performed, in order of start
+    host          HostJson: CPUs, the 1-minute load average at the start and end,
+                  the CPU seconds the load processes used and drill_busy, that
+                  over (duration x processes): near 1, the drill itself was the
+                  bottleneck
     timeline      one SecondJson per second, by the second a request ended
     resources     ResourceJson samples of the target's process tree
     errors        problems of the drill itself (e.g. a load process died)
@@ -136,6 +140,14 @@ class ConnectionsJson(TypedDict):
     reused: Counts
 
 
+class HostJson(TypedDict):
+    cpus: int
+    load_average_start: float
+    load_average_end: float
+    drill_cpu_s: float
+    drill_busy: float
+
+
 class DrillJson(TypedDict):
     schema: str
     started_at: str
@@ -150,6 +162,7 @@ class DrillJson(TypedDict):
     connections: ConnectionsJson
     websocket: WebSocketJson
     actions: list[ActionJson]
+    host: HostJson
     timeline: list[SecondJson]
     resources: list[ResourceJson]
     errors: list[str]

@@ -114,6 +114,14 @@ def render_text(doc: DrillJson) -> str:
             f"target: {len(pids)} main PID(s); fds {min(fds)}-{max(fds)}, "
             f"RSS {min(rss):.0f}-{max(rss):.0f} MiB, processes {min(procs)}-{max(procs)}",
         ]
+    host = doc["host"]
+    lines.append(
+        f"host: {host['cpus']} CPUs, load average {host['load_average_start']:.1f} -> "
+        f"{host['load_average_end']:.1f}; the load processes were busy "
+        f"{host['drill_busy'] * 100:.0f}% of the time"
+    )
+    if host["drill_busy"] > 0.9:
+        lines.append("WARNING: the drill itself was near saturation: add --processes")
     if doc["not_sent"]:
         lines.append(
             f"WARNING: {doc['not_sent']:,} requests were not sent: the drill was at its "
