@@ -332,12 +332,12 @@ class LoadProcess:
     async def _progress(self, out: BinaryIO) -> None:
         for _ in range(int((self.duration + self.timeout + 10) / PROGRESS_EVERY) + 1):
             await asyncio.sleep(PROGRESS_EVERY)
-            msg = {"type": "progress", "counts": rec_counts(self.rec), "inflight": self.inflight}
+            msg = {
+                "type": "progress",
+                "counts": self.rec.running_counts(),
+                "inflight": self.inflight,
+            }
             write_message(out, msg)
-
-
-def rec_counts(rec: Recorder) -> dict[int, int]:
-    return rec.running_counts()
 
 
 def _raise_nofile() -> None:
