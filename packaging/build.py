@@ -34,6 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CHECKOUT = HERE.parent
 CACHE_ENV = "SDS_PKG_CACHE"
+SOURCE_ENV = "SDS_TEST_SOURCE"
 PREFIX = "/opt/sdserve"
 SUITE = "bookworm"
 # Bump to rebuild the build root after changing how it is made.
@@ -76,14 +77,9 @@ def run(cmd: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | No
     subprocess.run(list(cmd), check=True, cwd=cwd, env=env, stdin=subprocess.DEVNULL)
 
 
-def project() -> dict[str, object]:
-    with (CHECKOUT / "pyproject.toml").open("rb") as f:
-        data: dict[str, object] = tomllib.load(f)["project"]
-    return data
-
-
 def upstream_version() -> str:
-    return str(project()["version"])
+    with (source_root() / "pyproject.toml").open("rb") as f:
+        return str(tomllib.load(f)["project"]["version"])
 
 
 def debian_mirror() -> str:
@@ -128,8 +124,18 @@ def in_chroot(root: Path, script: str) -> None:
         'exec chroot "$r" /bin/sh -ec "$2"'
     )
     run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", wrapper, "sh", str(root)]
-        + [script],
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            wrapper,
+            "sh",
+            str(root),
+            script,
+        ],
         env=chroot_env(),
     )
 
@@ -187,9 +193,19 @@ def ensure_buildroot(cache: Path) -> Path:
 # ---- 2. the venv ---------------------------------------------------------------------------
 
 
+def source_root() -> Path:
+    """The folder whose sdserve/ and pyproject.toml are packaged: the checkout, or
+    $SDS_TEST_SOURCE (as for the test bed: e.g. a clean export of a commit)."""
+    base = Path(os.environ.get(SOURCE_ENV) or CHECKOUT).resolve()
+    if not (base / "sdserve" / "__init__.py").is_file():
+        raise RuntimeError(f"{base} holds no sdserve package (from ${SOURCE_ENV} or the checkout)")
+    return base
+
+
 def source_files() -> list[Path]:
-    files = [CHECKOUT / "pyproject.toml"]
-    for path in sorted((CHECKOUT / "sdserve").rglob("*")):
+    base = source_root()
+    files = [base / "pyproject.toml"]
+    for path in sorted((base / "sdserve").rglob("*")):
         if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
             files.append(path)
     return files
@@ -213,7 +229,7 @@ def venv_key(root: Path) -> str:
     h = hashlib.sha256()
     h.update((root / STAMP).read_bytes() + str(VENV_VERSION).encode())
     for path in source_files():
-        h.update(str(path.relative_to(CHECKOUT)).encode() + b"\0" + path.read_bytes() + b"\0")
+        h.update(str(path.relative_to(source_root())).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -228,14 +244,15 @@ def ensure_venv(cache: Path) -> Path:
     src = root / "build" / "src"
     shutil.rmtree(root / "build", ignore_errors=True)
     src.mkdir(parents=True)
-    shutil.copy2(CHECKOUT / "pyproject.toml", src / "pyproject.toml")
-    readme = CHECKOUT / "README.md"
+    base = source_root()
+    shutil.copy2(base / "pyproject.toml", src / "pyproject.toml")
+    readme = base / "README.md"
     if readme.is_file():
         shutil.copy2(readme, src / "README.md")
     else:  # pyproject names a readme; the wheel needs some text there
         (src / "README.md").write_text("sdserve\n")
     shutil.copytree(
-        CHECKOUT / "sdserve", src / "sdserve", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        base / "sdserve", src / "sdserve", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
     )
     in_chroot(
         root,
@@ -307,23 +324,28 @@ def inputs_key(venv: Path, *extra: str) -> str:
     return h.hexdigest()[:16]
 
 
-def cached(out: Path, kind: str, key: str) -> Path | None:
+def cached(out: Path, kind: str, key: str) -> tuple[Path, bool] | None:
+    """The package built from inputs ``key`` if it is still there, and whether it was linted."""
     stamp = out / f".{kind}.key"
     try:
-        name, old = stamp.read_text().split()
+        name, old, linted = stamp.read_text().split()
     except (OSError, ValueError):
         return None
-    return out / name if old == key and (out / name).is_file() else None
+    return (out / name, linted == "1") if old == key and (out / name).is_file() else None
 
 
 def build_deb(cache: Path, out: Path, revision: str | None, lint: bool) -> Path:
     venv = ensure_venv(cache)
-    kind = f"deb-{revision or 'release'}{'-lint' if lint else ''}"
+    kind = f"deb-{revision or 'release'}"
     key = inputs_key(venv, kind)
     hit = cached(out, kind, key)
     if hit is not None:
-        log(f"{hit} is current")
-        return hit
+        deb, linted = hit
+        if lint and not linted:
+            lintian(deb, out / "lintian.txt")
+            (out / f".{kind}.key").write_text(f"{deb.name} {key} 1\n")
+        log(f"{deb} is current")
+        return deb
     work = cache / "deb"
     shutil.rmtree(work, ignore_errors=True)
     tree = work / "sdserve"
@@ -353,7 +375,7 @@ def build_deb(cache: Path, out: Path, revision: str | None, lint: bool) -> Path:
     shutil.copy2(debs[0], deb)
     if lint:
         lintian(deb, out / "lintian.txt")
-    (out / f".{kind}.key").write_text(f"{deb.name} {key}\n")
+    (out / f".{kind}.key").write_text(f"{deb.name} {key} {int(lint)}\n")
     log(f"built {deb} ({deb.stat().st_size / 1e6:.1f} MB)")
     return deb
 
@@ -396,12 +418,16 @@ def summarize(lines: Iterable[str]) -> str:
 
 def build_rpm(cache: Path, out: Path, lint: bool) -> Path:
     venv = ensure_venv(cache)
-    kind = f"rpm{'-lint' if lint else ''}"
+    kind = "rpm"
     key = inputs_key(venv, kind)
     hit = cached(out, kind, key)
     if hit is not None:
-        log(f"{hit} is current")
-        return hit
+        rpm, linted = hit
+        if lint and not linted:
+            rpmlint(rpm, out / "rpmlint.txt")
+            (out / f".{kind}.key").write_text(f"{rpm.name} {key} 1\n")
+        log(f"{rpm} is current")
+        return rpm
     top = cache / "rpm"
     shutil.rmtree(top, ignore_errors=True)
     sources = top / "SOURCES"
@@ -421,7 +447,7 @@ def build_rpm(cache: Path, out: Path, lint: bool) -> Path:
         "--define",
         f"sdserve_version {upstream_version()}",
         "--define",
-        f"source_date_epoch_from_changelog 0",
+        "source_date_epoch_from_changelog 0",
         "--define",
         "use_source_date_epoch_as_buildtime 1",
     ]
@@ -443,7 +469,7 @@ def build_rpm(cache: Path, out: Path, lint: bool) -> Path:
     shutil.copy2(rpms[0], rpm)
     if lint:
         rpmlint(rpm, out / "rpmlint.txt")
-    (out / f".{kind}.key").write_text(f"{rpm.name} {key}\n")
+    (out / f".{kind}.key").write_text(f"{rpm.name} {key} {int(lint)}\n")
     log(f"built {rpm} ({rpm.stat().st_size / 1e6:.1f} MB)")
     return rpm
 

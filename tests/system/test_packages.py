@@ -1,0 +1,493 @@
+"""The deb and rpm packages of ``packaging/`` in a real systemd (issue 7).
+
+The packages are built by ``packaging/build.py`` (``make packages-test``; the session fixture
+asks it again, which costs nothing when they are current): the release deb (lintian-clean),
+a newer build of the same sources (``+b2``, the upgrade), and the rpm. Each deb test boots a
+fresh box and installs with the box's own dpkg, so the maintainer scripts run against the
+box's systemd (252 and 254). The rpm is installed with ``rpm --root`` on the host (payload),
+and its scriptlets run in a box, in the order rpm runs them on install, upgrade and erase.
+
+Synchronisation is on events only: dpkg and systemctl return when their jobs are done, the
+load client reports its totals when told to stop.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .testbed import Box, message
+
+# The first test of a session may build the packages (about 2 minutes when the sources
+# changed; `make packages-test` normally did it before), hence the long upper bound.
+pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+BUILD = CHECKOUT / "packaging" / "build.py"
+SOCKET = "sdserve.socket"
+SERVICE = "sdserve.service"
+CONFFILE = "/etc/sdserve/sdserve.toml"
+Record = Callable[[str, str], None]
+
+# What remove + purge must leave behind: nothing of the package. Besides every path that
+# `dpkg -L sdserve` listed, these are checked by name (created by the maintainer scripts,
+# systemd or deb-systemd-helper, so dpkg does not list them):
+LEFTOVERS = (
+    "/etc/sdserve",  # the conffile's folder (purge)
+    "/opt/sdserve",  # the venv, and the byte code that postinst compiled into it
+    "/run/sdserve",  # the tmpfiles.d folder
+    "/etc/systemd/system/sockets.target.wants/sdserve.socket",  # enabled by postinst
+    "/var/lib/systemd/deb-systemd-helper-enabled/sdserve.socket.dsh-also",
+    "/var/lib/systemd/deb-systemd-helper-enabled/sockets.target.wants/sdserve.socket",
+    "/var/lib/systemd/deb-systemd-helper-enabled/sdserve.service.dsh-also",
+    "/var/lib/systemd/deb-systemd-helper-enabled/sdserve-admin.socket.dsh-also",
+    "/run/systemd/generator/sdserve.service.d",  # the generator's drop-in (systemd >= 253)
+    "/run/systemd/generator/sdserve@.service.d",
+    "/var/lib/dpkg/info/sdserve.list",  # dpkg's own record of the package
+)
+# New paths that may appear in a box between the two snapshots whatever is installed: logs,
+# dpkg's rotated database copies, and the .deb we copied in.
+NOISE_PREFIXES = (
+    "/root/sdserve_",
+    "/var/log/",
+    "/run/log/",
+    "/var/lib/dpkg/status-old",
+    "/var/lib/dpkg/diversions-old",
+    "/var/lib/dpkg/statoverride-old",
+)
+
+
+@dataclass(frozen=True)
+class Packages:
+    deb: Path
+    deb_next: Path
+    rpm: Path
+
+
+def build(*args: str) -> Path:
+    res = subprocess.run(
+        [sys.executable, str(BUILD), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"build.py {shlex.join(args)} failed:\n{res.stderr[-5000:]}")
+    return Path(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def packages(testbed: None) -> Packages:
+    """The packages under test, built (or found current) once per session."""
+    cache = Path(os.environ.get("SDS_PKG_CACHE") or CHECKOUT / ".cache" / "packaging")
+    out = str(cache / "test")
+    return Packages(
+        deb=build("deb", "--out", out, "--no-lint"),
+        deb_next=build("deb", "--out", out, "--rebuild", "2", "--no-lint"),
+        rpm=build("rpm", "--out", out, "--no-lint"),
+    )
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def upload(box: Box, source: Path, dest: str) -> None:
+    """Copy a host file into the box (binary-safe)."""
+    subprocess.run(
+        box.command(["sh", "-c", 'cat > "$1"', "sh", dest]),
+        input=source.read_bytes(),
+        check=True,
+        timeout=60,
+    )
+
+
+def dpkg(box: Box, *args: str) -> subprocess.CompletedProcess[str]:
+    return box.run(["dpkg", *args], timeout=180)
+
+
+def install(box: Box, deb: Path) -> subprocess.CompletedProcess[str]:
+    dest = f"/root/{deb.name}"
+    upload(box, deb, dest)
+    return dpkg(box, "-i", dest)
+
+
+def forget_testbed_command(box: Box) -> None:
+    """The test rootfs links /usr/bin/sdserve to its own venv (for the other system tests);
+    remove it so that the box holds no sdserve of any kind before the package comes."""
+    box.run(["rm", "-f", "/usr/bin/sdserve"])
+
+
+def listening(box: Box, port: int = 8080) -> str:
+    return box.run(["ss", "-Htlnp", f"( sport = :{port} )"]).stdout.strip()
+
+
+def curl(box: Box, url: str = "http://127.0.0.1:8080/") -> subprocess.CompletedProcess[str]:
+    return box.run(["curl", "-sS", "--max-time", "30", url], check=False, timeout=40)
+
+
+def main_pid(box: Box) -> int:
+    return int(box.show(SERVICE, "MainPID")["MainPID"])
+
+
+def snapshot(box: Box) -> set[str]:
+    """Every path of the box's file systems (/ and the tmpfs on /run), but /proc, /sys, /dev."""
+    prune = ["(", "-path", "/proc", "-o", "-path", "/sys", "-o", "-path", "/dev", ")", "-prune"]
+    out = box.run(["find", "/", "/run", "-xdev", *prune, "-o", "-print"], timeout=120).stdout
+    return set(out.splitlines())
+
+
+def payload_paths(deb: Path) -> list[str]:
+    """Every path in a .deb's data archive, as installed (``/etc``, ``/opt/sdserve/...``)."""
+    tar = subprocess.run(
+        f"dpkg-deb --fsys-tarfile {shlex.quote(str(deb))} | tar -t",
+        shell=True,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    paths = {"/" + line.removeprefix("./").rstrip("/") for line in tar.splitlines()}
+    return sorted(paths - {"/"})
+
+
+def existing(box: Box, paths: list[str]) -> set[str]:
+    """Those of ``paths`` that exist in the box (as a file, folder or symlink)."""
+    script = 'for p; do if [ -e "$p" ] || [ -L "$p" ]; then echo "$p"; fi; done'
+    return set(box.run(["sh", "-c", script, "sh", *paths], timeout=120).stdout.splitlines())
+
+
+def exists(box: Box, path: str) -> bool:
+    return box.run(["test", "-e", path], check=False).returncode == 0 or (
+        box.run(["test", "-L", path], check=False).returncode == 0
+    )
+
+
+def user_processes(box: Box, user: str) -> int:
+    return box.run(["ps", "-eo", "user:32=,pid=,args="]).stdout.count(f"{user} ")
+
+
+# ---- the deb ---------------------------------------------------------------------------------
+
+
+def test_install_listens_and_first_request_activates(
+    box: Box, flavour: str, packages: Packages
+) -> None:
+    forget_testbed_command(box)
+    res = install(box, packages.deb)
+    assert "Setting up sdserve (" in res.stdout
+
+    # the socket is enabled and listening, owned by systemd; the service did not start
+    sock = box.show(SOCKET, "ActiveState", "SubState", "UnitFileState")
+    assert sock == {"ActiveState": "active", "SubState": "listening", "UnitFileState": "enabled"}
+    assert 'users:(("systemd",pid=1,' in listening(box)
+    svc = box.show(SERVICE, "ActiveState", "UnitFileState", "User", "Type", "DropInPaths")
+    assert svc["ActiveState"] == "inactive"
+    assert svc["UnitFileState"] == "disabled"
+    assert svc["User"] == "sdserve"
+    # the generator adds the notify-reload drop-in only where systemd knows that type
+    if int(flavour) >= 253:
+        assert svc["Type"] == "notify-reload"
+        assert (
+            "/run/systemd/generator/sdserve.service.d/50-notify-reload.conf"
+            in svc["DropInPaths"].split()
+        )
+    else:
+        assert svc["Type"] == "notify"
+        assert "notify-reload" not in svc["DropInPaths"]
+    assert box.run(["systemd-analyze", "verify", SOCKET, SERVICE]).stderr.strip() == ""
+
+    # the first request starts the service, which answers it
+    res = curl(box)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("hello from sdserve demo")
+    # a worker may answer before the supervisor's READY=1: wait for the start job to end
+    assert box.show(SERVICE, "ActiveState")["ActiveState"] in ("activating", "active")
+    box.systemctl("start", SERVICE)  # joins the start job the socket queued
+    assert box.show(SERVICE, "ActiveState")["ActiveState"] == "active"
+    pid = main_pid(box)
+    owner = box.run(["ps", "-o", "user=,args=", "-p", str(pid)]).stdout
+    assert owner.startswith("sdserve ")
+    assert "/opt/sdserve/bin/python3 /usr/bin/sdserve run" in owner
+
+    # the static user of sysusers.d, the folder of tmpfiles.d, the conffile
+    passwd = box.run(["getent", "passwd", "sdserve"]).stdout.strip().split(":")
+    assert passwd[0] == "sdserve"
+    assert int(passwd[2]) < 1000  # a system user
+    assert passwd[6] == "/usr/sbin/nologin"
+    assert box.run(["stat", "-c", "%a %U", "/run/sdserve"]).stdout.split() == ["755", "root"]
+    conffiles = box.run(["dpkg-query", "-W", "-f=${Conffiles}", "sdserve"]).stdout
+    assert CONFFILE in conffiles
+    assert box.run(["sdserve", "config", "-c", CONFFILE]).stdout.startswith("app = ")
+
+    # reload (the zero-gap SIGHUP path) works with the packaged units
+    box.systemctl("reload", SERVICE)
+    assert main_pid(box) == pid
+    assert curl(box).stdout.startswith("hello from sdserve demo")
+
+
+@pytest.mark.slow
+def test_upgrade_under_load_loses_nothing(
+    box: Box, flavour: str, packages: Packages, record: Record
+) -> None:
+    forget_testbed_command(box)
+    install(box, packages.deb)
+    assert curl(box).returncode == 0
+    box.systemctl("start", SERVICE)  # joins the start job: returns once READY=1 came
+    old_pid = main_pid(box)
+    sock_before = box.show(SOCKET, "InvocationID", "ActiveEnterTimestampMonotonic")
+    # an operator's edit of the conffile must survive the upgrade
+    box.run(["sh", "-c", f"echo '# edited by the operator' >> {CONFFILE}"])
+    upload(box, packages.deb_next, "/root/next.deb")
+    cursor = box.cursor()
+
+    with box.load(keepalive=4, fresh=4, max_seconds=300) as load:
+        started = time.monotonic()
+        res = dpkg(box, "-i", "/root/next.deb")
+        upgrade_s = time.monotonic() - started
+        # the new processes serve the load before it ends
+        after = curl(box)
+        result = load.finish()
+
+    version = box.run(["dpkg-query", "-W", "-f=${Version}", "sdserve"]).stdout
+    record(
+        "deb upgrade under load",
+        f"{result.summary()}; dpkg -i of the newer build took {upgrade_s:.1f} s",
+    )
+    assert "Unpacking sdserve (" in res.stdout, res.stdout
+    assert f"over ({packages.deb.name.split('_')[1]})" in res.stdout, res.stdout
+    assert version.endswith("+b2"), version
+    assert after.returncode == 0, after.stderr
+    assert result.hung_clients == 0
+    assert result.failed == 0, result.summary() + "\n" + "\n".join(result.examples)
+    assert result.ok == result.requests > 100
+    assert result.by_kind["keepalive"]["requests"] > 0
+    assert result.by_kind["fresh"]["requests"] > 0
+    # the service was restarted onto the new files; the socket was never touched
+    new_pid = main_pid(box)
+    assert new_pid not in (0, old_pid)
+    assert box.show(SOCKET, "InvocationID", "ActiveEnterTimestampMonotonic") == sock_before
+    # the old workers drained what they had accepted, cancelling nothing (dpkg returned
+    # after the restart job, so these entries are in the journal already)
+    drains = [
+        e for e in box.journal(cursor=cursor, unit=SERVICE) if e.get("SDSERVE_PHASE") == "drained"
+    ]
+    assert drains, "no drain of the old processes in the journal"
+    assert all(e.get("SDSERVE_CANCELLED") == "0" for e in drains), [message(e) for e in drains]
+    assert "# edited by the operator" in box.run(["cat", CONFFILE]).stdout
+    assert not exists(box, CONFFILE + ".dpkg-dist")
+
+
+def test_remove_then_purge_leaves_nothing(box: Box, flavour: str, packages: Packages) -> None:
+    forget_testbed_command(box)
+    before = snapshot(box)
+    checked = [*payload_paths(packages.deb), *LEFTOVERS]
+    existed = existing(box, checked)  # shared folders: /etc, /lib/systemd/system...
+    assert not existed & set(LEFTOVERS)
+    install(box, packages.deb)
+    assert curl(box).returncode == 0  # the service runs: remove must stop it
+    # the byte code of postinst exists, so its removal is tested too
+    assert box.run(["find", "/opt/sdserve", "-name", "*.pyc"]).stdout.count("\n") > 100
+    assert exists(box, "/var/lib/dpkg/info/sdserve.list")
+
+    # remove: both units stop, the files go, the conffile and the user stay until purge
+    dpkg(box, "--remove", "sdserve")
+    assert listening(box) == ""
+    assert curl(box).returncode != 0
+    for unit in (SOCKET, SERVICE):
+        props = box.show(unit, "ActiveState", "LoadState")
+        assert props == {"ActiveState": "inactive", "LoadState": "not-found"}, (unit, props)
+    assert user_processes(box, "sdserve") == 0
+    assert not exists(box, "/opt/sdserve")
+    assert not exists(box, "/usr/bin/sdserve")
+    assert exists(box, CONFFILE)
+    assert box.run(["getent", "passwd", "sdserve"], check=False).returncode == 0
+    status = box.run(["dpkg-query", "-W", "-f=${db:Status-Abbrev}", "sdserve"]).stdout
+    assert status.strip() == "rc"
+
+    # purge: nothing is left
+    dpkg(box, "--purge", "sdserve")
+    after = snapshot(box)
+    box.systemctl("daemon-reload")
+    assert box.run(["dpkg-query", "-W", "sdserve"], check=False).returncode != 0
+    assert box.run(["getent", "passwd", "sdserve"], check=False).returncode == 2
+    assert box.run(["getent", "group", "sdserve"], check=False).returncode == 2
+    # (list-unit-files exits 1 when nothing matches)
+    units = box.systemctl("list-unit-files", "--no-legend", "sdserve*", check=False).stdout
+    assert units.strip() == ""
+    loaded = box.systemctl("list-units", "--all", "--no-legend", "sdserve*", check=False).stdout
+    assert loaded.strip() == ""
+    left = existing(box, checked) - existed
+    assert left == set(), f"left behind: {sorted(left)}"
+    new = sorted(p for p in after - before if not p.startswith(NOISE_PREFIXES))
+    print("new paths ignored as noise:", *sorted(after - before - set(new)), sep="\n  ")
+    assert new == [], f"left behind by install + purge: {new}"
+    # and the runtime state of systemd holds nothing of ours either
+    runtime = box.run(["find", "/run/systemd", "-name", "*sdserve*"]).stdout
+    assert runtime.strip() == ""
+
+
+# ---- the rpm ---------------------------------------------------------------------------------
+
+
+def rpm_query(rpm: Path, *args: str) -> str:
+    return subprocess.run(
+        ["rpm", "-qp", "--nosignature", *args, str(rpm)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+
+
+@pytest.fixture
+def rpm_root() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="sds-rpmroot-"))
+    try:
+        yield root
+    finally:
+        subprocess.run(["rm", "-rf", str(root)], check=True)
+
+
+@pytest.mark.parametrize("flavour", ["254"])
+def test_rpm_payload_and_scriptlets(
+    box: Box, flavour: str, packages: Packages, rpm_root: Path, record: Record
+) -> None:
+    rpm = packages.rpm
+    scripts = rpm_query(rpm, "--scripts")
+    files = rpm_query(rpm, "--qf", r"[%{FILEFLAGS:fflags} %{FILEMODES:perms} %{FILENAMES}\n]")
+    print(f"--- rpm -qp --scripts {rpm.name}\n{scripts}")
+    print(f"--- rpm -qpl {rpm.name} (without the venv's files)")
+    print("\n".join(line for line in files.splitlines() if "/opt/sdserve/lib/" not in line))
+    record("rpm size", f"{rpm.stat().st_size / 1e6:.1f} MB, {files.count(chr(10))} files")
+
+    listed = {line.split(" ")[-1]: line.split(" ")[0] for line in files.splitlines()}
+    assert listed["/etc/sdserve/sdserve.toml"] == "cn"  # %config(noreplace)
+    for path in (
+        "/usr/bin/sdserve",
+        "/opt/sdserve/bin/sdserve",
+        "/usr/lib/systemd/system/sdserve.socket",
+        "/usr/lib/systemd/system/sdserve.service",
+        "/usr/lib/systemd/system/sdserve.service.d/40-package.conf",
+        "/usr/lib/systemd/system/sdserve@.service",
+        "/usr/lib/systemd/system/sdserve@.socket",
+        "/usr/lib/systemd/system-generators/sdserve-generator",
+        "/usr/lib/systemd/system-preset/50-sdserve.preset",
+        "/usr/lib/sysusers.d/sdserve.conf",
+        "/usr/lib/tmpfiles.d/sdserve.conf",
+    ):
+        assert path in listed, path
+    requires = rpm_query(rpm, "--requires")
+    assert "python(abi) = 3.11" in requires
+    assert "libsystemd.so.0()(64bit)" in requires
+
+    # every scriptlet is valid sh
+    parts = {}
+    for tag in ("POSTIN", "PREUN", "POSTUN"):
+        body = rpm_query(rpm, "--qf", f"%{{{tag}}}")
+        assert body.strip() not in ("", "(none)"), tag
+        subprocess.run(["sh", "-n"], input=body, text=True, check=True, timeout=10)
+        parts[tag] = body
+    assert "preset sdserve.socket" in parts["POSTIN"]
+    assert "try-restart sdserve.service" in parts["POSTUN"]
+    assert "disable --now sdserve.socket" in parts["PREUN"]
+
+    # the payload: into an empty rpm root (no rpm-based distribution here, so without
+    # dependencies and scriptlets), verified, then erased again
+    def rpm_in_root(*args: str) -> str:
+        return subprocess.run(
+            ["rpm", "--root", str(rpm_root), "--nosignature", *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout
+
+    rpm_in_root("--initdb")
+    rpm_in_root("-i", "--nodeps", "--noscripts", str(rpm))
+    assert rpm_in_root("-q", "sdserve").startswith("sdserve-")
+    # rpm -V: sizes, digests, modes of every file as installed (symlinks to / are dangling in
+    # the scratch root, so only real files are compared)
+    verify = subprocess.run(
+        ["rpm", "--root", str(rpm_root), "-V", "--nolinkto", "--nodeps", "sdserve"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert verify.stdout.strip() == "", verify.stdout
+    payload = rpm_root / "payload.tar"
+    subprocess.run(
+        ["tar", "-C", str(rpm_root), "-cf", str(payload), "etc", "opt", "usr"],
+        check=True,
+        timeout=120,
+    )
+
+    # the scriptlets against a real systemd: the payload goes into the box, then the
+    # scriptlets run as rpm runs them ($1 = number of instances after the operation)
+    box.run(["rm", "-f", "/usr/bin/sdserve"])
+    upload(box, payload, "/root/payload.tar")
+    box.run(["tar", "-C", "/", "--keep-directory-symlink", "-xf", "/root/payload.tar"])
+    for tag, body in parts.items():
+        box.write(f"/root/{tag.lower()}.sh", body)
+
+    def scriptlet(tag: str, arg: int) -> None:
+        box.run(["sh", f"/root/{tag.lower()}.sh", str(arg)], timeout=120)
+
+    # install: %post 1 enables (preset) and starts the socket, not the service
+    scriptlet("POSTIN", 1)
+    assert box.show(SOCKET, "ActiveState", "UnitFileState") == {
+        "ActiveState": "active",
+        "UnitFileState": "enabled",
+    }
+    assert box.show(SERVICE, "ActiveState", "UnitFileState") == {
+        "ActiveState": "inactive",
+        "UnitFileState": "disabled",
+    }
+    assert box.run(["getent", "passwd", "sdserve"], check=False).returncode == 0
+    res = curl(box)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("hello from sdserve demo")
+    box.systemctl("start", SERVICE)  # joins the start job: returns once READY=1 came
+    old_pid = main_pid(box)
+    sock_before = box.show(SOCKET, "InvocationID")
+
+    # upgrade: new %post 2, old %preun 1, old %postun 1 (try-restart), under load
+    with box.load(keepalive=4, fresh=4, max_seconds=120) as load:
+        scriptlet("POSTIN", 2)
+        scriptlet("PREUN", 1)
+        scriptlet("POSTUN", 1)
+        assert curl(box).returncode == 0
+        result = load.finish()
+    record("rpm upgrade scriptlets under load", result.summary())
+    assert result.failed == 0, result.summary() + "\n" + "\n".join(result.examples)
+    assert result.ok == result.requests > 50
+    assert main_pid(box) not in (0, old_pid)
+    assert box.show(SOCKET, "InvocationID") == sock_before
+
+    # erase: %preun 0 stops and disables both
+    scriptlet("PREUN", 0)
+    scriptlet("POSTUN", 0)
+    assert listening(box) == ""
+    for unit in (SOCKET, SERVICE):
+        props = box.show(unit, "ActiveState", "UnitFileState")
+        assert props == {"ActiveState": "inactive", "UnitFileState": "disabled"}, (unit, props)
+
+    # erasing the payload from the scratch root leaves no file of the package there
+    rpm_in_root("-e", "--nodeps", "--noscripts", "sdserve")
+    payload.unlink()
+    leftover = [
+        str(p.relative_to(rpm_root))
+        for p in rpm_root.rglob("*")
+        if "sdserve" in p.name and not str(p.relative_to(rpm_root)).startswith("var/lib/rpm")
+    ]
+    assert leftover == []
