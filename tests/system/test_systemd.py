@@ -11,7 +11,7 @@ import contextlib
 import re
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -33,6 +33,7 @@ def install(
     *,
     spec: UnitSpec | None = None,
     environment: dict[str, str] | None = None,
+    service: Sequence[str] = (),
 ) -> None:
     """Install the shipped units (or units rendered from ``spec``), the demo's config, and a
     drop-in with test-only environment variables."""
@@ -40,9 +41,9 @@ def install(
         units = shipped_units(flavour)
     else:
         units = render_units(spec, systemd_version=int(flavour))
-    if environment:
-        lines = "".join(f"Environment={k}={v}\n" for k, v in environment.items())
-        units[f"{SERVICE}.d/90-test.conf"] = f"[Service]\n{lines}"
+    lines = [f"Environment={k}={v}" for k, v in (environment or {}).items()] + list(service)
+    if lines:
+        units[f"{SERVICE}.d/90-test.conf"] = "[Service]\n" + "".join(f"{x}\n" for x in lines)
     box.write("/etc/sdserve/sdserve.toml", DEMO_CONFIG)
     box.run(["mkdir", "-p", FLAG_DIR])
     box.install_units(units)
@@ -192,7 +193,7 @@ def test_ready_waits_for_the_check_and_status_shows_it(
     assert client.returncode == 0, err
     assert out.startswith("hello from sdserve demo")
     assert box.show(SERVICE, "ActiveState")["ActiveState"] == "active"
-    assert ready_after < 10
+    assert ready_after < 15  # the next attempt comes within retry_max (5 s) of the file
     phases = [(e["SDSERVE_PHASE"], e.get("SDSERVE_CHECK_OK")) for e in sdserve_entries(box, cursor)]
     # READY came after the check passed, never before
     assert phases.index(("checks", "1")) < phases.index(("ready", None))
@@ -201,7 +202,15 @@ def test_ready_waits_for_the_check_and_status_shows_it(
 
 def test_critical_check_that_never_passes_fails_the_start(box: Box, flavour: str) -> None:
     spec = UnitSpec(start_timeout=3)
-    install(box, flavour, spec=spec, environment={"DEMO_WAIT_FILE": f"{FLAG_DIR}/never"})
+    # Restart=no keeps the failed state for inspection: with on-failure, systemd starts a new
+    # attempt 500 ms later, and `systemctl status` shows that one.
+    install(
+        box,
+        flavour,
+        spec=spec,
+        environment={"DEMO_WAIT_FILE": f"{FLAG_DIR}/never"},
+        service=["Restart=no"],
+    )
     box.systemctl("start", "sdserve.socket")
     cursor = box.cursor()
 
@@ -228,6 +237,7 @@ def test_critical_check_that_never_passes_fails_the_start(box: Box, flavour: str
         e.get("SDSERVE_CHECK") == "flag-file" and e.get("SDSERVE_CHECK_OK") == "0" for e in entries
     )
     status = box.systemctl("status", "--no-pager", "--lines=20", SERVICE, check=False).stdout
+    assert "Active: failed (Result: exit-code)" in status, status
     assert "flag-file" in status, status
 
 
