@@ -13,7 +13,8 @@ when the ``Accept`` header names ``application/health+json`` or the query has
 ``format=json``. ``status`` is ``pass``, ``warn`` (still 200) or ``fail`` (503);
 ``checks`` maps ``NAME:responseTime`` (or ``NAME:lag`` / ``NAME:state``) to a
 one-element list with ``componentId``, ``componentType``, ``observedValue``,
-``observedUnit``, ``status``, ``time`` and ``output``.
+``observedUnit``, ``status``, ``time`` and ``output``. JSON always lists every
+check (``?verbose`` is for the text form); ``?format=text`` forces text.
 
 Details (check outputs, latencies, times) are shown on the admin socket, or on
 the main socket when ``health.details_on_main`` is set. Elsewhere the names and
