@@ -413,6 +413,26 @@ def summarize(lines: Iterable[str]) -> str:
     return ", ".join(f"{n} {names.get(k, k)}" for k, n in sorted(counts.items()))
 
 
+def build_example(cache: Path, out: Path, lint: bool) -> Path:
+    """The example of packaging/example: an application on top of sdserve (sdserve@hello)."""
+    work = cache / "example"
+    shutil.rmtree(work, ignore_errors=True)
+    tree = work / "sdserve-hello"
+    shutil.copytree(HERE / "example", tree, ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, SOURCE_DATE_EPOCH=str(source_date_epoch()), LC_ALL="C.UTF-8")
+    run(["dpkg-buildpackage", "-b", "-us", "-uc", "--no-sign"], cwd=tree, env=env)
+    debs = sorted(work.glob("sdserve-hello_*_all.deb"))
+    if len(debs) != 1:
+        raise RuntimeError(f"dpkg-buildpackage made {debs}, expected one sdserve-hello")
+    out.mkdir(parents=True, exist_ok=True)
+    deb = out / debs[0].name
+    shutil.copy2(debs[0], deb)
+    if lint:
+        lintian(deb, out / "lintian-example.txt")
+    log(f"built {deb}")
+    return deb
+
+
 # ---- 3b. the rpm ---------------------------------------------------------------------------
 
 
@@ -490,7 +510,7 @@ def rpmlint(rpm: Path, report: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("what", choices=("buildroot", "venv", "deb", "rpm"))
+    parser.add_argument("what", choices=("buildroot", "venv", "deb", "rpm", "example"))
     parser.add_argument("--out", type=Path, default=CHECKOUT / "dist", help="output folder")
     parser.add_argument(
         "--rebuild", help="deb only: a newer build of the same sources (version +bN)"
@@ -506,6 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(ensure_venv(cache))
     elif args.what == "deb":
         print(build_deb(cache, out, args.rebuild, not args.no_lint))
+    elif args.what == "example":
+        print(build_example(cache, out, not args.no_lint))
     else:
         print(build_rpm(cache, out, not args.no_lint))
     return 0

@@ -7,7 +7,7 @@ export SDS_PKG_CACHE ?= $(abspath $(CACHE))/packaging
 # the build root
 PKG_APT_PACKAGES := debhelper lintian fakeroot rpm rpmlint debootstrap
 
-.PHONY: deb rpm packages packages-test packages-clean
+.PHONY: deb rpm deb-example packages packages-test packages-clean
 
 $(CACHE)/packaging-apt.stamp: $(CACHE)/apt.stamp
 	@missing=$$(for p in $(PKG_APT_PACKAGES); do \
@@ -25,17 +25,24 @@ deb: $(CACHE)/packaging-apt.stamp
 rpm: $(CACHE)/packaging-apt.stamp
 	$(PYTHON) packaging/build.py rpm --out $(PKG_OUT)
 
-packages: deb rpm
+# the example of packaging/README.md: an application on top of sdserve (sdserve@hello)
+deb-example: $(CACHE)/packaging-apt.stamp
+	$(PYTHON) packaging/build.py example --out $(PKG_OUT)
 
-# What tests/system/test_packages.py installs: the release build, a newer build of the same
-# sources (the upgrade), the rpm. Cheap when current (the tests ask build.py again anyway).
+packages: deb rpm deb-example
+
+# What tests/system/test_packages.py installs: the release build (lintian must pass), a newer
+# build of the same sources (the upgrade), the rpm (with its rpmlint report), the example.
+# Cheap when current (the tests ask build.py again, which then finds them current).
 packages-test: $(CACHE)/packaging-apt.stamp
 	$(PYTHON) packaging/build.py deb --out $(SDS_PKG_CACHE)/test
 	$(PYTHON) packaging/build.py deb --out $(SDS_PKG_CACHE)/test --rebuild 2 --no-lint
 	$(PYTHON) packaging/build.py rpm --out $(SDS_PKG_CACHE)/test
+	$(PYTHON) packaging/build.py example --out $(SDS_PKG_CACHE)/test
 
 packages-clean:
 	rm -rf $(SDS_PKG_CACHE) $(PKG_OUT)/sdserve_*.deb $(PKG_OUT)/sdserve-*.rpm \
-		$(PKG_OUT)/lintian.txt $(PKG_OUT)/rpmlint.txt $(PKG_OUT)/.deb-*.key $(PKG_OUT)/.rpm*.key
+		$(PKG_OUT)/sdserve-hello_*.deb $(PKG_OUT)/lintian*.txt $(PKG_OUT)/rpmlint.txt \
+		$(PKG_OUT)/.deb-*.key $(PKG_OUT)/.rpm*.key
 
 TEST_PREREQS += packages-test

@@ -71,6 +71,7 @@ class Packages:
     deb: Path
     deb_next: Path
     rpm: Path
+    example: Path
 
 
 def build(*args: str) -> Path:
@@ -95,6 +96,7 @@ def packages(testbed: None) -> Packages:
         deb=build("deb", "--out", out, "--no-lint"),
         deb_next=build("deb", "--out", out, "--rebuild", "2", "--no-lint"),
         rpm=build("rpm", "--out", out, "--no-lint"),
+        example=build("example", "--out", out, "--no-lint"),
     )
 
 
@@ -334,6 +336,42 @@ def test_remove_then_purge_leaves_nothing(box: Box, flavour: str, packages: Pack
     # and the runtime state of systemd holds nothing of ours either
     runtime = box.run(["find", "/run/systemd", "-name", "*sdserve*"]).stdout
     assert runtime.strip() == ""
+
+
+@pytest.mark.parametrize("flavour", ["252"])
+def test_example_app_package_runs_as_an_instance(
+    box: Box, flavour: str, packages: Packages
+) -> None:
+    """packaging/example: a user's application packaged on top of sdserve (sdserve@hello)."""
+    forget_testbed_command(box)
+    install(box, packages.deb)
+    install(box, packages.example)
+    instance_socket, instance = "sdserve@hello.socket", "sdserve@hello.service"
+    assert box.show(instance_socket, "ActiveState", "UnitFileState") == {
+        "ActiveState": "active",
+        "UnitFileState": "enabled",
+    }
+    assert 'users:(("systemd",pid=1,' in listening(box, 8090)
+    res = curl(box, "http://127.0.0.1:8090/")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "hello from sdserve-hello\n"
+    box.systemctl("start", instance)  # joins the start job the socket queued
+    props = box.show(instance, "ActiveState", "User", "DropInPaths")
+    assert props["ActiveState"] == "active"
+    assert props["User"] == "sdserve"
+    assert "/lib/systemd/system/sdserve@hello.service.d/50-app.conf" in props["DropInPaths"]
+    # sdserve's own service is untouched by the instance
+    assert box.show(SERVICE, "ActiveState")["ActiveState"] == "inactive"
+    assert curl(box).stdout.startswith("hello from sdserve demo")
+
+    dpkg(box, "--purge", "sdserve-hello")
+    assert listening(box, 8090) == ""
+    assert box.show(instance, "ActiveState")["ActiveState"] == "inactive"
+    assert box.show(instance_socket, "UnitFileState")["UnitFileState"] == "disabled"
+    gone = ["/etc/sdserve/hello.toml", "/usr/lib/sdserve-hello"]
+    gone.append("/etc/systemd/system/sockets.target.wants/sdserve@hello.socket")
+    assert existing(box, gone) == set()
+    assert curl(box).returncode == 0  # sdserve itself still serves
 
 
 # ---- the rpm ---------------------------------------------------------------------------------
