@@ -32,6 +32,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.system)
 
 
+_BUILD_ERROR = pytest.StashKey[str]()
+
+
 def _unavailable() -> str | None:
     reasons = missing_prerequisites()
     return "; ".join(reasons) if reasons else None
@@ -44,13 +47,19 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     if _unavailable() is None and not all(rootfs.is_current(f) for f in rootfs.FLAVOURS):
         started = time.monotonic()
-        rootfs.ensure()
+        try:
+            rootfs.ensure()
+        except Exception as exc:  # reported by every system test, not as a crash of pytest
+            session.config.stash[_BUILD_ERROR] = f"building the rootfs failed: {exc!r}"
+            return
         rootfs.log(f"rootfs ready in {time.monotonic() - started:.0f} s")
 
 
 @pytest.fixture(scope="session")
-def testbed() -> None:
+def testbed(pytestconfig: pytest.Config) -> None:
     """Skip (or, under SDS_TEST_REQUIRE_SYSTEM=1, fail) where nspawn boxes cannot run."""
+    if _BUILD_ERROR in pytestconfig.stash:
+        pytest.fail(pytestconfig.stash[_BUILD_ERROR], pytrace=False)
     reason = _unavailable()
     if reason is None:
         return
