@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import email.utils
+import fcntl
 import hashlib
 import json
 import os
@@ -498,7 +499,7 @@ def rpmlint(rpm: Path, report: Path) -> None:
     """The rpmlint report (kept, not enforced: rpmlint checks Fedora/openSUSE policy, and a
     private venv under /opt breaks several of its rules by design; see packaging/README.md)."""
     res = subprocess.run(
-        ["rpmlint", "-r", str(HERE / "rpm" / "sdserve.rpmlintrc"), str(rpm)],
+        ["rpmlint", "-c", str(HERE / "rpm" / "rpmlint.toml"), str(rpm)],
         capture_output=True,
         text=True,
         check=False,
@@ -520,6 +521,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache = cache_root()
     cache.mkdir(parents=True, exist_ok=True)
     out = args.out.resolve()
+    # one build at a time: they share the build root's /opt/sdserve and the work folders
+    lock = (cache / "lock").open("a")
+    fcntl.flock(lock, fcntl.LOCK_EX)
     if args.what == "buildroot":
         print(ensure_buildroot(cache))
     elif args.what == "venv":
