@@ -43,6 +43,11 @@ EXIT_STARTUP = 3
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "Run every dependency check of an application once and print a table."
+    parser.epilog = (
+        "exit status: 0 when every critical check passed, 1 when one failed, "
+        "2 for a configuration error, 3 when the application does not load or its "
+        "start-up hooks fail"
+    )
     parser.add_argument("app", nargs="?", help="the application, MODULE:FACTORY")
     parser.add_argument("-c", "--config", type=Path, help="TOML configuration file")
     parser.add_argument(
@@ -136,8 +141,14 @@ async def check_app(
         return EXIT_CHECK_FAILED if any(not r.ok and r.critical for r in results) else EXIT_OK
     finally:
         if runner is not None:
-            async with asyncio.timeout(cfg.cleanup_timeout):
-                await runner.cleanup()
+            try:
+                async with asyncio.timeout(cfg.cleanup_timeout):
+                    await runner.cleanup()
+            except TimeoutError:
+                err.write(
+                    "sdserve check: the application's shutdown/cleanup hooks did not finish "
+                    f"in {cfg.cleanup_timeout:g}s\n"
+                )
 
 
 def run(args: argparse.Namespace) -> int:
