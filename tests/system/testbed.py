@@ -166,7 +166,8 @@ class LoadResult:
         return (
             f"{self.requests} requests, {self.failed} failed {self.failures}, "
             f"longest {self.longest_s * 1000:.0f} ms, {self.seconds:.1f} s, "
-            f"keep-alive {self.by_kind['keepalive']}, fresh {self.by_kind['fresh']}"
+            f"keep-alive {self.by_kind['keepalive']}, fresh {self.by_kind['fresh']}, "
+            f"paced keep-alive {self.by_kind['paced']}"
         )
 
 
@@ -501,6 +502,8 @@ class Box:
         path: str = "/",
         keepalive: int = 4,
         fresh: int = 4,
+        paced: int = 0,
+        pause: float = 0.2,
         max_requests: int = 100_000,
         max_seconds: float = 120.0,
         timeout: float = 30.0,
@@ -515,6 +518,8 @@ class Box:
             f"--path={path}",
             f"--keepalive={keepalive}",
             f"--fresh={fresh}",
+            f"--paced={paced}",
+            f"--pause={pause}",
             f"--max-requests={max_requests}",
             f"--max-seconds={max_seconds}",
             f"--timeout={timeout}",

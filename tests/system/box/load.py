@@ -5,7 +5,10 @@ fails is counted once, and the client moves on to its next request. Two kinds of
 
 * ``keepalive``: one HTTP/1.1 connection reused for request after request; it opens a new
   connection only when the server said ``Connection: close`` or after a failure;
-* ``fresh``: a new connection for every request, closed after the response.
+* ``fresh``: a new connection for every request, closed after the response;
+* ``paced``: keep-alive clients that pause ``--pause`` seconds between requests, so that
+  their connection is idle at times (as a browser's is): a drain must give such a
+  connection its grace instead of closing it under the client.
 
 The load stops at the first of: end of standard input (the test's signal), ``--max-seconds``,
 ``--max-requests``. Once every client has had one answer it prints ``started`` on stdout;
@@ -89,6 +92,7 @@ class Target:
     port: int
     path: str
     timeout: float
+    pause: float
 
 
 def client(target: Target, budget: Budget, tally: Tally, first: threading.Barrier) -> None:
@@ -112,7 +116,7 @@ def client(target: Target, budget: Budget, tally: Tally, first: threading.Barrie
             else:
                 tally.ok += 1
             if kind == "fresh" or resp.will_close:
-                if kind == "keepalive":
+                if kind != "fresh":
                     tally.closed_by_server += 1
                 current.close()
                 conn = None
@@ -121,6 +125,10 @@ def client(target: Target, budget: Budget, tally: Tally, first: threading.Barrie
             current.close()
             conn = None
         tally.longest = max(tally.longest, time.monotonic() - started)
+        if kind == "paced":
+            # the client's own pacing (idle time on its connection), not synchronisation;
+            # a stop of the load cuts it short
+            budget.stop.wait(target.pause)
         if not announced:
             announced = True
             with contextlib.suppress(threading.BrokenBarrierError):
@@ -138,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--path", default="/")
     p.add_argument("--keepalive", type=int, default=4, help="keep-alive clients")
     p.add_argument("--fresh", type=int, default=4, help="new-connection-per-request clients")
+    p.add_argument("--paced", type=int, default=0, help="keep-alive clients that pause")
+    p.add_argument("--pause", type=float, default=0.2, help="pause of the paced clients (s)")
     p.add_argument("--max-requests", type=int, default=100_000)
     p.add_argument("--max-seconds", type=float, default=120.0)
     p.add_argument("--timeout", type=float, default=30.0, help="per-request socket timeout")
@@ -147,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     budget = Budget(args.max_requests, args.max_seconds)
     tallies = [Tally("keepalive") for _ in range(args.keepalive)]
     tallies += [Tally("fresh") for _ in range(args.fresh)]
+    tallies += [Tally("paced") for _ in range(args.paced)]
     first = threading.Barrier(len(tallies) + 1)
-    target = Target(args.host, args.port, args.path, args.timeout)
+    target = Target(args.host, args.port, args.path, args.timeout, args.pause)
     threads = [
         threading.Thread(target=client, args=(target, budget, t, first), daemon=True)
         for t in tallies
@@ -185,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             "connections": sum(t.connections for t in tallies if t.kind == kind),
             "closed_by_server": sum(t.closed_by_server for t in tallies if t.kind == kind),
         }
-        for kind in ("keepalive", "fresh")
+        for kind in ("keepalive", "fresh", "paced")
     }
     report = {
         "requests": sum(t.requests for t in tallies),
