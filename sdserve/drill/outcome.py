@@ -10,7 +10,8 @@ code    class               meaning
 2       ``reset``           the connection was reset (ECONNRESET, EPIPE,
                             ECONNABORTED) before a complete response arrived
 3       ``eof``             the server closed the connection (FIN) before a
-                            complete response arrived
+                            complete response arrived; for a WebSocket echo,
+                            also a close frame while the echo was outstanding
 4       ``timeout``         no complete response within the request timeout
 5       ``other_error``     anything else: a response that is not valid HTTP/1.1
                             or WebSocket, an unexpected OS error (should be 0)
@@ -20,6 +21,11 @@ code    class               meaning
                             apart, 503 among them); any other status is
                             ``other_status``
 ======  ==================  =====================================================
+
+A request that was sent on a keep-alive connection is never retried elsewhere: if
+that connection turns out to be closed, the request fails in its class.  Requests the
+drill could not send at all (its own in-flight limit) are not requests; they are
+reported apart as ``not_sent``.
 """
 
 from __future__ import annotations
