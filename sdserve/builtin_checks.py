@@ -92,7 +92,7 @@ def postgres(
     """Connect with asyncpg, run ``query``, close. One connection per run, none kept."""
 
     async def check() -> str:
-        import asyncpg  # type: ignore[import-untyped]
+        import asyncpg
 
         conn: Any = await asyncpg.connect(
             dsn, password=password, server_settings={"application_name": application_name}

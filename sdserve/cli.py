@@ -10,7 +10,6 @@ environment and the file.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import importlib
 import logging
@@ -23,7 +22,7 @@ from typing import Any
 
 from .activation import ActivationError, Listener, listeners_from_environ
 from .binding import BindError, bind_all
-from .checks import CheckRegistry, checks_from_config
+from .checks import CheckRegistry, checks_from_config, run_bounded
 from .config import Config, ConfigError, dump_toml, load_config
 from .log import configure_logging
 from .notify import Notifier
@@ -144,7 +143,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.workers == 0:
         if cfg.max_requests:
             log.warning("max_requests is ignored without workers (workers = 0)")
-        return asyncio.run(serve_in_process(cfg, listeners, notifier))
+        # a check run that ignores cancellation must not keep the process from exiting
+        return run_bounded(serve_in_process(cfg, listeners, notifier), grace=cfg.cleanup_timeout)
     from .supervisor import supervise
 
     # workers get the same arguments, so they re-read the same file on every reload

@@ -301,6 +301,7 @@ def _validate(cfg: Config, problems: _Problems) -> None:
     non_negative("max_requests", cfg.max_requests)
     non_negative("max_requests_jitter", cfg.max_requests_jitter)
     non_negative("max_concurrency", cfg.max_concurrency)
+    non_negative("health.stall_hold", cfg.health.stall_hold)
     if not 0 <= cfg.warmup_nice <= 19:
         problems.add("warmup_nice", f"must be between 0 and 19, got {cfg.warmup_nice}")
     if cfg.retry_max < cfg.retry_initial:

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .activation import Listener, listeners_from_fds
+from .checks import run_bounded
 from .config import Config, ConfigError
 from .launcher import NotifyMessage, NotifySink
 from .notify import Notifier
@@ -229,6 +230,8 @@ class Supervisor:
             if starting and fields.get("READY") != "1":
                 # what a starting worker waits for is what the operator wants to see
                 self.notifier.status(f"{self._status_line()}; worker {worker.id}: {worker.status}")
+            elif worker.ready.is_set() and not (self.stopping or self.reloading):
+                self._update_status()  # a serving worker's readiness changed
         if "EXTEND_TIMEOUT_USEC" in fields and starting:
             # a worker still retrying its checks keeps systemd's start (or reload) waiting
             self.notifier.send(f"EXTEND_TIMEOUT_USEC={fields['EXTEND_TIMEOUT_USEC']}")
@@ -415,9 +418,18 @@ class Supervisor:
         self.notifier.ready(self._status_line())
 
     def _status_line(self) -> str:
-        ready = sum(1 for w in self._current() if w.ready.is_set())
-        text = f"generation {self.generation}: {ready}/{self.config.workers} workers ready"
-        return f"{text}; {self.last_reload}" if self.last_reload else text
+        current = self._current()
+        ready = sum(1 for w in current if w.ready.is_set())
+        parts = [f"generation {self.generation}: {ready}/{self.config.workers} workers ready"]
+        # a serving worker whose dependencies fail says so ("not ready: db (...) failing")
+        parts += [
+            f"worker {w.id}: {w.status}"
+            for w in current
+            if w.ready.is_set() and ("failing" in w.status or w.status.startswith("not ready"))
+        ]
+        if self.last_reload:
+            parts.append(self.last_reload)
+        return "; ".join(parts)
 
     async def _reloader(self) -> None:
         while True:
@@ -605,6 +617,8 @@ def run_worker(config: Config, notifier: Notifier) -> int:
     faulthandler.enable()  # a watchdog SIGABRT prints where the loop was stuck
     listeners = worker_listeners(os.environ)
     target = int(os.environ.get(ENV_NICE, str(os.getpriority(os.PRIO_PROCESS, 0))))
-    return asyncio.run(
-        serve_in_process(config, listeners, notifier, before_ready=lambda: restore_priority(target))
+    # a check run that ignores cancellation must not keep the worker from exiting
+    serving = serve_in_process(
+        config, listeners, notifier, before_ready=lambda: restore_priority(target)
     )
+    return run_bounded(serving, grace=config.cleanup_timeout)

@@ -344,6 +344,11 @@ async def serve_in_process(
     install_stop_signals(loop, stop, force)
     worker = Worker(config, listeners, notifier, before_ready=before_ready)
     try:
-        return int(await worker.run(stop, force))
+        code = await worker.run(stop, force)
     finally:
         close_listeners(listeners)
+    if code is ExitCode.FORCED:
+        # at once: no waiting for handlers to unwind
+        logging.shutdown()
+        os._exit(code)
+    return int(code)

@@ -100,14 +100,14 @@ async def supervised(tmp_path: Path, listen_sock: socket.socket) -> AsyncIterato
     appdir.mkdir()
     write_app(appdir, "v1")
 
-    def factory(*args: str, workers: int = 2) -> Launcher:
+    def factory(*args: str, workers: int = 2, env: dict[str, str] | None = None) -> Launcher:
         argv = [sys.executable, "-m", "sdserve", "run", "relapp:create_app"]
         argv += ["--workers", str(workers), "--log", "stderr", *args]
         launcher = Launcher(
             argv,
             [("http", listen_sock)],
             workdir=tmp_path,
-            env={"PYTHONDONTWRITEBYTECODE": "1"},
+            env={"PYTHONDONTWRITEBYTECODE": "1", **(env or {})},
             cwd=appdir,
         )
         made.append(launcher)
@@ -245,6 +245,68 @@ async def test_workers_start_status_and_extensions_reach_systemd(
     flag.touch()
     await launcher.wait_for(supervisor, lambda m: m.has("READY", "1"), timeout=30)
     assert await launcher.stop() == 0
+
+
+async def test_run_time_readiness_of_workers_shows_in_status(
+    supervised: MakeSupervised, tmp_path: Path
+) -> None:
+    flag = tmp_path / "db-up"
+    flag.touch()
+    check = (
+        "    async def db():\n"
+        f"        if not os.path.exists({str(flag)!r}):\n"
+        "            raise ConnectionRefusedError('db is down')\n"
+        "    add_check(app, 'db', db, timeout=0.5)\n"
+    )
+    write_app(tmp_path / "app", "v1", check)
+    fast = {"SDSERVE_HEALTH__INTERVAL": "0.1", "SDSERVE_HEALTH__FAIL_THRESHOLD": "1"}
+    launcher = supervised(workers=2, env=fast)
+    supervisor = await launcher.start()
+    mark = len(launcher.sink.messages)
+    flag.unlink()
+    down = await launcher.wait_for(
+        supervisor, lambda m: "not ready: db" in m.fields.get("STATUS", ""), timeout=30, start=mark
+    )
+    assert "db is down" in down.fields["STATUS"]
+    flag.touch()
+    await launcher.wait_for(
+        supervisor,
+        lambda m: m.fields.get("STATUS", "") == "generation 1: 2/2 workers ready",
+        timeout=30,
+        start=launcher.sink.messages.index(down) + 1,
+    )
+    assert await launcher.stop() == 0
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+async def test_check_ignoring_cancellation_does_not_block_exit(
+    supervised: MakeSupervised, tmp_path: Path, workers: int, gate: Gate
+) -> None:
+    stubborn = (
+        "    async def stubborn():\n"
+        "        import asyncio\n"
+        f"        if not os.path.exists({str(tmp_path / 'ready')!r}):\n"
+        "            return True\n"
+        f"        _r, w = await asyncio.open_unix_connection({str(gate.path)!r})\n"
+        "        w.write(b'hung\\n')\n"
+        "        w.close()\n"
+        "        for _ in range(1000):\n"
+        "            try:\n"
+        "                await asyncio.sleep(3600)\n"
+        "            except asyncio.CancelledError:\n"
+        "                pass\n"
+        "    add_check(app, 'stubborn', stubborn, timeout=0.2, critical=False)\n"
+    )
+    write_app(tmp_path / "app", "v1", stubborn)
+    launcher = supervised(
+        "--cleanup-timeout", "1", workers=workers, env={"SDSERVE_HEALTH__INTERVAL": "0.1"}
+    )
+    await launcher.start()
+    (tmp_path / "ready").touch()  # from now on every run hangs and ignores cancellation
+    await gate.wait_held("hung", timeout=30)
+    began = time.monotonic()
+    assert await launcher.stop(timeout=30) == 0
+    assert time.monotonic() - began < 15
 
 
 async def test_killed_worker_is_replaced(supervised: MakeSupervised, port: int) -> None:

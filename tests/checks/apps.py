@@ -24,7 +24,7 @@ import os
 import time
 from pathlib import Path
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 from aiohttp import web
 
 from sdserve.builtin_checks import postgres_pool, url_secrets

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 import aiohttp
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 import pytest
 
 from .conftest import ServiceFactory
