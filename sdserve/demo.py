@@ -52,11 +52,14 @@ async def block(request: web.Request) -> web.Response:
 async def echo(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=30)
     await ws.prepare(request)
-    async for msg in ws:
-        if msg.type == WSMsgType.TEXT:
-            await ws.send_str(msg.data)
-        elif msg.type == WSMsgType.BINARY:
-            await ws.send_bytes(msg.data)
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                await ws.send_str(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+    except ConnectionResetError:
+        pass  # the connection is closing (the client left, or the server is going away)
     return ws
 
 
