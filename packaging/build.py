@@ -416,6 +416,19 @@ def summarize(lines: Iterable[str]) -> str:
 
 def build_example(cache: Path, out: Path, lint: bool) -> Path:
     """The example of packaging/example: an application on top of sdserve (sdserve@hello)."""
+    h = hashlib.sha256()
+    for path in sorted((HERE / "example").rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            h.update(str(path.relative_to(HERE)).encode() + b"\0" + path.read_bytes())
+    key = h.hexdigest()[:16]
+    hit = cached(out, "example", key)
+    if hit is not None:
+        deb, linted = hit
+        if lint and not linted:
+            lintian(deb, out / "lintian-example.txt")
+            (out / ".example.key").write_text(f"{deb.name} {key} 1\n")
+        log(f"{deb} is current")
+        return deb
     work = cache / "example"
     shutil.rmtree(work, ignore_errors=True)
     tree = work / "sdserve-hello"
@@ -430,6 +443,7 @@ def build_example(cache: Path, out: Path, lint: bool) -> Path:
     shutil.copy2(debs[0], deb)
     if lint:
         lintian(deb, out / "lintian-example.txt")
+    (out / ".example.key").write_text(f"{deb.name} {key} {int(lint)}\n")
     log(f"built {deb}")
     return deb
 

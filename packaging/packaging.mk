@@ -43,6 +43,6 @@ packages-test: $(CACHE)/packaging-apt.stamp
 packages-clean:
 	rm -rf $(SDS_PKG_CACHE) $(PKG_OUT)/sdserve_*.deb $(PKG_OUT)/sdserve-*.rpm \
 		$(PKG_OUT)/sdserve-hello_*.deb $(PKG_OUT)/lintian*.txt $(PKG_OUT)/rpmlint.txt \
-		$(PKG_OUT)/.deb-*.key $(PKG_OUT)/.rpm*.key
+		$(PKG_OUT)/.deb-*.key $(PKG_OUT)/.rpm.key $(PKG_OUT)/.example.key
 
 TEST_PREREQS += packages-test
