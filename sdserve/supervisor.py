@@ -595,10 +595,14 @@ def worker_listeners(environ: dict[str, str] | os._Environ[str]) -> list[Listene
 
 def restore_priority(target: int) -> None:
     """Back to the supervisor's CPU priority once warmed up, if the limits allow it."""
-    if os.getpriority(os.PRIO_PROCESS, 0) <= target:
+    warm = os.getpriority(os.PRIO_PROCESS, 0)
+    if warm <= target:
         return
     try:
         os.setpriority(os.PRIO_PROCESS, 0, target)
+        log.info(
+            "warmed up at CPU priority %d, serving at %d", warm, target, extra=_fields("priority")
+        )
     except PermissionError:
         log.warning(
             "cannot return to CPU priority %d after warm-up (allow it with LimitNICE=%+d "

@@ -79,6 +79,8 @@ KeyringMode=private
 SystemCallArchitectures=native
 SystemCallFilter=@system-service
 SystemCallFilter=~@privileged @resources
+# new workers warm up at a lower CPU priority and return to it once ready (warmup_nice)
+SystemCallFilter=setpriority
 SystemCallErrorNumber=EPERM
 UMask=0077
 """
@@ -279,6 +281,8 @@ def render_service(spec: UnitSpec, *, notify_reload_dropin: bool = False) -> str
         f"TimeoutStopSec={timeout_stop_sec(cfg)}",
         f"WatchdogSec={_seconds(spec.watchdog)}",
         "LimitNOFILE=16384",
+        # lets a worker return from its warm-up priority to nice 0 (sdserve's warmup_nice)
+        "LimitNICE=+0",
         "",
     ]
     dynamic = spec.user is None

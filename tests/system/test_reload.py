@@ -1,0 +1,124 @@
+"""Reloads under a real systemd: a bad release keeps the old code serving, and workers warm up
+at a lower CPU priority inside the hardened unit. (Twenty reloads under load are in
+test_systemd.py.)
+
+The application lives in a writable directory of the box, so a test can release new code by
+writing the file and reloading.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from sdserve.units import UnitSpec
+
+from .test_systemd import SERVICE, curl, install, main_pid, sdserve_entries
+from .testbed import Box
+
+APP_DIR = "/opt/relapp"
+
+APP = """\
+import os
+from aiohttp import web
+from sdserve import add_check
+
+VERSION = {version!r}
+
+
+async def index(request):
+    return web.Response(text=f"{{VERSION}} {{os.getpid()}}\\n")
+
+
+def create_app():
+    app = web.Application()
+    app.router.add_get("/", index)
+{extra}
+    return app
+"""
+
+BAD = {
+    "syntax-error": "    def broken(:\n",
+    "failing-check": (
+        "    async def db():\n        raise ConnectionRefusedError('db is down')\n"
+        "    add_check(app, 'db', db, timeout=0.5)\n"
+    ),
+}
+
+
+def release(box: Box, version: str, extra: str = "") -> None:
+    box.run(["mkdir", "-p", APP_DIR])
+    box.write(f"{APP_DIR}/relapp.py", APP.format(version=version, extra=extra or "    pass"))
+
+
+def install_app(box: Box, flavour: str) -> None:
+    release(box, "v1")
+    install(
+        box,
+        flavour,
+        spec=UnitSpec(app="relapp:create_app", workers=2, start_timeout=3),
+        environment={"PYTHONPATH": APP_DIR, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    box.systemctl("start", "sdserve.socket", SERVICE)
+
+
+def reload_and_wait(box: Box, flavour: str, cursor: str) -> str:
+    """``systemctl reload``; on 252 ExecReload returns at once, so wait for the outcome."""
+    box.systemctl("reload", SERVICE)
+    end = box.wait_journal(
+        lambda e: e.get("SDSERVE_PHASE") in ("reloaded", "reload-failed"),
+        cursor=cursor,
+        unit=SERVICE,
+        timeout=60,
+        what="the end of the reload",
+    )
+    return end["SDSERVE_PHASE"]
+
+
+def served_versions(box: Box, n: int = 10) -> set[str]:
+    versions = set()
+    for _ in range(n):
+        res = curl(box, "http://127.0.0.1:8080/")
+        assert res.returncode == 0, res.stderr
+        versions.add(res.stdout.split()[0])
+    return versions
+
+
+@pytest.mark.parametrize("bad", sorted(BAD))
+def test_bad_release_keeps_the_old_code_serving(box: Box, flavour: str, bad: str) -> None:
+    install_app(box, flavour)
+    pid = main_pid(box)
+    with box.load(keepalive=4, fresh=4, max_seconds=120, max_requests=200_000) as load:
+        release(box, "v2-bad", BAD[bad])
+        outcome = reload_and_wait(box, flavour, box.cursor())
+        assert outcome == "reload-failed"
+        assert served_versions(box) == {"v1"}
+        status = box.systemctl("status", "--no-pager", SERVICE, check=False).stdout
+        props = box.show(SERVICE, "ActiveState", "StatusText")
+        assert props["ActiveState"] == "active"
+        assert "reload FAILED" in props["StatusText"]
+        assert "still serving the old code" in status
+        # the fixed release goes live with the next reload
+        release(box, "v3")
+        assert reload_and_wait(box, flavour, box.cursor()) == "reloaded"
+        assert served_versions(box) == {"v3"}
+        result = load.finish()
+    assert main_pid(box) == pid
+    assert result.failed == 0, result.summary() + "\n" + "\n".join(result.examples)
+    assert result.ok == result.requests > 0
+
+
+def test_workers_serve_at_the_supervisors_priority(box: Box, flavour: str) -> None:
+    """Workers warm up nicer only where they may return (LimitNICE=+0 on a real host). In
+    this box the hard RLIMIT_NICE is 0 and cannot be raised (the test machine's container
+    lacks CAP_SYS_RESOURCE), so they must not lower it at all: never stuck behind the host."""
+    cursor = box.cursor()
+    install_app(box, flavour)
+    pid = main_pid(box)
+    assert "Max nice priority         0" in box.run(["cat", f"/proc/{pid}/limits"]).stdout
+    workers = box.run(["cat", f"/proc/{pid}/task/{pid}/children"]).stdout.split()
+    assert len(workers) == 2
+    for worker in workers:
+        stat = box.run(["cat", f"/proc/{worker}/stat"]).stdout
+        assert stat.rsplit(")", 1)[1].split()[16] == "0"  # nice
+    entries = sdserve_entries(box, cursor)
+    assert not [e for e in entries if e["SDSERVE_PHASE"] == "priority"]
