@@ -71,7 +71,7 @@ def reload_and_wait(box: Box, flavour: str, cursor: str) -> str:
         timeout=60,
         what="the end of the reload",
     )
-    return end["SDSERVE_PHASE"]
+    return str(end["SDSERVE_PHASE"])
 
 
 def served_versions(box: Box, n: int = 10) -> set[str]:
