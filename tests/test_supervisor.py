@@ -16,42 +16,15 @@ import pytest_asyncio
 
 from sdserve.launcher import Launcher
 from sdserve.worker import ExitCode
+from tests.apps.release import BAD_RELEASES, source
 from tests.helpers import Gate, get, load
 
 pytestmark = pytest.mark.asyncio
 HOST = "127.0.0.1"
 
-APP = """
-import os
-from aiohttp import web
-from sdserve import add_check
-
-VERSION = {version!r}
-
-
-async def index(request):
-    return web.Response(text=f"{{VERSION}} {{os.getpid()}}\\n")
-
-
-def create_app():
-    app = web.Application()
-    app.router.add_get("/", index)
-{extra}
-    return app
-"""
-
-BAD_RELEASES = {
-    "syntax-error": "    def broken(:\n",
-    "failing-check": (
-        "    async def db():\n        raise ConnectionRefusedError('db is down')\n"
-        "    add_check(app, 'db', db, timeout=0.5)\n"
-    ),
-    "exits-at-start": "    os._exit(70)\n",
-}
-
 
 def write_app(directory: Path, version: str, extra: str = "") -> None:
-    (directory / "relapp.py").write_text(APP.format(version=version, extra=extra or "    pass"))
+    (directory / "relapp.py").write_text(source(version, extra))
 
 
 def children(pid: int) -> list[int]:
