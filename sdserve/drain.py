@@ -98,11 +98,9 @@ class Tracker:
         self.websockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
         self.pending_accepts = 0
         self.draining = False
-        self.drain_started = 0.0
         self.requests_total = 0
         self.completed_in_drain = 0
         self.idle_closed = 0
-        self.shed_total = 0
         #: paths that are never shed under overload (health probes)
         self.exempt_paths: set[str] = set()
         #: after this many requests (0: never), call on_limit once
@@ -130,7 +128,6 @@ class Tracker:
             and len(self.inflight) >= self.max_concurrency
             and request.path not in self.exempt_paths
         ):
-            self.shed_total += 1
             raise web.HTTPServiceUnavailable(
                 headers={"Retry-After": "1"}, text="overloaded, retry shortly\n"
             )
@@ -216,7 +213,6 @@ class Tracker:
         if self.draining:
             return
         self.draining = True
-        self.drain_started = time.monotonic()
         for ws in list(self.websockets):
             self._close_websocket(ws)
         for proto in list(self.connections):
