@@ -68,4 +68,4 @@ demo: venv
 	$(BIN)/python -m sdserve.drill.demo
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build dist report *.egg-info .mypy_cache .ruff_cache .pytest_cache
