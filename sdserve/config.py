@@ -112,6 +112,9 @@ class Config:
     #: new workers import and warm up this much nicer (lower CPU priority), so that a
     #: reload does not take CPU from the workers serving; 0 disables it
     warmup_nice: int = 10
+    #: during a reload, new workers warm up this many at a time (0: all at once); starting
+    #: processes slows the workers serving, so fewer at once is a lower, longer bump
+    warmup_parallel: int = 1
     #: crash loop: this many worker deaths within crash_window make the supervisor give up
     crash_limit: int = 5
     crash_window: float = 10.0
@@ -301,6 +304,7 @@ def _validate(cfg: Config, problems: _Problems) -> None:
     non_negative("max_requests", cfg.max_requests)
     non_negative("max_requests_jitter", cfg.max_requests_jitter)
     non_negative("max_concurrency", cfg.max_concurrency)
+    non_negative("warmup_parallel", cfg.warmup_parallel)
     non_negative("health.stall_hold", cfg.health.stall_hold)
     if not 0 <= cfg.warmup_nice <= 19:
         problems.add("warmup_nice", f"must be between 0 and 19, got {cfg.warmup_nice}")

@@ -386,8 +386,15 @@ class Supervisor:
                 raise ReloadFailed(f"the new configuration is invalid: {exc}") from exc
             self.config = config
             generation = self.generation + 1
-            new = [await self._spawn(generation) for _ in range(config.workers)]
-            await self._wait_ready(new, config.reload_timeout)
+            deadline = time.monotonic() + config.reload_timeout
+            batch = config.warmup_parallel or config.workers
+            while len(new) < config.workers:
+                started = [
+                    await self._spawn(generation)
+                    for _ in range(min(batch, config.workers - len(new)))
+                ]
+                new += started
+                await self._wait_ready(started, max(0.0, deadline - time.monotonic()))
         except ReloadFailed as exc:
             for worker in new:
                 worker.retire()

@@ -282,6 +282,26 @@ async def test_check_ignoring_cancellation_does_not_block_exit(
     assert time.monotonic() - began < 15
 
 
+@pytest.mark.parametrize("parallel", [1, 0])
+async def test_reload_warms_new_workers_a_few_at_a_time(
+    supervised: MakeSupervised, parallel: int
+) -> None:
+    launcher = supervised("--warmup-parallel", str(parallel), workers=2)
+    supervisor = await launcher.start()
+    await launcher.reload(timeout=60)
+    assert await launcher.stop() == 0
+    events = [
+        line.split("sdserve.supervisor")[1]
+        for line in supervisor.log_text().splitlines()
+        if "generation 2)" in line and ("started worker" in line or "ready after" in line)
+    ]
+    kinds = ["start" if "started worker" in e else "ready" for e in events]
+    if parallel == 1:  # the second starts only once the first is ready
+        assert kinds == ["start", "ready", "start", "ready"], events
+    else:  # all at once
+        assert kinds[:2] == ["start", "start"], events
+
+
 async def test_killed_worker_is_replaced(supervised: MakeSupervised, port: int) -> None:
     launcher = supervised(workers=2)
     supervisor = await launcher.start()
