@@ -139,7 +139,6 @@ class Supervisor:
         self.deaths: deque[float] = deque()
         self.stopping = False
         self.reloading = False
-        self.reload_queued = False
         self.fatal: tuple[ExitCode, str] | None = None
         self.last_reload = ""
         self._stop = asyncio.Event()
@@ -147,7 +146,8 @@ class Supervisor:
         self._reload = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._channel: NotifySink | None = None
-        self._watchdog_usec = notifier.watchdog_interval
+        #: how often systemd wants WATCHDOG=1 (half of WatchdogSec=), or None
+        self._watchdog_interval = notifier.watchdog_interval
         self._loop = asyncio.get_running_loop()
 
     # -- bookkeeping ---------------------------------------------------------------------
@@ -191,9 +191,9 @@ class Supervisor:
         env[ENV_NICE] = str(os.getpriority(os.PRIO_PROCESS, 0))
         # warm up at a lower CPU priority: imports must not slow the workers serving
         env["_SDSERVE_WARMUP_NICE"] = str(self.config.warmup_nice)
-        if self._watchdog_usec is not None:
-            # workers ping the supervisor twice as often as it must ping systemd
-            env["WATCHDOG_USEC"] = str(int(self._watchdog_usec * 2e6))
+        if self._watchdog_interval is not None:
+            # workers ping the supervisor as often as it pings systemd
+            env["WATCHDOG_USEC"] = str(int(self._watchdog_interval * 2e6))
         return env
 
     async def _spawn(self, generation: int) -> WorkerProc:
@@ -250,11 +250,11 @@ class Supervisor:
             self._spawn_task(self._recycle(worker))
 
     def _arm_watchdog(self, worker: WorkerProc) -> None:
-        if self._watchdog_usec is None or worker.exited.done():
+        if self._watchdog_interval is None or worker.exited.done():
             return
         if worker.watchdog is not None:
             worker.watchdog.cancel()
-        deadline = self._watchdog_usec * 2
+        deadline = self._watchdog_interval * 2  # the whole WatchdogSec= without a ping
         worker.watchdog = self._loop.call_later(deadline, self._watchdog_missed, worker, deadline)
 
     def _watchdog_missed(self, worker: WorkerProc, deadline: float) -> None:
@@ -462,11 +462,10 @@ class Supervisor:
                     extra=_fields("reload-refused"),
                 )
             elif self.reloading:
-                if self.reload_queued or self._reload.is_set():
+                if self._reload.is_set():
                     log.warning("%s: a reload is already queued; ignoring this one", name)
                 else:
                     log.warning("%s: a reload is in progress; queued one more", name)
-                    self.reload_queued = True
                     self._reload.set()
             else:
                 self._reload.set()
@@ -486,8 +485,8 @@ class Supervisor:
         address = f"@sdserve/{os.getpid()}/{secrets.token_hex(8)}"
         self._channel = NotifySink(address, on_message=self._on_message, keep=False)
         watchdog: asyncio.Task[None] | None = None
-        if self._watchdog_usec is not None:
-            watchdog = asyncio.create_task(self._ping_systemd(self._watchdog_usec))
+        if self._watchdog_interval is not None:
+            watchdog = asyncio.create_task(self._ping_systemd(self._watchdog_interval))
         try:
             return await self._life()
         finally:
