@@ -5,14 +5,24 @@ from __future__ import annotations
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
+import pytest
 import pytest_asyncio
 
 from .helpers import RedisServer, Service, TcpProxy, make_service
 
 ServiceFactory = Callable[..., Service]
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port bound on 127.0.0.1 with no listener: connections are refused, race-free."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    yield sock.getsockname()[1]
+    sock.close()
 
 
 @pytest_asyncio.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import asyncpg
@@ -19,15 +19,6 @@ from sdserve import builtin_checks as bc
 from sdserve.checks import Check, CheckFunc, CheckRegistry, run_bounded, run_check
 
 SHARED_PG = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture
-def closed_port() -> Iterator[int]:
-    """A port bound on 127.0.0.1 with no listener: connections are refused, race-free."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    yield sock.getsockname()[1]
-    sock.close()
 
 
 async def run(
