@@ -412,6 +412,7 @@ def test_blocked_worker_is_replaced_under_the_watchdog(box: Box, flavour: str) -
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_reload_under_load_keeps_the_main_process(box: Box, flavour: str, record: Record) -> None:
     """systemd 252: ExecReload sends SIGHUP; 254: Type=notify-reload (systemd sends it and waits
     for RELOADING=1 ... READY=1). Either way: same MainPID, no failed request."""
