@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
@@ -31,9 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .cpus import available_cpus
+
 ENV_PREFIX = "SDSERVE_"
-#: one worker per CPU
-DEFAULT_WORKERS = os.cpu_count() or 1
+#: one worker per CPU this process may use (affinity and cgroup quota count)
+DEFAULT_WORKERS = available_cpus()
 
 LogTarget = Literal["auto", "journal", "stderr"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -104,7 +107,7 @@ class Config:
     keepalive_timeout: float = 75.0
     #: answer 503 (with Retry-After) past this many requests in flight per process; 0 = no limit
     max_concurrency: int = 0
-    #: a new generation must be ready within this long on reload
+    #: on reload, each new worker must be ready within this long of its start
     reload_timeout: float = 60.0
     #: recycle a worker after this many requests (0 = never), plus up to jitter more
     max_requests: int = 0
@@ -115,8 +118,12 @@ class Config:
     #: during a reload, new workers warm up this many at a time (0: all at once); starting
     #: processes slows the workers serving, so fewer at once is a lower, longer bump
     warmup_parallel: int = 1
-    #: crash loop: this many worker deaths within crash_window make the supervisor give up
+    #: crash loop: this many failed starts in a row (a worker that exits before it is
+    #: ready, or dies within crash_window of being ready) make the supervisor give up,
+    #: once no worker is left serving
     crash_limit: int = 5
+    #: a worker that has served this long has started well: deaths after it are replaced
+    #: without counting towards crash_limit
     crash_window: float = 10.0
     log: LogTarget = "auto"
     log_level: LogLevel = "info"
@@ -410,3 +417,43 @@ def _toml_lines(obj: Any, section: str) -> Iterator[str]:
 def dump_toml(cfg: Config) -> str:
     """The configuration as TOML that :func:`load_config` reads back to the same value."""
     return "\n".join(_toml_lines(cfg, "")) + "\n"
+
+
+# -- handing a validated configuration to another process ------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def config_to_json(cfg: Config) -> str:
+    """The configuration as JSON, for :func:`config_from_json` in another process.
+
+    The supervisor hands its validated configuration to every worker this way, so
+    that a replacement worker never reads a config file that changed on disk.
+    """
+    return json.dumps(_plain(cfg), separators=(",", ":"))
+
+
+def config_from_json(text: str) -> Config:
+    """The configuration that :func:`config_to_json` wrote, checked again like any layer."""
+    problems = _Problems()
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError([f"configuration handed over by the supervisor: {exc}"]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(["configuration handed over by the supervisor: not an object"])
+    values: dict[str, Any] = {}
+    _apply(values, Config, data, "supervisor", problems)
+    cfg: Config = _build(Config, values)
+    _validate(cfg, problems)
+    if problems.items:
+        raise ConfigError(problems.items)
+    return cfg
