@@ -23,7 +23,7 @@ from typing import Any
 from .activation import ActivationError, Listener, listeners_from_environ
 from .binding import BindError, bind_all
 from .checks import CheckRegistry, checks_from_config, run_bounded
-from .config import Config, ConfigError, dump_toml, load_config
+from .config import Config, ConfigError, config_from_json, dump_toml, load_config
 from .log import configure_logging
 from .notify import Notifier
 from .worker import ExitCode, serve_in_process
@@ -147,16 +147,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run_bounded(serve_in_process(cfg, listeners, notifier), grace=cfg.cleanup_timeout)
     from .supervisor import supervise
 
-    # workers get the same arguments, so they re-read the same file on every reload
-    worker_args = list(args.raw_argv[1:])
-    return supervise(cfg, listeners, notifier, worker_args, lambda: _load(args))
+    # a reload reads every layer again: the same file, environment and flags
+    return supervise(cfg, listeners, notifier, lambda: _load(args))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """A worker process, started by the supervisor (not for direct use)."""
-    cfg = _load(args)
+    """A worker process, started by the supervisor (not for direct use).
+
+    Its configuration is the one the supervisor validated for its generation
+    (``_SDSERVE_CONFIG``): a config file that changed on disk since, or that is being
+    edited, reaches workers only through a reload.
+    """
+    from .supervisor import ENV_CONFIG, run_worker
+
+    handed = os.environ.pop(ENV_CONFIG, None)
+    cfg = config_from_json(handed) if handed is not None else _load(args)
     configure_logging(cfg.log, cfg.log_level)
-    from .supervisor import run_worker
 
     return run_worker(cfg, Notifier())
 
@@ -171,6 +177,7 @@ LAZY_COMMANDS = {
     "check": (".checkcli", "run every dependency check once and print a table"),
     "units": (".units", "render systemd unit files for an application"),
     "drill": (".drill.cli", "load a service through restarts and reloads, count every failure"),
+    "reload": (".control", "reload a running service and wait for the outcome (ExecReload=)"),
 }
 
 

@@ -47,7 +47,7 @@ from aiohttp import web
 
 from .config import HealthConfig
 from .monitor import tick_period
-from .state import Phase, WorkerState
+from .state import WorkerState
 
 Status = Literal["pass", "warn", "fail"]
 
@@ -128,7 +128,7 @@ def readiness(state: WorkerState, config: HealthConfig) -> list[Entry]:
     entries = [
         Entry(
             "phase",
-            "pass" if state.phase is Phase.READY else "fail",
+            "pass" if state.phase.takes_traffic else "fail",
             state.phase.value,
             "system",
             measurement="state",

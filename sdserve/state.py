@@ -18,8 +18,16 @@ from .checks import CheckRegistry, CheckResult
 class Phase(StrEnum):
     STARTING = "starting"
     READY = "ready"
+    #: draining because a reload or a recycle replaced this worker: the service is still
+    #: ready, so /readyz passes (with Connection: close) and load balancers do not flap
+    RETIRING = "retiring"
+    #: draining because the service stops: /readyz fails
     DRAINING = "draining"
     STOPPED = "stopped"
+
+    @property
+    def takes_traffic(self) -> bool:
+        return self in (Phase.READY, Phase.RETIRING)
 
 
 @dataclass
@@ -79,4 +87,4 @@ class WorkerState:
     @property
     def accepting_traffic(self) -> bool:
         """Ready, not draining, and no critical dependency down: what /readyz reports."""
-        return self.phase is Phase.READY and not self.unready
+        return self.phase.takes_traffic and not self.unready

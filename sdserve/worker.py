@@ -1,16 +1,45 @@
 """One serving process: sockets in, the application's requests out, a graceful drain on stop.
 
-:func:`serve` is the whole life of a worker, driven from outside by two events,
-``stop`` (drain and exit) and ``force`` (exit now). It is used as-is by the
+:class:`Worker` is the whole life of a worker. It is used as-is by the
 single-process mode and by each worker process of the supervisor. The order:
 
 1. import and build the application; add sdserve's tracking and health routes;
 2. run the app's start-up hooks, then the dependency checks and warm-up steps
    (nothing is accepted yet: early connections wait in the kernel queue);
 3. start accepting, then send ``READY=1``;
-4. on ``stop``: report not ready, ``STOPPING=1``, keep serving for ``drain_delay``,
-   stop accepting, drain (see :mod:`sdserve.drain`), run the app's shutdown and
-   cleanup hooks (most recently registered first), and return the exit code.
+4. on **stop** (SIGTERM, SIGINT): report not ready, ``STOPPING=1``, keep serving
+   for ``drain_delay``, stop accepting, drain (see :mod:`sdserve.drain`), run the
+   app's shutdown and cleanup hooks (most recently registered first), and exit;
+5. on **retire** (SIGUSR2, sent by the supervisor when a reload or a recycle has
+   made this worker redundant): the same drain at once, without the drain delay,
+   and ``/readyz`` keeps answering 200 (with ``Connection: close``), because the
+   service is ready, only this process is leaving; load balancers do not flap.
+
+A start that fails (the app does not import, a start-up hook raises, the checks do
+not pass in time) exits with status 3 after the cleanup hooks ran. Its reason and
+the application's traceback (file and line) go to the journal once: in
+single-process mode from here, under the supervisor in an
+``X_SDSERVE_START_FAILED=`` report that the supervisor logs once per generation.
+
+Signals, in every stage (:data:`SIGNAL_TABLE`; the handlers only set events):
+
+========== ============ ============= =========== ===============
+stage      stop         stop again    retire      force (SIGQUIT)
+========== ============ ============= =========== ===============
+starting   cancel start exit at once  cancel start exit at once
+serving    stop         (n/a)         retire      exit at once
+delaying   (n/a)        exit at once  end delay   exit at once
+draining   not ready    exit at once  ignore      exit at once
+cleaning   not ready    exit at once  ignore      exit at once
+done       ignore       ignore        ignore      ignore
+========== ============ ============= =========== ===============
+
+"Stop again" is a stop signal after a first one (a second ``systemctl stop``, a
+second Ctrl-C): exit at once with status 5. A stop after a retire is a first stop:
+it turns ``/readyz`` to 503 and never cuts the drain short. SIGHUP reloads nothing
+here: in single-process mode it is refused with a line in the journal and in
+``STATUS=`` (reloading needs workers: ``workers >= 1``); a worker leaves reloads to
+its supervisor.
 """
 
 from __future__ import annotations
@@ -23,7 +52,7 @@ import random
 import signal
 import time
 from collections.abc import Callable, Sequence
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from typing import Any
 
 from aiohttp import web
@@ -31,9 +60,10 @@ from aiohttp import web
 from . import health
 from .acceptor import Acceptor
 from .activation import Listener
-from .appload import AppLoadError, build_app
+from .appload import AppLoadError, StartFailure, build_app, start_failure
 from .checks import StartupFailed, checks_from_config, registry, wait_until_ready
 from .config import Config, ConfigError
+from .control import ControlServer
 from .drain import TrackedRequestHandler, Tracker
 from .monitor import CheckMonitor
 from .notify import Notifier
@@ -42,6 +72,11 @@ from .state import Phase, WorkerState
 log = logging.getLogger("sdserve.worker")
 
 ADMIN_SOCKET = "admin"
+#: why a single process does not reload (SIGHUP and `sdserve reload` say so)
+NO_RELOAD = (
+    "sdserve serves in a single process (workers = 0), which cannot reload; restart the "
+    "service instead, or run with workers >= 1 for zero-gap reloads"
+)
 
 
 class ExitCode(IntEnum):
@@ -51,12 +86,82 @@ class ExitCode(IntEnum):
     CONFIG = 2
     #: the application did not load, or its checks / warm-up did not pass in time
     STARTUP = 3
-    #: requests were still running at the shutdown deadline and were cancelled
+    #: the drain did not finish cleanly: requests were cancelled at the shutdown deadline,
+    #: or a draining worker had to be killed
     DRAIN_TIMEOUT = 4
     #: a second stop signal: exited at once, without draining
     FORCED = 5
-    #: the supervisor gave up: workers kept crashing
+    #: the supervisor gave up: replacement workers kept failing and none was left serving
     CRASH_LOOP = 6
+
+
+class Stage(StrEnum):
+    """Where a worker is in its life."""
+
+    STARTING = "starting"
+    SERVING = "serving"
+    #: stopping: reporting not ready, still accepting, for drain_delay
+    DELAYING = "delaying"
+    DRAINING = "draining"
+    CLEANING = "cleaning"
+    DONE = "done"
+
+
+class Sig(StrEnum):
+    """The signals a worker reacts to, as events."""
+
+    STOP = "stop"  # SIGTERM, SIGINT
+    STOP_AGAIN = "stop again"  # a stop signal after a first one
+    RETIRE = "retire"  # SIGUSR2, from the supervisor
+    FORCE = "force"  # SIGQUIT, from the supervisor
+    RELOAD = "reload"  # SIGHUP
+
+
+class Do(StrEnum):
+    """What a signal makes a worker do."""
+
+    CANCEL_START = "stopping the start-up"
+    STOP = "stopping: drain delay, then drain"
+    RETIRE = "retiring: draining at once, still reporting ready"
+    END_DELAY = "ending the drain delay"
+    NOT_READY = "reporting not ready; the drain goes on"
+    FORCE = "exiting at once"
+    REFUSE_RELOAD = "reload refused"
+    IGNORE = "ignored"
+
+
+def _signal_table() -> dict[tuple[Stage, Sig], Do]:
+    table: dict[tuple[Stage, Sig], Do] = {}
+    for stage in Stage:
+        table[stage, Sig.FORCE] = Do.FORCE
+        table[stage, Sig.STOP_AGAIN] = Do.FORCE
+        table[stage, Sig.RELOAD] = Do.REFUSE_RELOAD
+    table[Stage.STARTING, Sig.STOP] = Do.CANCEL_START
+    table[Stage.STARTING, Sig.RETIRE] = Do.CANCEL_START
+    table[Stage.SERVING, Sig.STOP] = Do.STOP
+    table[Stage.SERVING, Sig.RETIRE] = Do.RETIRE
+    # delaying is entered by a stop only, so a stop there is always a second one
+    table[Stage.DELAYING, Sig.STOP] = Do.FORCE
+    table[Stage.DELAYING, Sig.RETIRE] = Do.END_DELAY
+    for stage in (Stage.DRAINING, Stage.CLEANING):
+        table[stage, Sig.STOP] = Do.NOT_READY  # a first stop after a retire
+        table[stage, Sig.RETIRE] = Do.IGNORE
+    for sig in Sig:
+        table[Stage.DONE, sig] = Do.IGNORE
+    return table
+
+
+#: (stage, signal) -> reaction, for every stage and every signal
+SIGNAL_TABLE = _signal_table()
+
+#: the OS signals a worker handles, and the event each is
+OS_SIGNALS = {
+    signal.SIGTERM: Sig.STOP,
+    signal.SIGINT: Sig.STOP,
+    signal.SIGUSR2: Sig.RETIRE,
+    signal.SIGQUIT: Sig.FORCE,
+    signal.SIGHUP: Sig.RELOAD,
+}
 
 
 def _reverse_hooks(app: web.Application) -> None:
@@ -72,13 +177,9 @@ async def _watchdog(notifier: Notifier, interval: float) -> None:
         await asyncio.sleep(interval)  # the ping period itself
 
 
-async def _wait_first(*events: asyncio.Event) -> None:
-    waits = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
+async def _first(*awaitables: asyncio.Future[Any]) -> None:
+    """Wait until the first of these is done (the others keep running)."""
+    await asyncio.wait(awaitables, return_when=asyncio.FIRST_COMPLETED)
 
 
 def _fields(phase: str, **more: Any) -> dict[str, Any]:
@@ -94,13 +195,18 @@ class Worker:
         listeners: Sequence[Listener],
         notifier: Notifier,
         app: web.Application | None = None,
+        *,
         before_ready: Callable[[], None] | None = None,
+        supervised: bool = False,
     ) -> None:
         self.config = config
         self._before_ready = before_ready
+        self.supervised = supervised
         self.listeners = list(listeners)
         self.notifier = notifier
         self.state = WorkerState()
+        self.stage = Stage.STARTING
+        self.stop_seen = False
         self.tracker = Tracker(config.idle_grace, config.max_concurrency)
         if config.max_requests:
             # jitter, so that workers started together are not recycled together
@@ -108,9 +214,16 @@ class Worker:
             self.tracker.request_limit = config.max_requests + jitter
             self.tracker.on_limit = self._ask_to_be_recycled
         self._app = app
+        self._apps: list[web.Application] = []
         self._runners: list[web.AppRunner] = []
         self._acceptors: list[Acceptor] = []
         self.monitor: CheckMonitor | None = None
+        # what the signals set (see SIGNAL_TABLE); the life waits on them
+        self._stop = asyncio.Event()
+        self._retire = asyncio.Event()
+        self._end_delay = asyncio.Event()
+        self._force = asyncio.Event()
+        self._force_reason = ""
 
     def _ask_to_be_recycled(self) -> None:
         log.info(
@@ -136,7 +249,8 @@ class Worker:
         _reverse_hooks(app)
         kwargs = self._handler_kwargs()
         runner = web.AppRunner(app, handle_signals=False, **kwargs)
-        await runner.setup()
+        self._apps.append(app)  # its cleanup hooks run even if a start-up hook raises
+        await runner.setup()  # the app's on_startup hooks
         self._runners.append(runner)
         server = runner.server
         assert server is not None
@@ -199,21 +313,72 @@ class Worker:
             ),
         )
 
+    # -- signals -------------------------------------------------------------------------
+
+    def on_signal(self, sig: Sig) -> Do:
+        """Dispatch one signal by :data:`SIGNAL_TABLE`; only sets events and logs."""
+        if sig is Sig.STOP and self.stop_seen:
+            sig = Sig.STOP_AGAIN
+        do = SIGNAL_TABLE[self.stage, sig]
+        if sig is Sig.STOP:
+            self.stop_seen = True
+        if do is Do.IGNORE:
+            log.debug("%s while %s: ignored", sig.value, self.stage.value)
+        elif do is Do.REFUSE_RELOAD:
+            self._refuse_reload()
+        elif do is Do.FORCE:
+            self._force_reason = "second stop signal" if sig is Sig.STOP_AGAIN else "SIGQUIT"
+            self._force.set()
+        elif do in (Do.CANCEL_START, Do.STOP):
+            self._stop.set()
+        elif do is Do.RETIRE:
+            self._retire.set()
+        elif do is Do.END_DELAY:
+            self._end_delay.set()
+        elif do is Do.NOT_READY:
+            # a stop during a retirement: the drain goes on, but /readyz turns 503
+            self.state.phase = Phase.DRAINING
+        if do not in (Do.IGNORE, Do.REFUSE_RELOAD):
+            log.info(
+                "%s signal while %s: %s",
+                sig.value,
+                self.stage.value,
+                do.value,
+                extra=_fields("signal"),
+            )
+        return do
+
+    def _refuse_reload(self) -> None:
+        if self.supervised:
+            log.info("SIGHUP ignored: the supervisor does the reloads", extra=_fields("signal"))
+            return
+        log.warning("SIGHUP: reload refused: %s", NO_RELOAD, extra=_fields("reload-refused"))
+        self.notifier.status(f"reload refused at {time.strftime('%H:%M:%S')}: {NO_RELOAD}")
+
     # -- stop ----------------------------------------------------------------------------
 
-    async def _stop(self, force: asyncio.Event) -> ExitCode:
+    async def _drain(self) -> ExitCode:
+        """Stop (or retire): drain delay for a stop, stop accepting, drain, clean up."""
         cfg = self.config
         loop = asyncio.get_running_loop()
-        self.state.phase = Phase.DRAINING  # /readyz answers 503 from here on
+        retiring = not self._stop.is_set()
+        # /readyz: 503 from here on for a stop; a retiring worker still reports ready
+        self.state.phase = Phase.RETIRING if retiring else Phase.DRAINING
         busy = len(self.tracker.connections)
-        self.notifier.stopping(f"draining {busy} connection(s)")
+        verb = "retiring" if retiring else "stopping"
+        self.notifier.stopping(f"{verb}: draining {busy} connection(s)")
         if self.monitor is not None:
             await self.monitor.stop()
-        log.info("stopping: %d connection(s) open", busy, extra=_fields("stopping"))
-        if cfg.drain_delay > 0:
+        log.info("%s: %d connection(s) open", verb, busy, extra=_fields("stopping"))
+        if not retiring and cfg.drain_delay > 0:
+            self.stage = Stage.DELAYING
             log.info("reporting not ready for %.1fs before the drain", cfg.drain_delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(force.wait(), cfg.drain_delay)
+            ended = asyncio.ensure_future(self._end_delay.wait())
+            try:
+                await asyncio.wait({ended}, timeout=cfg.drain_delay)
+            finally:
+                ended.cancel()
+        self.stage = Stage.DRAINING
         for acceptor in self._acceptors:
             acceptor.stop()
         report = await self.tracker.finish(loop.time() + cfg.shutdown_timeout)
@@ -237,8 +402,10 @@ class Worker:
         return ExitCode.OK if report.clean else ExitCode.DRAIN_TIMEOUT
 
     async def _cleanup(self) -> None:
+        self.stage = Stage.CLEANING
         for acceptor in self._acceptors:
             acceptor.stop()
+        started = {runner.app for runner in self._runners}
         for runner in reversed(self._runners):
             try:
                 async with asyncio.timeout(self.config.cleanup_timeout):
@@ -249,37 +416,76 @@ class Worker:
                     self.config.cleanup_timeout,
                     extra=_fields("cleanup"),
                 )
+        for app in self._apps:
+            if app not in started:
+                await self._cleanup_unstarted(app)
         self._runners.clear()
+        self._apps.clear()
         self.state.phase = Phase.STOPPED
+
+    async def _cleanup_unstarted(self, app: web.Application) -> None:
+        """An app whose start-up hooks raised: run its cleanup hooks anyway, each guarded.
+
+        aiohttp itself unwinds only the ``cleanup_ctx`` contexts that were entered; the
+        plain ``on_cleanup`` hooks close what the start-up hooks before the failing one
+        opened, so they run too, and a hook that fails on what was never set up is logged.
+        """
+        try:
+            async with asyncio.timeout(self.config.cleanup_timeout):
+                for hook in list(app.on_cleanup):
+                    try:
+                        await hook(app)
+                    except Exception as exc:
+                        name = getattr(hook, "__qualname__", repr(hook))
+                        log.warning(
+                            "cleanup hook %s failed after the failed start: %s: %s",
+                            name,
+                            type(exc).__name__,
+                            exc,
+                            extra=_fields("cleanup"),
+                        )
+        except TimeoutError:
+            log.error(
+                "the application's cleanup hooks did not finish in %.1fs",
+                self.config.cleanup_timeout,
+                extra=_fields("cleanup"),
+            )
 
     # -- whole life ----------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event, force: asyncio.Event) -> ExitCode:
-        """Start, serve until ``stop``, drain; ``force`` exits at once at any point."""
+    async def run(self) -> ExitCode:
+        """Start, serve until stopped or retired, drain; a force exits at once at any point.
+
+        Signals reach the worker through :meth:`on_signal` (see
+        :func:`install_signals`).
+        """
         watchdog: asyncio.Task[None] | None = None
         if (interval := self.notifier.watchdog_interval) is not None:
             watchdog = asyncio.create_task(_watchdog(self.notifier, interval))
-        life = asyncio.create_task(self._life(stop, force))
-        forced = asyncio.create_task(force.wait())
+        life = asyncio.create_task(self._life())
+        forced = asyncio.create_task(self._force.wait())
         try:
-            await asyncio.wait({life, forced}, return_when=asyncio.FIRST_COMPLETED)
+            await _first(life, forced)
             if life.done():
                 return life.result()
-            log.warning("second stop signal: exiting at once", extra=_fields("forced"))
+            log.warning("%s: exiting at once", self._force_reason, extra=_fields("forced"))
             life.cancel()
             return ExitCode.FORCED
         finally:
             forced.cancel()
             if watchdog is not None:
                 watchdog.cancel()
+            self.stage = Stage.DONE
 
-    async def _life(self, stop: asyncio.Event, force: asyncio.Event) -> ExitCode:
+    async def _life(self) -> ExitCode:
         start = asyncio.create_task(self._start())
-        stopped = asyncio.create_task(stop.wait())
+        stopped = asyncio.create_task(self._stop.wait())
+        retired = asyncio.create_task(self._retire.wait())
         try:
-            await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            await _first(start, stopped, retired)
         finally:
             stopped.cancel()
+            retired.cancel()
         if not start.done():
             log.info("stop requested during start-up", extra=_fields("stopping"))
             self.notifier.stopping("stopped during start-up")
@@ -291,35 +497,54 @@ class Worker:
         try:
             start.result()
         except (AppLoadError, StartupFailed, ConfigError) as exc:
-            return await self._start_failed(str(exc))
+            cause = exc.__cause__ if isinstance(exc, AppLoadError) else None
+            return await self._start_failed(start_failure(str(exc), cause))
         except TimeoutError:
+            limit = self.config.start_timeout
             return await self._start_failed(
-                f"the application's start-up hooks did not finish in {self.config.start_timeout:g}s"
+                start_failure(f"the application's start-up hooks did not finish in {limit:g}s")
             )
-        await stop.wait()
-        return await self._stop(force)
+        except Exception as exc:  # an on_startup hook raised: the app's own error
+            return await self._start_failed(
+                start_failure(f"a start-up hook raised {type(exc).__name__}: {exc}", exc)
+            )
+        self.stage = Stage.SERVING
+        stopped = asyncio.create_task(self._stop.wait())
+        retired = asyncio.create_task(self._retire.wait())
+        try:
+            await _first(stopped, retired)
+        finally:
+            stopped.cancel()
+            retired.cancel()
+        return await self._drain()
 
-    async def _start_failed(self, reason: str) -> ExitCode:
-        log.error("start failed: %s", reason, extra=_fields("start-failed"))
-        self.notifier.status(f"start failed: {reason}")
+    async def _start_failed(self, failure: StartFailure) -> ExitCode:
+        self.notifier.status(f"start failed: {failure.reason}")
+        # under a supervisor, the supervisor logs it once for all its workers
+        reported = self.supervised and self.notifier.send(
+            f"X_SDSERVE_START_FAILED={failure.to_json()}"
+        )
+        if not reported:
+            log_start_failure(log, failure)
         await self._cleanup()
         return ExitCode.STARTUP
 
 
-def install_stop_signals(
-    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, force: asyncio.Event
-) -> None:
-    """SIGTERM / SIGINT set ``stop``; a second one sets ``force``. Handlers only set events."""
+def log_start_failure(logger: logging.Logger, failure: StartFailure, **fields: Any) -> None:
+    """One journal entry: the reason, the application's traceback, its file and line."""
+    more = dict(fields)
+    if failure.file:
+        more.update(app_file=failure.file, app_line=failure.line)
+    text = f"start failed: {failure.reason}"
+    if failure.traceback:
+        text += "\n" + failure.traceback
+    logger.error("%s", text, extra=_fields("start-failed", **more))
 
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            force.set()
-        else:
-            log.info("received %s", signal.Signals(signum).name, extra=_fields("signal"))
-            stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+def install_signals(loop: asyncio.AbstractEventLoop, worker: Worker) -> None:
+    """Route :data:`OS_SIGNALS` to ``worker.on_signal``. Handlers only set events."""
+    for signum, sig in OS_SIGNALS.items():
+        loop.add_signal_handler(signum, worker.on_signal, sig)
 
 
 def close_listeners(listeners: Sequence[Listener]) -> None:
@@ -336,16 +561,23 @@ async def serve_in_process(
     config: Config,
     listeners: Sequence[Listener],
     notifier: Notifier,
+    *,
     before_ready: Callable[[], None] | None = None,
+    supervised: bool = False,
 ) -> int:
     """Serve in this process until a stop signal (single-process mode, and each worker)."""
     loop = asyncio.get_running_loop()
-    stop, force = asyncio.Event(), asyncio.Event()
-    install_stop_signals(loop, stop, force)
-    worker = Worker(config, listeners, notifier, before_ready=before_ready)
+    worker = Worker(config, listeners, notifier, before_ready=before_ready, supervised=supervised)
+    install_signals(loop, worker)
+    control = None
+    if not supervised:  # `sdserve reload` hears why there is no reload here
+        control = ControlServer(lambda waiter: waiter.finish("refused", NO_RELOAD))
+        await control.start()
     try:
-        code = await worker.run(stop, force)
+        code = await worker.run()
     finally:
+        if control is not None:
+            control.close()
         close_listeners(listeners)
     if code is ExitCode.FORCED:
         # at once: no waiting for handlers to unwind

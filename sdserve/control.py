@@ -1,0 +1,229 @@
+"""The control socket, and ``sdserve reload``: a reload that reports its outcome.
+
+``systemctl reload`` runs ``ExecReload=sdserve reload $MAINPID``. The command
+connects to the service's control socket, asks for a reload and waits for its
+outcome, so that ``systemctl reload`` fails when the reload failed (a bad release,
+a broken config, a service that cannot reload), on every systemd version. A
+plain SIGHUP still reloads, but nothing can tell its sender how it went.
+
+The socket is ``@sdserve/PID/control`` in the abstract namespace (it vanishes with
+the process, and needs no writable directory in a hardened unit). Both ends check
+each other with ``SO_PEERCRED``: the service answers only root and its own user,
+and the command talks only to the process whose PID it was given.
+
+The protocol, one line each way: the client sends ``reload``; the service sends
+``progress TEXT`` lines while it works, then one verdict, ``ok TEXT``,
+``failed TEXT`` or ``refused TEXT``, and closes. A reload asked while another is
+running waits for the next one (it may carry newer code), and requests that
+arrive meanwhile share that next one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger("sdserve.control")
+
+_UCRED = struct.Struct("3i")
+#: bytes of a request line that the service reads at most
+MAX_REQUEST = 256
+
+
+def control_address(pid: int) -> str:
+    """The control socket of the sdserve process ``pid`` (abstract: a leading NUL)."""
+    return f"\0sdserve/{pid}/control"
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the other end of a connected unix socket."""
+    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(data)
+    return pid, uid, gid
+
+
+@dataclass(eq=False)
+class ReloadWaiter:
+    """One ``sdserve reload`` client waiting for the outcome of a reload."""
+
+    id: int
+    writer: asyncio.StreamWriter
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def _line(self, text: str) -> None:
+        if self.writer.is_closing():
+            return
+        self.writer.write((text.replace("\n", " ") + "\n").encode())
+
+    def progress(self, text: str) -> None:
+        self._line(f"progress {text}")
+
+    def finish(self, verdict: str, text: str) -> None:
+        """``verdict`` is ok, failed or refused."""
+        self._line(f"{verdict} {text}")
+        self.done.set()
+
+
+class ControlServer:
+    """Accepts ``reload`` requests; ``on_reload`` gets each one as a :class:`ReloadWaiter`."""
+
+    def __init__(self, on_reload: Callable[[ReloadWaiter], None]) -> None:
+        self._on_reload = on_reload
+        self._server: asyncio.Server | None = None
+        self._next = 1
+        self.waiters: dict[int, ReloadWaiter] = {}
+
+    async def start(self) -> None:
+        address = control_address(os.getpid())
+        try:
+            self._server = await asyncio.start_unix_server(self._client, path=address)
+        except OSError as exc:
+            # the service still runs; `sdserve reload` will say it cannot reach it
+            log.error(
+                "cannot open the control socket @%s (%s): `sdserve reload` will not work",
+                address[1:],
+                exc.strerror or exc,
+                extra={"SDSERVE_PHASE": "control"},
+            )
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        waiter: ReloadWaiter | None = None
+        try:
+            sock = writer.get_extra_info("socket")
+            _pid, uid, _gid = peer_credentials(sock)
+            if uid not in (0, os.getuid()):
+                writer.write(f"refused uid {uid} may not control this service\n".encode())
+                return
+            async with asyncio.timeout(10):
+                line = await reader.readline()
+            request = line[:MAX_REQUEST].decode(errors="replace").strip()
+            if request != "reload":
+                writer.write(f"refused unknown request {request!r} (expected: reload)\n".encode())
+                return
+            waiter = ReloadWaiter(self._next, writer)
+            self._next += 1
+            self.waiters[waiter.id] = waiter
+            self._on_reload(waiter)
+            # the verdict comes from the lifecycle; a client that goes away just stops waiting
+            gone = asyncio.ensure_future(reader.read())
+            finished = asyncio.ensure_future(waiter.done.wait())
+            try:
+                await asyncio.wait({gone, finished}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+                finished.cancel()
+            await writer.drain()
+        except (OSError, TimeoutError):
+            pass  # the client went away: nothing is waiting for an answer any more
+        finally:
+            if waiter is not None:
+                self.waiters.pop(waiter.id, None)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    def finish(self, waiter_id: int, verdict: str, text: str) -> None:
+        waiter = self.waiters.get(waiter_id)
+        if waiter is not None:
+            waiter.finish(verdict, text)
+
+    def progress(self, waiter_id: int, text: str) -> None:
+        waiter = self.waiters.get(waiter_id)
+        if waiter is not None:
+            waiter.progress(text)
+
+    def close(self) -> None:
+        for waiter in list(self.waiters.values()):
+            waiter.finish("failed", "the service exited before the reload finished")
+        if self._server is not None:
+            self._server.close()
+
+
+# -- the client: `sdserve reload` -----------------------------------------------------------
+
+
+class ReloadError(Exception):
+    """The service could not be reached, or it is not the process that was named."""
+
+
+def request_reload(pid: int, *, timeout: float | None, out: Callable[[str], None]) -> bool:
+    """Ask the sdserve process ``pid`` to reload; True if it reloaded. ``out`` gets each line."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(control_address(pid))
+        except OSError as exc:
+            raise ReloadError(
+                f"cannot reach the control socket of pid {pid} ({exc.strerror or exc}): "
+                "is it an sdserve service that is running?"
+            ) from exc
+        peer, _uid, _gid = peer_credentials(sock)
+        if peer != pid:
+            raise ReloadError(f"the control socket of pid {pid} is held by pid {peer}")
+        sock.sendall(b"reload\n")
+        stream = sock.makefile("r", encoding="utf-8", errors="replace")
+        for line in stream:
+            verdict, _, text = line.rstrip("\n").partition(" ")
+            if verdict == "progress":
+                out(text)
+                continue
+            out(f"{verdict}: {text}")
+            return verdict == "ok"
+        out("failed: the service closed the connection before the outcome (is it stopping?)")
+        return False
+    except TimeoutError as exc:
+        raise ReloadError(f"no outcome from pid {pid} within {timeout:g}s") from exc
+    finally:
+        sock.close()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "pid",
+        nargs="?",
+        type=int,
+        help="the service's main PID (default: $MAINPID, which systemd sets for ExecReload=)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="give up after this many seconds (default: wait; systemd bounds ExecReload=)",
+    )
+    parser.epilog = (
+        "exit status: 0 reloaded, 1 the reload failed or was refused (the old code keeps "
+        "serving), 2 the service could not be reached"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    pid = args.pid
+    if pid is None:
+        text = os.environ.get("MAINPID", "")
+        if not text.isdigit():
+            print("sdserve reload: no PID given and $MAINPID is not set", file=sys.stderr)
+            return 2
+        pid = int(text)
+    began = time.monotonic()
+
+    def out(line: str) -> None:
+        print(f"sdserve reload: {line}", flush=True)
+
+    try:
+        ok = request_reload(pid, timeout=args.timeout, out=out)
+    except ReloadError as exc:
+        print(f"sdserve reload: {exc}", file=sys.stderr)
+        return 2
+    if ok:
+        out(f"done in {time.monotonic() - began:.2f}s")
+    return 0 if ok else 1
