@@ -53,8 +53,7 @@ BUILDROOT_PACKAGES = (
     "ca-certificates",
 )
 STAMP = ".sds-buildroot.json"
-# The units the packages ship, from units/ (the notify-reload drop-ins are handled by the
-# generator: they may only be installed where systemd is 253 or newer).
+# The units the packages ship, from units/ (the same for every systemd version).
 UNITS = (
     "sdserve.socket",
     "sdserve-admin.socket",
@@ -294,13 +293,10 @@ def copy_payload(dest: Path, venv: Path) -> None:
     (dest / "units").mkdir()
     for unit in UNITS:
         shutil.copy2(CHECKOUT / "units" / unit, dest / "units" / unit)
-    dropin = CHECKOUT / "units" / "sdserve.service.d" / "50-notify-reload.conf"
-    shutil.copy2(dropin, dest / "units" / "notify-reload.conf")
     for name in ("sdserve.toml", "sdserve.1", "sysusers.conf", "tmpfiles.conf", "LICENSE"):
         shutil.copy2(HERE / "files" / name, dest / name)
     shutil.copy2(HERE / "README.md", dest / "README.packaging.md")
-    for name in ("sdserve-generator", "40-package.conf"):
-        shutil.copy2(HERE / "systemd" / name, dest / name)
+    shutil.copy2(HERE / "systemd" / "40-package.conf", dest / "40-package.conf")
 
 
 # ---- 3a. the deb ---------------------------------------------------------------------------

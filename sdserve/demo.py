@@ -2,7 +2,8 @@
 
 - ``GET /``: a fast 200.
 - ``GET /slow?ms=N``: answers after N ms (at most 60 s).
-- ``GET /block?ms=N``: blocks the event loop for N ms (at most 60 s), to show the watchdog.
+- ``GET /block?ms=N``: blocks the event loop for N ms (at most 60 s), to show the watchdog;
+  only with ``DEMO_ALLOW_BLOCK=1``, since anyone who reaches it can stall the service.
 - ``GET /ws``: a WebSocket that echoes.
 
 For the test bed, readiness can be tied to something a test controls:
@@ -67,7 +68,8 @@ def create_app() -> web.Application:
     app = web.Application()
     app.router.add_get("/", index)
     app.router.add_get("/slow", slow)
-    app.router.add_get("/block", block)
+    if os.environ.get("DEMO_ALLOW_BLOCK") == "1":
+        app.router.add_get("/block", block)
     app.router.add_get("/ws", echo)
     if target := os.environ.get("DEMO_WAIT_TCP"):
         host, _, port = target.rpartition(":")

@@ -6,8 +6,9 @@ starts sdserve with the sockets as fds 3, 4, ... and ``LISTEN_FDS``,
 ``LISTEN_FDNAMES`` and ``LISTEN_PID`` set, and it reads a real ``AF_UNIX``
 datagram notify socket, with ``SO_PASSCRED`` so that each message carries the
 sender's PID. ``restart`` is stop-then-start like ``systemctl restart``;
-``reload`` sends SIGHUP and waits for ``RELOADING=1`` then ``READY=1``, like
-``Type=notify-reload``.
+``reload`` sends SIGHUP and waits for ``RELOADING=1`` then ``READY=1`` (what
+systemd sees of a reload), and ``reload_command`` runs ``sdserve reload PID`` as the
+units' ``ExecReload=`` does, which also reports the outcome.
 
 ``LISTEN_PID`` must be the PID of the process that reads it, which is not known
 before the fork. A tiny trampoline (``python -I -S -c``) moves the sockets to
@@ -316,6 +317,30 @@ class Launcher:
         after = self.sink.messages.index(reloading) + 1
         await self.wait_for(instance, lambda m: m.has("READY", "1"), timeout=timeout, start=after)
         return time.monotonic() - began
+
+    async def reload_command(self, *, timeout: float = 60.0) -> tuple[int, str]:
+        """``sdserve reload PID``, as ``ExecReload=`` runs it: its exit status and output."""
+        instance = self.current
+        if instance is None:
+            raise LaunchError("nothing to reload")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "sdserve",
+            "reload",
+            str(instance.pid),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(errors="replace")
 
     async def close(self) -> None:
         """Kill whatever still runs (with its process group), then close the notify socket."""

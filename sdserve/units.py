@@ -10,10 +10,18 @@ end before systemd's ``TimeoutStopSec=`` sends SIGKILL, and its start timeout be
 ``TimeoutStartSec=``; :func:`timeout_stop_sec` and :func:`timeout_start_sec` are the one place
 where that rule is written.
 
-Reloading works on both systemd generations: the service unit has
-``ExecReload=/bin/kill -HUP $MAINPID`` (systemd 252 and older), and on systemd 253 and later a
-drop-in switches to ``Type=notify-reload``, where systemd sends the SIGHUP itself and waits for
-``RELOADING=1`` … ``READY=1``. The drop-in is written only for those versions.
+Reloading is the same on every systemd version: ``Type=notify`` with
+``ExecReload=sdserve reload $MAINPID``, which asks the service for a reload on its control
+socket and waits for the outcome, so ``systemctl reload`` fails when the reload failed (with
+``Type=notify-reload`` systemd could only send the signal and wait for ``READY=1``, which
+comes after a failed reload too). The service sends ``RELOADING=1`` and ``EXTEND_TIMEOUT_USEC=``
+while it reloads, so a slow warm-up of many workers never hits ``TimeoutStartSec=``.
+
+Restarts, however rapid, never close the port: ``StartLimitIntervalSec=0`` turns off
+systemd's start rate limit, whose hit (5 starts in 10 s by default, manual restarts
+included) fails the socket unit too and closes the listening socket. Crash loops are paced
+by ``RestartSec=`` instead (a start job waits out the holdoff of an automatic restart), and
+by sdserve's own crash policy inside the service.
 """
 
 from __future__ import annotations
@@ -21,8 +29,6 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import shutil
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,12 +40,11 @@ from sdserve.config import Config, ConfigError, load_config
 STOP_MARGIN = 5.0
 #: seconds for the interpreter to start and import the application before the checks run
 START_MARGIN = 10.0
-#: the first systemd version with ``Type=notify-reload``
-NOTIFY_RELOAD_SINCE = 253
 #: where a Debian package puts the command
 EXECUTABLE = "/usr/bin/sdserve"
 DEFAULT_WATCHDOG = 15.0
-DEFAULT_LISTEN = ("8080",)
+#: loopback only: opening a port to the network is the operator's decision
+DEFAULT_LISTEN = ("127.0.0.1:8080",)
 DEFAULT_BACKLOG = 4096
 
 _DEFAULTS = Config()
@@ -241,7 +246,7 @@ def render_socket(
     return "\n".join(lines)
 
 
-def render_service(spec: UnitSpec, *, notify_reload_dropin: bool = False) -> str:
+def render_service(spec: UnitSpec) -> str:
     cfg = daemon_config(spec)
     what = "%i" if spec.template else (spec.app or spec.name)
     sockets = [spec.ref(spec.unit("socket"))]
@@ -257,17 +262,17 @@ def render_service(spec: UnitSpec, *, notify_reload_dropin: bool = False) -> str
         f"Description=sdserve: {what}",
         f"Requires={sockets[0]}",
         f"After={' '.join(sockets)}",
+        "# no start rate limit: its hit would fail the socket too and close the port; crash",
+        "# loops are paced by RestartSec= and by sdserve's own crash policy instead",
+        "StartLimitIntervalSec=0",
         "",
         "[Service]",
         "Type=notify",
         "NotifyAccess=main",
         f"Sockets={' '.join(sockets)}",
         f"ExecStart={exec_start(spec, cfg)}",
-    ]
-    if notify_reload_dropin:
-        lines.append(f"# {dropin_path(spec)} switches to Type=notify-reload on systemd >= 253")
-    lines += [
-        "ExecReload=/bin/kill -HUP $MAINPID",
+        "# waits for the outcome: `systemctl reload` fails when the reload failed",
+        f"ExecReload={_quote_arg(spec.executable)} reload $MAINPID",
         f"EnvironmentFile={env_file}",
         f"SyslogIdentifier={spec.name.rstrip('@')}{'-%i' if spec.template else ''}",
         # SIGTERM to the main process only: sdserve drains its workers itself; whatever is left
@@ -275,7 +280,7 @@ def render_service(spec: UnitSpec, *, notify_reload_dropin: bool = False) -> str
         "KillMode=mixed",
         "KillSignal=SIGTERM",
         "Restart=on-failure",
-        "RestartSec=500ms",
+        "RestartSec=1s",
         f"TimeoutStartSec={timeout_start_sec(cfg)}",
         f"# sdserve's stop budget is {cfg.stop_budget:g} s (drain delay + shutdown + cleanup)",
         f"TimeoutStopSec={timeout_stop_sec(cfg)}",
@@ -293,28 +298,13 @@ def render_service(spec: UnitSpec, *, notify_reload_dropin: bool = False) -> str
     return "\n".join(lines)
 
 
-def render_notify_reload_dropin() -> str:
-    return (
-        "# systemd >= 253: systemd sends SIGHUP itself and waits for RELOADING=1 then READY=1.\n"
-        "# Do not install this drop-in on older systemd: it does not know notify-reload.\n"
-        "[Service]\n"
-        "Type=notify-reload\n"
-        "ReloadSignal=SIGHUP\n"
-        "ExecReload=\n"
-    )
-
-
-def dropin_path(spec: UnitSpec) -> str:
-    return f"{spec.unit('service')}.d/50-notify-reload.conf"
-
-
 def render_sysusers(spec: UnitSpec) -> str:
     assert spec.user is not None
     # GECOS may not hold ':'
     return f'u {spec.user} - "sdserve service {spec.name.rstrip("@")}" - -\n'
 
 
-def render_units(spec: UnitSpec, *, systemd_version: int) -> dict[str, str]:
+def render_units(spec: UnitSpec) -> dict[str, str]:
     """Every file for ``spec``, keyed by its path relative to the unit folder."""
     if not _NAME.match(spec.name) or "@" in spec.name[:-1]:
         raise UnitError(f"unit name {spec.name!r}: letters, digits, '_.:-' (and a final '@')")
@@ -324,7 +314,6 @@ def render_units(spec: UnitSpec, *, systemd_version: int) -> dict[str, str]:
         raise UnitError(f"--watchdog must be positive, got {spec.watchdog}")
     if spec.user is not None and not re.match(r"^[a-z_][a-z0-9_-]*$", spec.user):
         raise UnitError(f"--user {spec.user!r}: not a valid user name")
-    notify_reload = systemd_version >= NOTIFY_RELOAD_SINCE
     what = "%i" if spec.template else spec.name
     files = {
         spec.unit("socket"): render_socket(
@@ -333,7 +322,7 @@ def render_units(spec: UnitSpec, *, systemd_version: int) -> dict[str, str]:
             addresses=spec.listen,
             description=f"sdserve: HTTP socket of {what}",
         ),
-        spec.unit("service"): render_service(spec, notify_reload_dropin=notify_reload),
+        spec.unit("service"): render_service(spec),
     }
     if spec.admin_listen:
         files[spec.sibling("-admin", "socket")] = render_socket(
@@ -342,8 +331,6 @@ def render_units(spec: UnitSpec, *, systemd_version: int) -> dict[str, str]:
             addresses=spec.admin_listen,
             description=f"sdserve: admin socket of {what}",
         )
-    if notify_reload:
-        files[dropin_path(spec)] = render_notify_reload_dropin()
     if spec.user is not None:
         files[f"sysusers.d/{spec.name.rstrip('@')}.conf"] = render_sysusers(spec)
     return files
@@ -357,34 +344,15 @@ def shipped_units() -> dict[str, str]:
     descriptor is passed too (after a restart of the service).
     """
     spec = UnitSpec()
-    files = render_units(spec, systemd_version=254)
+    files = render_units(spec)
     files[spec.sibling("-admin", "socket")] = render_socket(
         spec,
         fd_name="admin",
         addresses=("127.0.0.1:8081",),
         description=f"sdserve: admin socket of {spec.name}",
     )
-    files.update(
-        render_units(
-            UnitSpec(name="sdserve@", listen=("/run/sdserve/%i.sock",)), systemd_version=254
-        )
-    )
+    files.update(render_units(UnitSpec(name="sdserve@", listen=("/run/sdserve/%i.sock",))))
     return files
-
-
-def local_systemd_version() -> int | None:
-    """The version of this machine's systemd, if it has one."""
-    systemctl = shutil.which("systemctl")
-    if systemctl is None:
-        return None
-    try:
-        out = subprocess.run(
-            [systemctl, "--version"], capture_output=True, text=True, check=True, timeout=10
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.match(r"systemd (\d+)", out)
-    return int(m.group(1)) if m else None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -398,7 +366,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--listen",
         action="append",
         metavar="ADDR",
-        help="PORT, HOST:PORT, [V6]:PORT or unix:PATH; repeatable (default 8080)",
+        help="PORT (every interface), HOST:PORT, [V6]:PORT or unix:PATH; repeatable "
+        "(default 127.0.0.1:8080)",
     )
     parser.add_argument("--admin-listen", action="append", default=[], metavar="ADDR")
     parser.add_argument(
@@ -414,12 +383,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--watchdog", type=float, default=DEFAULT_WATCHDOG, help="WatchdogSec=")
     parser.add_argument("--backlog", type=int, default=DEFAULT_BACKLOG)
     parser.add_argument("--executable", default=EXECUTABLE, help="path of the sdserve command")
-    parser.add_argument(
-        "--systemd-version",
-        type=int,
-        help="target systemd version (default: this machine's, else 252); >= 253 adds the "
-        "Type=notify-reload drop-in",
-    )
     parser.add_argument("--out", required=True, type=Path, help="folder to write the units to")
 
 
@@ -453,9 +416,8 @@ def write_units(files: Mapping[str, str], out: Path) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    version = args.systemd_version or local_systemd_version() or 252
     try:
-        files = render_units(spec_from_args(args), systemd_version=version)
+        files = render_units(spec_from_args(args))
     except UnitError as exc:
         print(f"sdserve units: {exc}", file=sys.stderr)
         return 2

@@ -59,8 +59,7 @@ def test_repository_units_are_the_rendered_defaults() -> None:
 def test_stop_timeout_exceeds_the_daemons_stop_budget() -> None:
     for drain, shutdown in [(0.0, 25.0), (5.0, 60.0), (0.5, 1.5), (12.25, 3.0)]:
         files = render_units(
-            UnitSpec(app="m:f", drain_delay=drain, shutdown_timeout=shutdown, start_timeout=1),
-            systemd_version=252,
+            UnitSpec(app="m:f", drain_delay=drain, shutdown_timeout=shutdown, start_timeout=1)
         )
         service = files["sdserve.service"]
         budget = Config(drain_delay=drain, shutdown_timeout=shutdown).stop_budget
@@ -72,7 +71,7 @@ def test_stop_timeout_exceeds_the_daemons_stop_budget() -> None:
 
 
 def test_start_timeout_exceeds_the_daemons_start_timeout() -> None:
-    files = render_units(UnitSpec(app="m:f", start_timeout=42.5), systemd_version=252)
+    files = render_units(UnitSpec(app="m:f", start_timeout=42.5))
     service = files["sdserve.service"]
     assert int(value(service, "Service", "TimeoutStartSec")) == 53
     assert "--start-timeout 42.5" in value(service, "Service", "ExecStart")
@@ -80,11 +79,11 @@ def test_start_timeout_exceeds_the_daemons_start_timeout() -> None:
 
 def test_settings_that_sdserve_rejects_are_rejected() -> None:
     with pytest.raises(UnitError, match="shutdown_timeout"):
-        render_units(UnitSpec(app="m:f", shutdown_timeout=0), systemd_version=252)
+        render_units(UnitSpec(app="m:f", shutdown_timeout=0))
     with pytest.raises(UnitError, match="app"):
-        render_units(UnitSpec(app="no-colon"), systemd_version=252)
+        render_units(UnitSpec(app="no-colon"))
     with pytest.raises(UnitError, match="workers"):
-        render_units(UnitSpec(app="m:f", workers=-1), systemd_version=252)
+        render_units(UnitSpec(app="m:f", workers=-1))
 
 
 def test_listen_addresses() -> None:
@@ -105,8 +104,7 @@ def test_socket_units_name_their_descriptors() -> None:
             app="shop.web:create",
             listen=("127.0.0.1:9000", "[::1]:9000"),
             admin_listen=("127.0.0.1:9001",),
-        ),
-        systemd_version=252,
+        )
     )
     assert sorted(files) == ["shop-admin.socket", "shop.service", "shop.socket"]
     http, admin, service = files["shop.socket"], files["shop-admin.socket"], files["shop.service"]
@@ -124,15 +122,13 @@ def test_socket_units_name_their_descriptors() -> None:
 
 
 def test_service_basics_and_hardening() -> None:
-    service = render_units(UnitSpec(app="m:f", watchdog=7.5), systemd_version=252)[
-        "sdserve.service"
-    ]
+    service = render_units(UnitSpec(app="m:f", watchdog=7.5))["sdserve.service"]
     expect = {
         "Type": "notify",
         "KillMode": "mixed",
         "Restart": "on-failure",
         "WatchdogSec": "7.5s",
-        "ExecReload": "/bin/kill -HUP $MAINPID",
+        "ExecReload": "/usr/bin/sdserve reload $MAINPID",
         "DynamicUser": "yes",
         "ProtectSystem": "strict",
         "ProtectHome": "yes",
@@ -148,31 +144,30 @@ def test_service_basics_and_hardening() -> None:
 
 
 def test_fixed_user_gets_a_sysusers_entry() -> None:
-    files = render_units(UnitSpec(name="shop", app="m:f", user="shop"), systemd_version=252)
+    files = render_units(UnitSpec(name="shop", app="m:f", user="shop"))
     service = files["shop.service"]
     assert value(service, "Service", "User") == "shop"
     assert value(service, "Service", "DynamicUser") == "no"
     assert files["sysusers.d/shop.conf"].startswith("u shop - ")
     assert ":" not in files["sysusers.d/shop.conf"]  # sysusers rejects it in GECOS
     with pytest.raises(UnitError, match="user"):
-        render_units(UnitSpec(app="m:f", user="Bad User"), systemd_version=252)
+        render_units(UnitSpec(app="m:f", user="Bad User"))
 
 
-def test_notify_reload_dropin_only_where_systemd_knows_it() -> None:
-    old = render_units(UnitSpec(app="m:f"), systemd_version=252)
-    new = render_units(UnitSpec(app="m:f"), systemd_version=253)
-    assert "sdserve.service.d/50-notify-reload.conf" not in old
-    dropin = new["sdserve.service.d/50-notify-reload.conf"]
-    assert value(dropin, "Service", "Type") == "notify-reload"
-    # The drop-in clears ExecReload=: with notify-reload systemd sends the signal itself.
-    assert value(dropin, "Service", "ExecReload") == ""
-    assert value(old["sdserve.service"], "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
+def test_the_same_units_for_every_systemd_and_reload_reports_its_outcome() -> None:
+    files = render_units(UnitSpec(app="m:f", executable="/opt/my sds/bin/sdserve"))
+    assert sorted(files) == ["sdserve.service", "sdserve.socket"]  # no version drop-in
+    service = files["sdserve.service"]
+    assert value(service, "Service", "Type") == "notify"
+    # `sdserve reload` waits for the outcome; $MAINPID is left for systemd to expand
+    assert value(service, "Service", "ExecReload") == '"/opt/my sds/bin/sdserve" reload $MAINPID'
+    # no start rate limit: its hit would fail the socket and close the port
+    assert value(service, "Unit", "StartLimitIntervalSec") == "0"
+    assert value(service, "Service", "RestartSec") == "1s"
 
 
 def test_templates_use_the_instance() -> None:
-    files = render_units(
-        UnitSpec(name="sdserve@", listen=("/run/sdserve/%i.sock",)), systemd_version=252
-    )
+    files = render_units(UnitSpec(name="sdserve@", listen=("/run/sdserve/%i.sock",)))
     assert sorted(files) == ["sdserve@.service", "sdserve@.socket"]
     service = files["sdserve@.service"]
     assert value(service, "Service", "Sockets") == "sdserve@%i.socket"
@@ -184,8 +179,7 @@ def test_templates_use_the_instance() -> None:
 
 def test_exec_arguments_are_quoted_for_systemd() -> None:
     files = render_units(
-        UnitSpec(app="m:f", config="/etc/my app/100%.toml", executable="/opt/sds/bin/sdserve"),
-        systemd_version=252,
+        UnitSpec(app="m:f", config="/etc/my app/100%.toml", executable="/opt/sds/bin/sdserve")
     )
     start = value(files["sdserve.service"], "Service", "ExecStart")
     assert start.startswith('/opt/sds/bin/sdserve run m:f --config "/etc/my app/100%%.toml" ')
@@ -194,7 +188,7 @@ def test_exec_arguments_are_quoted_for_systemd() -> None:
 def test_bad_names_are_rejected() -> None:
     for name in ["", "a b", "a@b@", "x/y"]:
         with pytest.raises(UnitError, match="unit name"):
-            render_units(UnitSpec(name=name, app="m:f"), systemd_version=252)
+            render_units(UnitSpec(name=name, app="m:f"))
 
 
 def test_cli_writes_the_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -221,8 +215,6 @@ def test_cli_writes_the_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         "20",
         "--watchdog",
         "9",
-        "--systemd-version",
-        "254",
         "--out",
         str(tmp_path),
     )
@@ -232,7 +224,6 @@ def test_cli_writes_the_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         "shop.socket",
         "shop-admin.socket",
         "shop.service",
-        "shop.service.d/50-notify-reload.conf",
         "sysusers.d/shop.conf",
     }
     assert sorted(capsys.readouterr().out.split()) == sorted(str(tmp_path / w) for w in written)

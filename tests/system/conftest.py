@@ -87,17 +87,13 @@ def box(testbed: None, flavour: str) -> Iterator[Box]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def shipped_units(flavour: str) -> dict[str, str]:
-    """The repository's units/ as installed on this systemd version: the notify-reload
-    drop-in only where systemd knows ``Type=notify-reload``."""
+def shipped_units() -> dict[str, str]:
+    """The repository's units/ (the same on every systemd version)."""
     files = {}
     for path in sorted((CHECKOUT / "units").rglob("*")):
         if not path.is_file() or path.suffix not in {".socket", ".service", ".conf"}:
             continue
-        rel = str(path.relative_to(CHECKOUT / "units"))
-        if "notify-reload" in rel and int(flavour) < 253:
-            continue
-        files[rel] = path.read_text()
+        files[str(path.relative_to(CHECKOUT / "units"))] = path.read_text()
     return files
 
 

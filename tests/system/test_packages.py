@@ -50,8 +50,6 @@ LEFTOVERS = (
     "/var/lib/systemd/deb-systemd-helper-enabled/sockets.target.wants/sdserve.socket",
     "/var/lib/systemd/deb-systemd-helper-enabled/sdserve.service.dsh-also",
     "/var/lib/systemd/deb-systemd-helper-enabled/sdserve-admin.socket.dsh-also",
-    "/run/systemd/generator/sdserve.service.d",  # the generator's drop-in (systemd >= 253)
-    "/run/systemd/generator/sdserve@.service.d",
     "/var/lib/dpkg/info/sdserve.list",  # dpkg's own record of the package
 )
 # New paths that may appear in a box between the two snapshots whatever is installed: logs,
@@ -196,16 +194,10 @@ def test_install_listens_and_first_request_activates(
     assert svc["ActiveState"] == "inactive"
     assert svc["UnitFileState"] == "disabled"
     assert svc["User"] == "sdserve"
-    # the generator adds the notify-reload drop-in only where systemd knows that type
-    if int(flavour) >= 253:
-        assert svc["Type"] == "notify-reload"
-        assert (
-            "/run/systemd/generator/sdserve.service.d/50-notify-reload.conf"
-            in svc["DropInPaths"].split()
-        )
-    else:
-        assert svc["Type"] == "notify"
-        assert "notify-reload" not in svc["DropInPaths"]
+    # the same units on every systemd version: reloads go through `sdserve reload`
+    assert svc["Type"] == "notify"
+    dropins = [path.split("/")[-2:] for path in svc["DropInPaths"].split()]
+    assert dropins == [["sdserve.service.d", "40-package.conf"]], svc["DropInPaths"]
     assert box.run(["systemd-analyze", "verify", SOCKET, SERVICE]).stderr.strip() == ""
 
     # the first request starts the service, which answers it
@@ -418,7 +410,6 @@ def test_rpm_payload_and_scriptlets(
         "/usr/lib/systemd/system/sdserve.service.d/40-package.conf",
         "/usr/lib/systemd/system/sdserve@.service",
         "/usr/lib/systemd/system/sdserve@.socket",
-        "/usr/lib/systemd/system-generators/sdserve-generator",
         "/usr/lib/systemd/system-preset/50-sdserve.preset",
         "/usr/lib/sysusers.d/sdserve.conf",
         "/usr/lib/tmpfiles.d/sdserve.conf",
