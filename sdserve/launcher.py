@@ -97,6 +97,10 @@ class NotifySink:
         self._arrived = asyncio.Event()
         asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_readable)
 
+    def drain(self) -> None:
+        """Handle every message already queued on the socket, now."""
+        self._on_readable()
+
     def _on_readable(self) -> None:
         while True:
             try:

@@ -485,10 +485,14 @@ class Lifecycle:
                 f"reloading: generation {nxt.number}: "
                 f"{self.ready_count(nxt.number)}/{nxt.config.workers} workers ready"
             )
-        if cur.failed_starts and self.phase is not Phase.STARTING:
+        retrying = any(k[1] == cur.number for k in self.respawns) or any(
+            w.state is WState.STARTING for w in self.live(cur.number)
+        )
+        if cur.failed_starts and retrying and self.phase is not Phase.STARTING:
+            short = self.ready_count(cur.number) < cur.config.workers
             parts.append(
-                f"degraded: {cur.failed_starts} failed start(s) in a row, retrying "
-                f"(last: {cur.last_failure})"
+                f"{'degraded' if short else 'recycling fails'}: {cur.failed_starts} failed "
+                f"start(s) in a row, retrying (last: {cur.last_failure})"
             )
         if self.last_reload:
             parts.append(self.last_reload)

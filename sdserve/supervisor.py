@@ -183,6 +183,9 @@ class Supervisor:
             self.feed(lc.StartFailedReport(worker, failure))
 
     def _on_exit(self, worker: int) -> None:
+        # what it sent before it exited (its start failure...) comes before its exit
+        if self._channel is not None:
+            self._channel.drain()
         proc = self.procs.pop(worker)
         self._loop.remove_reader(proc.pidfd)
         self._by_pid.pop(proc.pid, None)

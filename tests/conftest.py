@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 
 from sdserve.launcher import Launcher
-from tests.helpers import Gate
+from tests.helpers import Gate, write_app
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "tests.apps.controlled:create_app"
@@ -63,6 +63,35 @@ async def make_launcher(
             workdir=tmp_path,
             env={"TESTAPP_GATE": str(gate.path), **(env or {})},
             cwd=ROOT,
+        )
+        made.append(launcher)
+        return launcher
+
+    yield factory
+    for launcher in made:
+        await launcher.close()
+
+
+MakeSupervised = Callable[..., Launcher]
+
+
+@pytest_asyncio.fixture
+async def supervised(tmp_path: Path, listen_sock: socket.socket) -> AsyncIterator[MakeSupervised]:
+    """Launchers of ``sdserve run relapp:create_app --workers N`` in a directory of its own."""
+    made: list[Launcher] = []
+    appdir = tmp_path / "app"
+    appdir.mkdir()
+    write_app(appdir, "v1")
+
+    def factory(*args: str, workers: int = 2, env: dict[str, str] | None = None) -> Launcher:
+        argv = [sys.executable, "-m", "sdserve", "run", "relapp:create_app"]
+        argv += ["--workers", str(workers), "--log", "stderr", *args]
+        launcher = Launcher(
+            argv,
+            [("http", listen_sock)],
+            workdir=tmp_path,
+            env={"PYTHONDONTWRITEBYTECODE": "1", **(env or {})},
+            cwd=appdir,
         )
         made.append(launcher)
         return launcher

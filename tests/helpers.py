@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.apps.release import source
+
+HOST = "127.0.0.1"
 
 
 class Gate:
@@ -37,6 +42,20 @@ class Gate:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"request {name!r} never reached the gate")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+
+    async def wait_prefix(self, prefix: str, timeout: float = 10.0) -> str:
+        """The first held name that starts with ``prefix`` (waits for one to arrive)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = sorted(n for n in self.held if n.startswith(prefix))
+            if found:
+                return found[0]
+            self._arrived.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"nothing named {prefix}* reached the gate")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
 
@@ -218,3 +237,51 @@ async def load(host: str, port: int, keepalive: int = 4, newconn: int = 4):  # t
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+
+# -- processes -----------------------------------------------------------------------
+
+
+def write_app(directory: Path, version: str, extra: str = "") -> None:
+    (directory / "relapp.py").write_text(source(version, extra))
+
+
+def children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def process_state(pid: int) -> str:
+    """The state letter from /proc/PID/stat (R, S, Z...), or "gone"."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return "gone"
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+async def wait_exit(pid: int, timeout: float) -> None:
+    """Wait for a process that is not our child to exit, on its pidfd (no polling)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    gone: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await asyncio.wait_for(gone, timeout)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def versions(port: int, n: int = 20) -> set[str]:
+    answers = [await get(HOST, port, "/") for _ in range(n)]
+    assert all(a.status == 200 for a in answers)
+    return {a.body.split()[0].decode() for a in answers}

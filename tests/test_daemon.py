@@ -291,7 +291,9 @@ async def test_overload_is_shed_with_503_and_retry_after(
 async def test_watchdog_pings_stop_while_the_loop_is_blocked(
     make_launcher: LauncherFactory, port: int
 ) -> None:
-    launcher = make_launcher(app="sdserve.demo:create_app", env={"WATCHDOG_USEC": "200000"})
+    launcher = make_launcher(
+        app="sdserve.demo:create_app", env={"WATCHDOG_USEC": "200000", "DEMO_ALLOW_BLOCK": "1"}
+    )
     instance = await launcher.start()
 
     def pings() -> list[float]:
@@ -309,4 +311,14 @@ async def test_watchdog_pings_stop_while_the_loop_is_blocked(
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert max(gaps) >= 0.9, gaps  # no ping while the handler held the loop
     assert sorted(gaps)[len(gaps) // 2] < 0.3  # otherwise every ~0.1 s
+    assert await launcher.stop() == 0
+
+
+async def test_demo_has_no_block_route_unless_asked(
+    make_launcher: LauncherFactory, port: int
+) -> None:
+    """Issue 10, case 4: anyone who reached the packaged demo could stall it with /block."""
+    launcher = make_launcher(app="sdserve.demo:create_app")
+    await launcher.start()
+    assert (await get(HOST, port, "/block?ms=1000")).status == 404
     assert await launcher.stop() == 0

@@ -5,96 +5,27 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import sys
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
-from sdserve.launcher import Launcher
 from sdserve.worker import ExitCode
-from tests.apps.release import BAD_RELEASES, source
-from tests.helpers import Gate, get, load
+from tests.apps.release import BAD_RELEASES
+from tests.conftest import MakeSupervised
+from tests.helpers import (
+    Gate,
+    children,
+    get,
+    load,
+    process_state,
+    versions,
+    wait_exit,
+    write_app,
+)
 
 pytestmark = pytest.mark.asyncio
 HOST = "127.0.0.1"
-
-
-def write_app(directory: Path, version: str, extra: str = "") -> None:
-    (directory / "relapp.py").write_text(source(version, extra))
-
-
-def children(pid: int) -> list[int]:
-    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    return [int(p) for p in text.split()]
-
-
-def process_state(pid: int) -> str:
-    """The state letter from /proc/PID/stat (R, S, Z...), or "gone"."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return "gone"
-    return stat.rsplit(")", 1)[1].split()[0]
-
-
-async def wait_exit(pid: int, timeout: float) -> None:
-    """Wait for a process that is not our child to exit, on its pidfd (no polling)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    loop = asyncio.get_running_loop()
-    gone: asyncio.Future[None] = loop.create_future()
-
-    def readable() -> None:
-        if not gone.done():
-            gone.set_result(None)
-
-    loop.add_reader(fd, readable)
-    try:
-        await asyncio.wait_for(gone, timeout)
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-
-
-MakeSupervised = Callable[..., Launcher]
-
-
-@pytest_asyncio.fixture
-async def supervised(tmp_path: Path, listen_sock: socket.socket) -> AsyncIterator[MakeSupervised]:
-    """Launchers of ``sdserve run relapp:create_app --workers N`` in a directory of its own."""
-    made: list[Launcher] = []
-    appdir = tmp_path / "app"
-    appdir.mkdir()
-    write_app(appdir, "v1")
-
-    def factory(*args: str, workers: int = 2, env: dict[str, str] | None = None) -> Launcher:
-        argv = [sys.executable, "-m", "sdserve", "run", "relapp:create_app"]
-        argv += ["--workers", str(workers), "--log", "stderr", *args]
-        launcher = Launcher(
-            argv,
-            [("http", listen_sock)],
-            workdir=tmp_path,
-            env={"PYTHONDONTWRITEBYTECODE": "1", **(env or {})},
-            cwd=appdir,
-        )
-        made.append(launcher)
-        return launcher
-
-    yield factory
-    for launcher in made:
-        await launcher.close()
-
-
-async def versions(port: int, n: int = 20) -> set[str]:
-    answers = [await get(HOST, port, "/") for _ in range(n)]
-    assert all(a.status == 200 for a in answers)
-    return {a.body.split()[0].decode() for a in answers}
 
 
 async def test_workers_share_the_socket_and_ready_waits_for_all(

@@ -3,10 +3,15 @@
 - ``GET /``: a fast 200.
 - ``GET /hold/NAME``: tells the test's gate (``TESTAPP_GATE``, a unix socket) that
   it has started, then answers once the gate releases it.
+- ``GET /block/NAME?s=SECONDS``: tells the gate ``block-NAME`` (with its PID), then blocks the
+  event loop (a stuck worker, for the watchdog).
 - ``GET /nodelay``: whether TCP_NODELAY is set on this connection's socket.
 - ``GET /ws``: a WebSocket that echoes.
 - ``TESTAPP_READY_FILE``: a critical check that passes once the file exists.
 - ``TESTAPP_HOOKS_LOG``: on_shutdown / on_cleanup hooks append their names to it.
+- ``TESTAPP_SLOW_FACTORY=SECONDS``: the factory blocks that long (a slow import).
+- ``TESTAPP_WARMUP=SECONDS``: a warm-up step that takes that long.
+- ``TESTAPP_STARTUP_RAISES=1``: the second on_startup hook raises.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from pathlib import Path
 
 from aiohttp import WSMsgType, web
 
-from sdserve import add_check
+from sdserve import add_check, add_warmup
 
 
 async def index(request: web.Request) -> web.Response:
@@ -35,6 +41,16 @@ async def hold(request: web.Request) -> web.Response:
     finally:
         writer.close()
     return web.Response(text=f"released {name}\n")
+
+
+async def block(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    _reader, writer = await asyncio.open_unix_connection(os.environ["TESTAPP_GATE"])
+    writer.write(f"block-{name}\n".encode())
+    await writer.drain()
+    time.sleep(float(request.query.get("s", "10")))  # noqa: ASYNC251 - the stuck loop itself
+    writer.close()
+    return web.Response(text=f"unblocked {name}\n")
 
 
 async def nodelay(request: web.Request) -> web.Response:
@@ -62,10 +78,21 @@ def _hook(log: Path, name: str) -> object:
     return hook
 
 
+async def _opened(app: web.Application) -> None:
+    pass
+
+
+async def _raises(app: web.Application) -> None:
+    raise RuntimeError("the database said no")
+
+
 def create_app() -> web.Application:
+    if delay := os.environ.get("TESTAPP_SLOW_FACTORY"):
+        time.sleep(float(delay))  # a slow import: blocks the loop, as imports do
     app = web.Application()
     app.router.add_get("/", index)
     app.router.add_get("/hold/{name}", hold)
+    app.router.add_get("/block/{name}", block)
     app.router.add_get("/nodelay", nodelay)
     app.router.add_get("/ws", echo)
     if flag := os.environ.get("TESTAPP_READY_FILE"):
@@ -74,6 +101,15 @@ def create_app() -> web.Application:
             return os.path.exists(flag)  # noqa: ASYNC240 - one stat
 
         add_check(app, "flag-file", flag_file, timeout=1.0)
+    if seconds := os.environ.get("TESTAPP_WARMUP"):
+
+        async def warm() -> None:
+            await asyncio.sleep(float(seconds))  # the slow warm-up being tested
+
+        add_warmup(app, "warm", warm, timeout=60)
+    if os.environ.get("TESTAPP_STARTUP_RAISES") == "1":
+        app.on_startup.append(_opened)
+        app.on_startup.append(_raises)
     if hooks := os.environ.get("TESTAPP_HOOKS_LOG"):
         log = Path(hooks)
         for i in (1, 2, 3):
