@@ -15,12 +15,13 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libsystemd-dev \
 # Extra prerequisites of `make test`, appended to by the fragments included below.
 TEST_PREREQS :=
 
-.PHONY: help apt venv lint format test test-unit bench demo clean
+.PHONY: help apt venv lint format test test-unit bench fuzz demo clean
 
 help:
 	@echo "make demo   - run the demo service under load through restarts and reloads, print the report"
 	@echo "make test   - linters, unit and process tests, system tests in a real systemd"
 	@echo "make bench  - benchmarks (ratios against a baseline measured in the same run)"
+	@echo "make fuzz   - random interleavings of reloads, stops, kills and faults under load"
 	@echo "make lint   - ruff check, ruff format --check, mypy --strict"
 
 $(CACHE)/apt.stamp:
@@ -63,6 +64,14 @@ test-unit: venv
 
 bench: venv
 	$(BIN)/python -m tests.bench
+
+# Random interleavings of lifecycle events under load (tests/interleaving.py); CI runs a few
+# seeds of it in `make test`. A failure names its seed: SDS_FUZZ_SEEDS=SEED make fuzz.
+SDS_FUZZ_SEEDS ?= 1-40
+SDS_FUZZ_EVENTS ?= 16
+fuzz: venv
+	SDS_FUZZ_SEEDS=$(SDS_FUZZ_SEEDS) SDS_FUZZ_EVENTS=$(SDS_FUZZ_EVENTS) \
+		$(BIN)/pytest -s -q $(PYTEST_ARGS) tests/test_interleaving.py
 
 demo: venv
 	$(BIN)/python -m sdserve.drill.demo

@@ -8,7 +8,8 @@
 
 For the test bed, readiness can be tied to something a test controls:
 ``DEMO_WAIT_TCP=HOST:PORT`` adds a critical check that connects there, and
-``DEMO_WAIT_FILE=PATH`` one that the file exists.
+``DEMO_WAIT_FILE=PATH`` one that the file exists, and ``DEMO_WARMUP=SECONDS`` a warm-up step
+that takes that long (a slow start, for reload tests).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 
 from aiohttp import WSMsgType, web
 
-from .checks import add_check
+from .checks import add_check, add_warmup
 
 MAX_MS = 60_000
 
@@ -81,6 +82,12 @@ def create_app() -> web.Application:
             return f"connected to {target}"
 
         add_check(app, "upstream", tcp_check, timeout=2.0)
+    if seconds := os.environ.get("DEMO_WARMUP"):
+
+        async def warm() -> None:
+            await asyncio.sleep(float(seconds))  # the slow warm-up itself
+
+        add_warmup(app, "warm", warm, timeout=float(seconds) + 10)
     if path := os.environ.get("DEMO_WAIT_FILE"):
 
         async def file_check() -> bool:

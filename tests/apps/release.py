@@ -1,6 +1,12 @@
 """An application whose code a test "releases" by writing it to disk, for reload tests.
 
-:func:`source` renders the module ``relapp``: ``GET /`` answers ``VERSION PID``;
+:func:`source` renders the module ``relapp``; every answer starts with ``VERSION PID``:
+
+- ``GET /``: at once;
+- ``GET /slow?ms=N``: after N ms;
+- ``GET /block?s=N``: tells the gate (``TESTAPP_GATE``) ``block-PID``, then blocks the event
+  loop for N seconds (a stuck worker, for the watchdog).
+
 ``extra`` lines go into ``create_app`` (indented by four spaces), e.g. one of
 :data:`BAD_RELEASES`.
 """
@@ -23,7 +29,27 @@ def create_app():
     app = web.Application()
     app.router.add_get("/", index)
 {extra}
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/block", block)
     return app
+
+
+async def slow(request):
+    import asyncio
+
+    await asyncio.sleep(int(request.query.get("ms", "100")) / 1000)
+    return web.Response(text=f"{{VERSION}} {{os.getpid()}} slow\\n")
+
+
+async def block(request):
+    import asyncio, time
+
+    _reader, writer = await asyncio.open_unix_connection(os.environ["TESTAPP_GATE"])
+    writer.write(f"block-{{os.getpid()}}\\n".encode())
+    await writer.drain()
+    time.sleep(float(request.query.get("s", "5")))
+    writer.close()
+    return web.Response(text=f"{{VERSION}} {{os.getpid()}} unblocked\\n")
 """
 
 BAD_RELEASES = {

@@ -1,0 +1,131 @@
+"""Issue 10 under a real systemd (252 and 254): operations that overlap, under load, lose no
+request and never close the port.
+
+- ``systemctl reload``, then ``systemctl restart`` 0.3 s later (the restart queues behind the
+  reload job, or finds the reload running: either way nothing may fail);
+- ``systemctl stop`` during a reload (the stop cancels the reload job; what drains drains,
+  what starts stops; the next connection activates the service again);
+- 20 ``systemctl restart`` 2 s apart, with systemd's start limit left as the unit sets it (no
+  ``reset-failed`` in between): the socket never fails, the port never closes.
+
+The 0.3 s and 2 s are the schedules under test, written into a shell script that runs inside
+the box, not synchronisation. The load runs inside the box against its own 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from .test_systemd import SERVICE, Record, install, main_pid
+from .testbed import Box, Load, LoadResult
+
+SOCKET = "sdserve.socket"
+
+
+@contextlib.contextmanager
+def load(box: Box, max_seconds: float) -> Iterator[Load]:
+    """Busy keep-alive, new-connection and paced keep-alive clients (idle 0.3 s between
+    requests, inside the idle grace), on a 20 ms handler."""
+    with box.load(
+        path="/slow?ms=20",
+        keepalive=8,
+        fresh=8,
+        paced=4,
+        pause=0.3,
+        max_seconds=max_seconds,
+        max_requests=2_000_000,
+    ) as running:
+        yield running
+
+
+def no_failures(result: LoadResult) -> None:
+    assert result.failed == 0, result.summary() + "\n" + "\n".join(result.examples)
+    assert result.ok == result.requests > 0
+    assert result.hung_clients == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_restart_0_3_s_after_a_reload_loses_nothing(box: Box, flavour: str, record: Record) -> None:
+    install(box, flavour)
+    box.systemctl("start", SOCKET, SERVICE)
+    pids = [main_pid(box)]
+    with load(box, max_seconds=300) as running:
+        for _ in range(5):
+            # the schedule under test, inside the box
+            script = f"systemctl reload --no-block {SERVICE} && sleep 0.3"
+            res = box.sh(f"{script} && systemctl restart {SERVICE}", timeout=120)
+            assert res.returncode == 0, res.stderr
+            pids.append(main_pid(box))
+            assert box.show(SERVICE, "ActiveState")["ActiveState"] == "active"
+        result = running.finish()
+    record("reload, then restart 0.3 s later (x5)", result.summary())
+    assert len(set(pids)) == 6, pids
+    assert box.show(SOCKET, "ActiveState")["ActiveState"] == "active"
+    no_failures(result)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_stop_during_a_reload_loses_nothing(box: Box, flavour: str, record: Record) -> None:
+    # a warm-up long enough that the stop lands in the middle of the reload
+    install(box, flavour, environment={"DEMO_WARMUP": "1.5"})
+    box.systemctl("start", SOCKET, SERVICE)
+    with load(box, max_seconds=300) as running:
+        for _ in range(3):
+            cursor = box.cursor()
+            box.systemctl("reload", "--no-block", SERVICE)
+            box.wait_journal(
+                lambda e: e.get("SDSERVE_PHASE") == "worker-start",
+                cursor=cursor,
+                unit=SERVICE,
+                timeout=30,
+                what="the reload's first new worker",
+            )
+            box.systemctl("stop", SERVICE)
+            end = box.wait_journal(
+                lambda e: e.get("SDSERVE_PHASE") == "exit" and "SDSERVE_EXIT" in e,
+                cursor=cursor,
+                unit=SERVICE,
+                timeout=30,
+                what="the supervisor's exit",
+            )
+            assert end["SDSERVE_EXIT"] == "0", end
+            # the queued connections start it again (socket activation), or this does
+            box.systemctl("start", SERVICE)
+        result = running.finish()
+    record("stop during a reload (x3)", result.summary())
+    assert box.show(SOCKET, "ActiveState")["ActiveState"] == "active"
+    no_failures(result)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_twenty_restarts_2_s_apart_never_close_the_port(
+    box: Box, flavour: str, record: Record
+) -> None:
+    install(box, flavour)
+    box.systemctl("start", SOCKET, SERVICE)
+    pids = [main_pid(box)]
+    began = time.monotonic()
+    with load(box, max_seconds=600) as running:
+        script = f"for i in $(seq 20); do systemctl restart {SERVICE} || exit 1; sleep 2; done"
+        res = box.sh(script, timeout=600)
+        assert res.returncode == 0, res.stderr
+        pids.append(main_pid(box))
+        result = running.finish()
+    took = time.monotonic() - began
+    record(
+        "20 restarts 2 s apart, no reset-failed",
+        f"{result.summary()}; {took:.0f} s in all",
+    )
+    sock = box.show(SOCKET, "ActiveState", "Result")
+    assert sock == {"ActiveState": "active", "Result": "success"}, sock
+    assert box.show(SERVICE, "ActiveState")["ActiveState"] == "active"
+    assert len(set(pids)) == 2
+    no_failures(result)
+    assert result.requests > 20 * 20
