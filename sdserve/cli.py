@@ -34,7 +34,7 @@ _HELP = {
     "bind": "address to bind when not socket-activated (repeatable): "
     "HOST:PORT, [V6]:PORT, unix:PATH",
     "admin_bind": "address of the admin socket when not socket-activated (repeatable)",
-    "workers": "worker processes (0: serve in the main process)",
+    "workers": "worker processes (default: one per usable CPU; 0: serve in the main process)",
     "start_timeout": "deadline for the dependency checks and warm-up at start",
     "shutdown_timeout": "deadline for in-flight requests once the drain starts",
     "idle_grace": "time an idle keep-alive connection gets to send one more request in a drain",
