@@ -93,6 +93,7 @@ from typing import Any
 
 from .appload import StartFailure
 from .config import Config
+from .log import fields as _fields
 from .worker import ExitCode
 
 #: extra time the supervisor gives workers past their own budget before SIGKILL
@@ -372,10 +373,6 @@ def describe_status(status: int) -> str:
         return f"signal {signal.Signals(-status).name}"
     except ValueError:
         return f"signal {-status}"
-
-
-def _fields(phase: str, **more: Any) -> dict[str, Any]:
-    return {"SDSERVE_PHASE": phase, **{f"SDSERVE_{k.upper()}": v for k, v in more.items()}}
 
 
 class Lifecycle:

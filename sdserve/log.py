@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
-from typing import TextIO
+from typing import Any, TextIO
 
 from .config import LogLevel, LogTarget
 
@@ -24,6 +24,11 @@ _PRIORITY = {
     logging.INFO: 6,
     logging.DEBUG: 7,
 }
+
+
+def fields(phase: str, **more: Any) -> dict[str, Any]:
+    """The ``extra`` of a lifecycle record: ``SDSERVE_PHASE`` and ``SDSERVE_<KEY>`` fields."""
+    return {"SDSERVE_PHASE": phase, **{f"SDSERVE_{k.upper()}": v for k, v in more.items()}}
 
 
 def _fields(record: logging.LogRecord) -> str:

@@ -43,7 +43,6 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from . import lifecycle as lc
 from .activation import Listener, listeners_from_fds
@@ -52,6 +51,7 @@ from .checks import run_bounded
 from .config import Config, ConfigError, config_to_json
 from .control import ControlServer, ReloadWaiter
 from .launcher import NotifyMessage, NotifySink
+from .log import fields as _fields
 from .notify import Notifier
 from .worker import ExitCode, serve_in_process
 
@@ -144,7 +144,7 @@ class Supervisor:
             except Exception as exc:
                 # a bug: exit; the workers get SIGTERM from the kernel and drain on their own
                 log.critical(
-                    "internal error handling %r: %r", event, exc, exc_info=exc, extra=_f("bug")
+                    "internal error handling %r: %r", event, exc, exc_info=exc, extra=_fields("bug")
                 )
                 self._done.set_result(int(ExitCode.FAILURE))
 
@@ -316,10 +316,6 @@ class Supervisor:
             await asyncio.sleep(interval)  # the ping period itself
 
 
-def _f(phase: str) -> dict[str, Any]:
-    return {"SDSERVE_PHASE": phase}
-
-
 def supervise(
     config: Config,
     listeners: Sequence[Listener],
@@ -360,14 +356,16 @@ def restore_priority(target: int) -> None:
         return
     try:
         os.setpriority(os.PRIO_PROCESS, 0, target)
-        log.info("warmed up at CPU priority %d, serving at %d", warm, target, extra=_f("priority"))
+        log.info(
+            "warmed up at CPU priority %d, serving at %d", warm, target, extra=_fields("priority")
+        )
     except PermissionError:
         log.warning(
             "cannot return to CPU priority %d after warm-up (allow it with LimitNICE=%+d "
             "in the unit); all workers run at the same lower priority instead",
             target,
             target,
-            extra=_f("priority"),
+            extra=_fields("priority"),
         )
 
 

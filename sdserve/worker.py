@@ -65,6 +65,7 @@ from .checks import StartupFailed, checks_from_config, registry, wait_until_read
 from .config import Config, ConfigError
 from .control import ControlServer
 from .drain import TrackedRequestHandler, Tracker
+from .log import fields as _fields
 from .monitor import CheckMonitor
 from .notify import Notifier
 from .state import Phase, WorkerState
@@ -180,10 +181,6 @@ async def _watchdog(notifier: Notifier, interval: float) -> None:
 async def _first(*awaitables: asyncio.Future[Any]) -> None:
     """Wait until the first of these is done (the others keep running)."""
     await asyncio.wait(awaitables, return_when=asyncio.FIRST_COMPLETED)
-
-
-def _fields(phase: str, **more: Any) -> dict[str, Any]:
-    return {"SDSERVE_PHASE": phase, **{f"SDSERVE_{k.upper()}": v for k, v in more.items()}}
 
 
 class Worker:

@@ -7,6 +7,7 @@ import contextlib
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,26 +37,22 @@ class Gate:
         self._arrived.set()
 
     async def wait_held(self, name: str, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while name not in self.held:
-            self._arrived.clear()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"request {name!r} never reached the gate")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+        await self._wait(lambda n: n == name, f"request {name!r}", timeout)
 
     async def wait_prefix(self, prefix: str, timeout: float = 10.0) -> str:
         """The first held name that starts with ``prefix`` (waits for one to arrive)."""
+        return await self._wait(lambda n: n.startswith(prefix), f"nothing named {prefix}*", timeout)
+
+    async def _wait(self, match: Callable[[str], bool], what: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         while True:
-            found = sorted(n for n in self.held if n.startswith(prefix))
+            found = sorted(n for n in self.held if match(n))
             if found:
                 return found[0]
             self._arrived.clear()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"nothing named {prefix}* reached the gate")
+                raise TimeoutError(f"{what} never reached the gate")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
 
