@@ -37,13 +37,14 @@ class Gate:
         self._arrived.set()
 
     async def wait_held(self, name: str, timeout: float = 10.0) -> None:
-        await self._wait(lambda n: n == name, f"request {name!r}", timeout)
+        await self._wait(lambda n: n == name, f"request {name!r} never reached the gate", timeout)
 
     async def wait_prefix(self, prefix: str, timeout: float = 10.0) -> str:
         """The first held name that starts with ``prefix`` (waits for one to arrive)."""
-        return await self._wait(lambda n: n.startswith(prefix), f"nothing named {prefix}*", timeout)
+        missing = f"no request named {prefix}* reached the gate"
+        return await self._wait(lambda n: n.startswith(prefix), missing, timeout)
 
-    async def _wait(self, match: Callable[[str], bool], what: str, timeout: float) -> str:
+    async def _wait(self, match: Callable[[str], bool], missing: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         while True:
             found = sorted(n for n in self.held if match(n))
@@ -52,7 +53,7 @@ class Gate:
             self._arrived.clear()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"{what} never reached the gate")
+                raise TimeoutError(f"{missing} within {timeout:g}s")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
 

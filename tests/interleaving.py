@@ -324,9 +324,8 @@ class Sequence:
                     self.note(f"event {i}: {event}")
                     await self.apply(event, launcher, rng, dep, appdir)
                     await asyncio.sleep(rng.choice(PAUSES))  # the schedule, not a sync
+                await self.settle(launcher, appdir, dep)
                 await self.restore(appdir, dep)
-                if launcher.current is not None and launcher.current.exited.done():
-                    await self.start_again(launcher, appdir, dep)
                 began = time.monotonic()
                 self.note("restored the good release and the dependency")
                 await self.steady(launcher, timeout=RECOVERY_BOUND)
@@ -352,6 +351,31 @@ class Sequence:
                 listing.append(f"{entry.name} -> {os.readlink(entry)}")
         self.fd_lists.append(listing)
         return len(listing)
+
+    async def settle(self, launcher: Launcher, appdir: Path, dep: Dependency) -> None:
+        """Wait for what the events set going: killed workers to exit, blocked ones to be
+        aborted. A block request queued while the service was down needs it running, and
+        the service may give up meanwhile (status 6): then it is started again."""
+        async with asyncio.timeout(BLOCK_SECONDS + 150):
+            while pending := [w for w in self.watchers if not w.done()]:
+                await self.revive(launcher, appdir, dep)
+                instance = launcher.current
+                assert instance is not None
+                await asyncio.wait([*pending, instance.exited], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.gather(*self.watchers)
+        await self.revive(launcher, appdir, dep)
+
+    async def revive(self, launcher: Launcher, appdir: Path, dep: Dependency) -> None:
+        """If the service exited by itself, check that it had to, and start it again (as
+        systemd's Restart= does). The one way: with the release on disk broken or the
+        dependency down, every worker died and crash_limit replacements failed (status 6)."""
+        current = launcher.current
+        if current is None or not current.exited.done():
+            return
+        expected = {6} if (self.broken_release or self.dep_down) and self.kills else set()
+        self.exit_codes.append((current.exited.result(), expected))
+        self.note(f"{current.pid} exited by itself with {current.exited.result()}")
+        await self.start_again(launcher, appdir, dep)
 
     async def restore(self, appdir: Path, dep: Dependency) -> None:
         write_app(appdir, "v1")
@@ -411,6 +435,7 @@ class Sequence:
         self, event: str, launcher: Launcher, rng: random.Random, dep: Dependency, appdir: Path
     ) -> None:
         watchers = self.watchers
+        await self.revive(launcher, appdir, dep)
         instance = launcher.current
         assert instance is not None
         if event == "hup":
@@ -444,25 +469,19 @@ class Sequence:
 
     async def block(self) -> None:
         """One request that blocks its worker's loop past the watchdog: the supervisor
-        aborts that worker; what it held is lost, as with a kill. (One at a time: a block
-        while another is pending is skipped.)"""
-        if any(n.startswith("block-") for n in self.gate.held) or self.blocking:
+        aborts that worker; what it held is lost, as with a kill. One at a time. The request
+        may wait in the listen queue through a restart and reach the next instance, so this
+        waits for whichever worker takes it."""
+        if self.blocking:
             return
         self.blocking = True
-        started = time.monotonic()
         request = asyncio.create_task(self._block_request())
-        try:
-            name = await self.gate.wait_prefix("block-", timeout=10)
-        except TimeoutError:
-            request.cancel()
-            self.blocking = False
-            return  # no worker took it (the service was restarting): nothing to excuse
-        kill = Kill(int(name.split("-")[1]), started)
+        name = await self.gate.wait_prefix("block-", timeout=BLOCK_SECONDS + 120)
+        kill = Kill(int(name.split("-")[1]), time.monotonic())
         self.kills.append(kill)
         await self.watch(kill)
         self.gate.release(name)
-        with contextlib.suppress(asyncio.CancelledError):
-            await request
+        await request
         self.blocking = False
 
     async def _block_request(self) -> None:

@@ -43,6 +43,9 @@ async def test_random_interleaving_keeps_the_invariants(
     try:
         await sequence.run()
         await sequence.check()
+    except BaseException:
+        print("\n".join(["-- events:", *sequence.log]))
+        raise
     finally:
         print(f"\n{sequence.report()}")
     assert not sequence.problems, (
