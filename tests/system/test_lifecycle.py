@@ -5,8 +5,11 @@ request and never close the port.
   reload job, or finds the reload running: either way nothing may fail);
 - ``systemctl stop`` during a reload (the stop cancels the reload job; what drains drains,
   what starts stops; the next connection activates the service again);
-- 20 ``systemctl restart`` 2 s apart, with systemd's start limit left as the unit sets it (no
-  ``reset-failed`` in between): the socket never fails, the port never closes.
+- 20 ``systemctl restart`` 2 s apart, and 20 back to back, with no ``reset-failed`` in
+  between: the socket never fails, the port never closes. (With systemd's default start
+  limit, 5 starts in 10 s, the back-to-back run fails the 5th restart with
+  ``start-limit-hit``, which fails the socket and closes the port: over 3,000 connections
+  were refused on 252 and on 254 when this was measured.)
 
 The 0.3 s and 2 s are the schedules under test, written into a shell script that runs inside
 the box, not synchronisation. The load runs inside the box against its own 127.0.0.1.
@@ -105,22 +108,25 @@ def test_stop_during_a_reload_loses_nothing(box: Box, flavour: str, record: Reco
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_twenty_restarts_2_s_apart_never_close_the_port(
-    box: Box, flavour: str, record: Record
+@pytest.mark.parametrize("pause", [2, 0], ids=["2s-apart", "back-to-back"])
+def test_twenty_restarts_never_close_the_port(
+    box: Box, flavour: str, record: Record, pause: int
 ) -> None:
     install(box, flavour)
     box.systemctl("start", SOCKET, SERVICE)
     pids = [main_pid(box)]
     began = time.monotonic()
     with load(box, max_seconds=600) as running:
-        script = f"for i in $(seq 20); do systemctl restart {SERVICE} || exit 1; sleep 2; done"
+        script = (
+            f"for i in $(seq 20); do systemctl restart {SERVICE} || exit 1; sleep {pause}; done"
+        )
         res = box.sh(script, timeout=600)
         assert res.returncode == 0, res.stderr
         pids.append(main_pid(box))
         result = running.finish()
     took = time.monotonic() - began
     record(
-        "20 restarts 2 s apart, no reset-failed",
+        f"20 restarts {pause} s apart, no reset-failed",
         f"{result.summary()}; {took:.0f} s in all",
     )
     sock = box.show(SOCKET, "ActiveState", "Result")
