@@ -21,6 +21,11 @@ class AppLoadError(Exception):
     """The application cannot be imported or built; the message says which part failed."""
 
 
+def _describe(exc: BaseException) -> str:
+    """``SyntaxError: invalid syntax (app.py, line 3)``, not the exception's repr."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 def import_factory(spec: str) -> Callable[[], Any]:
     """Import ``MODULE:FACTORY``. The current directory is importable, as with gunicorn."""
     module_name, sep, attr = spec.partition(":")
@@ -34,9 +39,13 @@ def import_factory(spec: str) -> Callable[[], Any]:
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
             raise AppLoadError(f"app {spec!r}: no module named {exc.name!r}") from exc
-        raise AppLoadError(f"app {spec!r}: importing {module_name} failed: {exc!r}") from exc
+        raise AppLoadError(
+            f"app {spec!r}: importing {module_name} failed: {_describe(exc)}"
+        ) from exc
     except Exception as exc:
-        raise AppLoadError(f"app {spec!r}: importing {module_name} failed: {exc!r}") from exc
+        raise AppLoadError(
+            f"app {spec!r}: importing {module_name} failed: {_describe(exc)}"
+        ) from exc
     target: Any = module
     for part in attr.split("."):
         try:
@@ -77,10 +86,6 @@ class StartFailure:
     #: the innermost frame in the application's own code (not sdserve, aiohttp or stdlib)
     file: str | None = None
     line: int | None = None
-
-    @property
-    def where(self) -> str:
-        return f"{self.file}, line {self.line}" if self.file else ""
 
     def to_json(self) -> str:
         tb = self.traceback[-MAX_TRACEBACK:]

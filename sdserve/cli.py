@@ -215,7 +215,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if raw and raw[0] in LAZY_COMMANDS:
             return _lazy_command(raw[0], raw[1:])
         args = build_parser().parse_args(raw)
-        args.raw_argv = raw
         return int(args.func(args))
     except ConfigError as exc:
         print(f"sdserve: {exc}", file=sys.stderr)

@@ -543,9 +543,13 @@ class Lifecycle:
 
     def _on_Ready(self, event: Ready) -> None:
         w = self.workers.get(event.worker)
-        if w is None or w.state is not WState.STARTING:
-            return  # told to stop meanwhile: it drains as it was told
+        if w is None or w.state is WState.READY:
+            return
         now = self.clock()
+        if w.state is not WState.STARTING:
+            # told to stop while it started: it drains as it was told, and it has served
+            w.ready_at = now
+            return
         w.state = WState.READY
         w.ready_at = now
         gen = self.generations[w.generation]
@@ -645,7 +649,8 @@ class Lifecycle:
             self._emit(CancelTimer((kind, w.id)))
         how = describe_status(status)
         if not w.state.live or self.phase.stopping:
-            self._log(logging.INFO, f"{w.describe()} exited ({how})", "worker-exit", exit=status)
+            level = logging.INFO if status == ExitCode.OK else logging.WARNING
+            self._log(level, f"{w.describe()} exited ({how})", "worker-exit", exit=status)
             if w.in_stop:
                 self._record_stop_drain(w, status, how)
         else:
@@ -671,10 +676,14 @@ class Lifecycle:
         now = self.clock()
         gen = self.generations[w.generation]
         young = w.ready_at is None or now - w.ready_at < gen.config.crash_window
-        last = f"; last status: {w.status}" if w.status else ""
+        last = f"; last status: {w.status}" if w.status and w.failure is None else ""
+        if w.ready_at is None:
+            text = f"{w.describe()} exited before it was ready ({how}){last}"
+        else:
+            text = f"{w.describe()} died unexpectedly ({how}){last}"
         self._log(
             logging.ERROR,
-            f"{w.describe()} died unexpectedly ({how}){last}",
+            text,
             "worker-died",
             worker=w.id,
             exit=status,
