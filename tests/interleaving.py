@@ -343,12 +343,18 @@ class Sequence:
             await dep.down()
 
     def fd_count(self, launcher: Launcher) -> int:
+        """The supervisor's open fds. Each notify message opens and closes a socket of its
+        own, which a listing can catch: the smallest of a few listings is the count."""
         assert launcher.pid is not None
         folder = Path(f"/proc/{launcher.pid}/fd")
-        listing = []
-        for entry in sorted(folder.iterdir(), key=lambda p: int(p.name)):
-            with contextlib.suppress(OSError):
-                listing.append(f"{entry.name} -> {os.readlink(entry)}")
+        listings = []
+        for _ in range(5):
+            listing = []
+            for entry in sorted(folder.iterdir(), key=lambda p: int(p.name)):
+                with contextlib.suppress(OSError):
+                    listing.append(f"{entry.name} -> {os.readlink(entry)}")
+            listings.append(listing)
+        listing = min(listings, key=len)
         self.fd_lists.append(listing)
         return len(listing)
 
@@ -372,10 +378,14 @@ class Sequence:
         current = launcher.current
         if current is None or not current.exited.done():
             return
-        expected = {6} if (self.broken_release or self.dep_down) and self.kills else set()
-        self.exit_codes.append((current.exited.result(), expected))
+        self.exit_codes.append((current.exited.result(), self.gave_up()))
         self.note(f"{current.pid} exited by itself with {current.exited.result()}")
         await self.start_again(launcher, appdir, dep)
+
+    def gave_up(self) -> set[int]:
+        """The truthful statuses of a service that exited by itself: 6, and only when
+        workers were killed while the release on disk was broken or the dependency down."""
+        return {6} if (self.broken_release or self.dep_down) and self.kills else set()
 
     async def restore(self, appdir: Path, dep: Dependency) -> None:
         write_app(appdir, "v1")
@@ -439,7 +449,8 @@ class Sequence:
         instance = launcher.current
         assert instance is not None
         if event == "hup":
-            launcher.send_signal(signal.SIGHUP)
+            with contextlib.suppress(ProcessLookupError):  # it may be exiting by itself
+                launcher.send_signal(signal.SIGHUP)
         elif event == "term":
             await self.stop(launcher, expected=self.kill_pending())
             await self.start_again(launcher, appdir, dep)
@@ -509,7 +520,12 @@ class Sequence:
         instance = launcher.current
         assert instance is not None
         self.note(f"SIGTERM to {instance.pid}")
-        code = await launcher.stop(timeout=90)
+        try:
+            code = await launcher.stop(timeout=90)
+        except ProcessLookupError:  # it exited by itself just before: revive() judges that
+            await instance.exited
+            self.exit_codes.append((instance.exited.result(), self.gave_up()))
+            return
         self.exit_codes.append((code, expected))
         self.note(f"{instance.pid} exited {code}")
 
