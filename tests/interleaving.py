@@ -343,18 +343,17 @@ class Sequence:
             await dep.down()
 
     def fd_count(self, launcher: Launcher) -> int:
-        """The supervisor's open fds. Each notify message opens and closes a socket of its
-        own, which a listing can catch: the smallest of a few listings is the count."""
+        """The supervisor's open fds, less the unnamed datagram socket that each notify
+        message opens and closes (sd_notify's own): a listing can catch one mid-send."""
         assert launcher.pid is not None
+        passing = notify_sockets()
         folder = Path(f"/proc/{launcher.pid}/fd")
-        listings = []
-        for _ in range(5):
-            listing = []
-            for entry in sorted(folder.iterdir(), key=lambda p: int(p.name)):
-                with contextlib.suppress(OSError):
-                    listing.append(f"{entry.name} -> {os.readlink(entry)}")
-            listings.append(listing)
-        listing = min(listings, key=len)
+        listing = []
+        for entry in sorted(folder.iterdir(), key=lambda p: int(p.name)):
+            with contextlib.suppress(OSError):
+                target = os.readlink(entry)
+                if target not in passing:
+                    listing.append(f"{entry.name} -> {target}")
         self.fd_lists.append(listing)
         return len(listing)
 
@@ -567,6 +566,19 @@ class Sequence:
             f"{len(self.stats.failures)} failed ({len(self.kills)} worker(s) killed), "
             f"back to {WORKERS} workers in {self.recovery:.2f}s, exits {self.exit_codes}"
         )
+
+
+def notify_sockets() -> set[str]:
+    """``socket:[INODE]`` of every unnamed AF_UNIX datagram socket (/proc/net/unix)."""
+    found = set()
+    with open("/proc/net/unix") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            # Num RefCount Protocol Flags Type St Inode [Path]; Type 0002 is SOCK_DGRAM
+            if len(fields) == 7 and fields[4] == "0002":
+                found.add(f"socket:[{fields[6]}]")
+    return found
 
 
 def worker_pids(instance: Instance) -> list[int]:
