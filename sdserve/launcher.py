@@ -308,7 +308,7 @@ class Launcher:
         return await self.start(timeout=timeout)
 
     async def reload(self, *, timeout: float = 60.0) -> float:
-        """Like ``Type=notify-reload``: SIGHUP, then RELOADING=1, then READY=1; returns seconds."""
+        """A plain SIGHUP, then RELOADING=1, then READY=1 (what systemd sees); returns seconds."""
         instance = self.current
         if instance is None:
             raise LaunchError("nothing to reload")
