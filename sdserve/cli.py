@@ -24,7 +24,7 @@ from .activation import ActivationError, Listener, listeners_from_environ
 from .binding import BindError, bind_all
 from .checks import CheckRegistry, checks_from_config, run_bounded
 from .config import Config, ConfigError, config_from_json, dump_toml, load_config
-from .log import configure_logging
+from .log import configure_logging, stop_logging
 from .notify import Notifier
 from .worker import ExitCode, serve_in_process
 
@@ -219,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sdserve: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
+    finally:
+        stop_logging()  # what is still queued is written (bounded: journald may be stuck)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,13 +5,25 @@ Lifecycle records carry upper-case ``extra`` fields (``SDSERVE_PHASE``,
 journal fields; on stderr they are appended as ``key=value``. Under systemd
 without a journal stream, stderr lines get ``<N>`` syslog priority prefixes,
 which journald and syslog understand.
+
+Nothing here blocks the event loop. A record is put on a bounded queue
+(:data:`QUEUE_SIZE`) and a thread of its own writes it: a journald that stalls
+(its socket full, the process stopped) stalls that thread only. When the queue is
+full, records are dropped and counted (:attr:`LogQueue.dropped`); once the writer
+catches up it logs how many were lost, once, as a warning
+(``SDSERVE_PHASE=log-dropped``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import logging.handlers
 import os
+import queue
 import sys
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
@@ -65,6 +77,87 @@ def stderr_is_journal(environ: Mapping[str, str], stream: TextIO) -> bool:
     return bool(value) and f"{st.st_dev}" == dev and f"{st.st_ino}" == ino
 
 
+#: records waiting for the writer thread; past this they are dropped
+QUEUE_SIZE = 10_000
+
+
+class LogQueue(logging.handlers.QueueHandler):
+    """Puts records on a bounded queue without waiting, for a writer thread of its own that
+    hands them to ``target``; counts what did not fit."""
+
+    def __init__(self, target: logging.Handler, size: int = QUEUE_SIZE) -> None:
+        self.records: queue.Queue[logging.LogRecord | None] = queue.Queue(size)
+        super().__init__(self.records)
+        self.target = target
+        self.dropped = 0
+        self._lock = threading.Lock()
+        self.writer = _Writer(self)
+        self.writer.start()
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.records.put_nowait(record)
+        except queue.Full:
+            with self._lock:
+                self.dropped += 1
+
+    def stop(self, timeout: float) -> None:
+        """Let the writer finish what is queued, for at most ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(queue.Full):
+            self.records.put(None, timeout=timeout)  # waits for room while the writer drains
+        self.writer.join(max(0.0, deadline - time.monotonic()))
+
+
+class _Writer(threading.Thread):
+    """Writes queued records to the real handler; reports drops before the next record."""
+
+    def __init__(self, source: LogQueue) -> None:
+        super().__init__(name="sdserve-log", daemon=True)
+        self.source = source
+        self.reported = 0
+
+    def run(self) -> None:
+        target = self.source.target
+        while (record := self.source.records.get()) is not None:
+            dropped = self.source.dropped
+            if dropped > self.reported:
+                target.handle(self._drop_note(dropped - self.reported, dropped))
+                self.reported = dropped
+            target.handle(record)
+
+    @staticmethod
+    def _drop_note(lost: int, total: int) -> logging.LogRecord:
+        note = logging.LogRecord(
+            "sdserve.log",
+            logging.WARNING,
+            __file__,
+            0,
+            "%d log line(s) dropped: the log target did not keep up (%d in all)",
+            (lost, total),
+            None,
+        )
+        note.__dict__.update(fields("log-dropped", dropped=lost, dropped_total=total))
+        return note
+
+
+def _queues() -> list[LogQueue]:
+    return [h for h in logging.getLogger().handlers if isinstance(h, LogQueue)]
+
+
+def stop_logging(timeout: float = 2.0) -> None:
+    """Let the writer finish what is queued, for at most ``timeout`` seconds: it may be
+    stuck on a stalled journald, and then the rest goes with the process."""
+    for source in _queues():
+        logging.getLogger().removeHandler(source)
+        source.stop(timeout)
+
+
+def dropped_lines() -> int:
+    """Log records dropped so far because the writer could not keep up."""
+    return sum(source.dropped for source in _queues())
+
+
 def configure_logging(
     target: LogTarget,
     level: LogLevel,
@@ -74,6 +167,7 @@ def configure_logging(
     """Configure the root logger; returns the target used (``journal`` or ``stderr``)."""
     env = os.environ if environ is None else environ
     out = sys.stderr if stream is None else stream
+    stop_logging()
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -87,11 +181,11 @@ def configure_logging(
         except ImportError as exc:
             missing = str(exc)
         else:
-            root.addHandler(JournalHandler(SYSLOG_IDENTIFIER="sdserve"))
+            root.addHandler(LogQueue(JournalHandler(SYSLOG_IDENTIFIER="sdserve")))
             return "journal"
     handler = logging.StreamHandler(out)
     handler.setFormatter(StderrFormatter(syslog_prefix=under_systemd))
-    root.addHandler(handler)
+    root.addHandler(LogQueue(handler))
     if missing:
         logging.getLogger("sdserve").warning(
             "cannot log to the journal (%s): logging to stderr instead", missing

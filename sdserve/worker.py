@@ -66,6 +66,7 @@ from .config import Config, ConfigError
 from .control import ControlServer
 from .drain import TrackedRequestHandler, Tracker
 from .log import fields as _fields
+from .log import stop_logging
 from .monitor import CheckMonitor
 from .notify import Notifier
 from .state import Phase, WorkerState
@@ -578,6 +579,6 @@ async def serve_in_process(
         close_listeners(listeners)
     if code is ExitCode.FORCED:
         # at once: no waiting for handlers to unwind
-        logging.shutdown()
+        stop_logging(timeout=0.5)
         os._exit(code)
     return int(code)
