@@ -95,7 +95,19 @@ class NotifySink:
         self._on_message = on_message
         self._keep = keep
         self._arrived = asyncio.Event()
-        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_readable)
+        self._reading = False
+        self.resume()
+
+    def pause(self) -> None:
+        """Stop reading: senders find the socket's queue full (a busy PID 1)."""
+        if self._reading:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self._reading = False
+
+    def resume(self) -> None:
+        if not self._reading:
+            asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_readable)
+            self._reading = True
 
     def drain(self) -> None:
         """Handle every message already queued on the socket, now."""
@@ -150,7 +162,7 @@ class NotifySink:
 
     def close(self) -> None:
         with contextlib.suppress(ValueError, OSError):
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.pause()
         self.sock.close()
         if self.path is not None:
             with contextlib.suppress(FileNotFoundError):

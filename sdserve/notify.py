@@ -1,18 +1,35 @@
 """The only writer to systemd: READY, STATUS, STOPPING, RELOADING, EXTEND_TIMEOUT_USEC, WATCHDOG.
 
-Back ends: systemd-python's ``systemd.daemon.notify`` (libsystemd's sd_notify)
-where it imports, the pure-Python ``sdnotify`` otherwise. Without
-``NOTIFY_SOCKET`` nothing is sent. A message that cannot be sent is logged with
-the reason, never swallowed; the service goes on, because systemd then decides
-(a start without READY=1 times out, a watchdog without pings restarts it).
+Without ``NOTIFY_SOCKET`` nothing is sent. A message that cannot be sent is logged
+with the reason, never swallowed; the service goes on, because systemd then
+decides (a start without READY=1 times out, a watchdog without pings restarts it).
+
+**From an event loop, a send never blocks.** The notify socket is a datagram
+socket, and a sender blocks when the reader's queue is full: PID 1 busy, or a
+supervisor whose loop is itself blocked. A blocked send would stall the loop, and
+its watchdog pings, and every request. So within a running loop, messages go out
+on a non-blocking socket of the notifier's own, connected once; when the reader's
+queue is full they wait in an outbox, sent in order once the socket is writable
+again. Waiting ``WATCHDOG=1`` pings are coalesced into one, and a ``STATUS=``-only
+message replaces the waiting one; every other message (``READY=1``,
+``STOPPING=1``, ``RELOADING=1``...) is kept, in order. :meth:`Notifier.flush`
+gives the outbox a bounded last chance before the process exits.
+
+Outside a running loop (a start that fails before it), the back ends send, and may
+block: systemd-python's ``systemd.daemon.notify`` (libsystemd's sd_notify) where it
+imports, the pure-Python ``sdnotify`` otherwise.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
 import os
+import select
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Literal
 
@@ -83,6 +100,12 @@ class Notifier:
         self.backend_name = "none"
         self._send: Callable[[str], None] | None = None
         self._watchdog_usec = _watchdog_usec(env)
+        #: the non-blocking socket used within an event loop, and what waits for it
+        self._sock: socket.socket | None = None
+        self._outbox: deque[str] = deque()
+        self._writing: asyncio.AbstractEventLoop | None = None
+        #: messages given up (a coalesced ping or status, or a send that failed)
+        self.dropped = 0
         if self.socket_path is None:
             return
         candidates: list[tuple[str, Callable[[], Callable[[str], None] | None]]] = []
@@ -108,21 +131,142 @@ class Notifier:
         return None if self._watchdog_usec is None else self._watchdog_usec / 2e6
 
     def send(self, *assignments: str) -> bool:
-        """Send ``KEY=VALUE`` lines as one datagram; False (and a log line) if it failed."""
+        """Send ``KEY=VALUE`` lines as one datagram; False (and a log line) if it failed.
+
+        Within a running event loop this never blocks: a message the socket cannot take
+        now waits in the outbox (True: it will be sent).
+        """
         if self._send is None:
             return False
         message = "\n".join(assignments)
         try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return self._send_blocking(message)
+        return self._send_from(loop, message)
+
+    def _send_blocking(self, message: str) -> bool:
+        assert self._send is not None
+        try:
             self._send(message)
         except OSError as exc:
-            log.error(
-                "could not notify systemd at %s (%s): %s",
-                self.socket_path,
-                message.replace("\n", " "),
-                exc,
-            )
+            self._failed(message, exc)
             return False
         return True
+
+    def _failed(self, message: str, exc: OSError) -> None:
+        self.dropped += 1
+        log.error(
+            "could not notify systemd at %s (%s): %s",
+            self.socket_path,
+            message.replace("\n", " "),
+            exc,
+        )
+
+    # -- within a loop: never blocking -------------------------------------------------
+
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            assert self.socket_path is not None
+            address = self.socket_path
+            if address.startswith("@"):
+                address = "\0" + address[1:]
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            sock.setblocking(False)
+            try:
+                sock.connect(address)
+            except OSError:
+                sock.close()
+                raise
+            self._sock = sock
+        return self._sock
+
+    def _reset(self) -> None:
+        if self._writing is not None and self._sock is not None:
+            self._writing.remove_writer(self._sock.fileno())
+            self._writing = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _send_from(self, loop: asyncio.AbstractEventLoop, message: str) -> bool:
+        if self._outbox:  # keep the order: behind what waits
+            self._enqueue(message)
+            return True
+        for attempt in (1, 2):
+            try:
+                self._socket().send(message.encode())
+                return True
+            except BlockingIOError:
+                self._enqueue(message)
+                self._wait_writable(loop)
+                return True
+            except OSError as exc:
+                # the reader went away and may be back under the same name (a systemd
+                # re-exec): connect again, once
+                self._reset()
+                if attempt == 2 or exc.errno not in _RECONNECT:
+                    self._failed(message, exc)
+                    return False
+        return False  # pragma: no cover - the loop always returns
+
+    def _enqueue(self, message: str) -> None:
+        if message == "WATCHDOG=1" or _status_only(message):
+            # a newer ping, or a newer status, replaces the one that waits
+            same = [
+                m
+                for m in self._outbox
+                if m == message or (_status_only(message) and _status_only(m))
+            ]
+            for old in same:
+                self._outbox.remove(old)
+                self.dropped += 1
+        self._outbox.append(message)
+
+    def _wait_writable(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._writing is None and self._sock is not None:
+            loop.add_writer(self._sock.fileno(), self._flush_ready)
+            self._writing = loop
+
+    def _flush_ready(self) -> None:
+        """The socket can take datagrams again: send what waits, in order."""
+        while self._outbox:
+            message = self._outbox[0]
+            try:
+                self._socket().send(message.encode())
+            except BlockingIOError:
+                return  # still full: wait for the next writable event
+            except OSError as exc:
+                self._outbox.popleft()
+                self._failed(message, exc)
+                continue
+            self._outbox.popleft()
+        if self._writing is not None and self._sock is not None:
+            self._writing.remove_writer(self._sock.fileno())
+            self._writing = None
+
+    @property
+    def pending(self) -> int:
+        """Messages waiting for the notify socket's reader."""
+        return len(self._outbox)
+
+    def flush(self, timeout: float) -> None:
+        """Before the process exits: send what waits, waiting for the socket at most
+        ``timeout`` seconds in all; what is left then is logged as lost."""
+        deadline = time.monotonic() + timeout
+        while self._outbox and self._sock is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            _, writable, _ = select.select([], [self._sock], [], left)
+            if writable:
+                self._flush_ready()
+        if self._outbox:
+            lost = " | ".join(m.replace("\n", " ") for m in self._outbox)
+            log.error("notify socket %s not read: lost %s", self.socket_path, lost)
+            self.dropped += len(self._outbox)
+            self._outbox.clear()
+        self._reset()
 
     def ready(self, status: str | None = None) -> bool:
         lines = ["READY=1"]
@@ -153,6 +297,13 @@ class Notifier:
 
     def main_pid(self, pid: int) -> bool:
         return self.send(f"MAINPID={pid}")
+
+
+_RECONNECT = {errno.ECONNREFUSED, errno.ENOTCONN, errno.EPIPE, errno.ENOENT}
+
+
+def _status_only(message: str) -> bool:
+    return message.startswith("STATUS=") and "\n" not in message
 
 
 def _watchdog_usec(env: Mapping[str, str]) -> int | None:

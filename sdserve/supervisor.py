@@ -308,6 +308,7 @@ class Supervisor:
             self._channel.close()
             for sig in handled:
                 loop.remove_signal_handler(sig)
+            self.notifier.flush(timeout=1.0)  # the last messages to systemd, bounded
 
     async def _ping_systemd(self, interval: float) -> None:
         # systemd stops watching once STOPPING=1 is sent; so do the pings

@@ -577,6 +577,7 @@ async def serve_in_process(
         if control is not None:
             control.close()
         close_listeners(listeners)
+        notifier.flush(timeout=1.0)  # the last messages (a start failure...), bounded
     if code is ExitCode.FORCED:
         # at once: no waiting for handlers to unwind
         stop_logging(timeout=0.5)

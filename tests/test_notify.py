@@ -1,4 +1,5 @@
-"""Both notify back ends send what a real notify socket reads."""
+"""Notify: the back ends (outside a loop) and the non-blocking sender (within one) send what a
+real notify socket reads; a socket nobody reads never blocks the loop."""
 
 from __future__ import annotations
 
@@ -33,12 +34,18 @@ async def test_backend_sends_every_message(
         assert (
             notifier.backend_name == {"systemd": "systemd-python", "sdnotify": "sdnotify"}[backend]
         )
-        assert notifier.status("checking db")
-        assert notifier.extend_timeout(2.5)
-        assert notifier.ready("serving")
-        assert notifier.reloading()
-        assert notifier.watchdog()
-        assert notifier.stopping()
+
+        def send_all() -> list[bool]:  # outside a loop (this thread has none): the back end
+            return [
+                notifier.status("checking db"),
+                notifier.extend_timeout(2.5),
+                notifier.ready("serving"),
+                notifier.reloading(),
+                notifier.watchdog(),
+                notifier.stopping(),
+            ]
+
+        assert await asyncio.to_thread(send_all) == [True] * 6
         got = [await sink.expect(lambda m: True, timeout=5, start=i) for i in range(6)]
     finally:
         sink.close()
@@ -100,3 +107,53 @@ async def test_sink_reports_sender_pid(sink_dir: Path) -> None:
         sink.close()
     assert message.fields["STATUS"] == "from a child"
     assert message.pid == proc.pid
+
+
+@pytest.mark.asyncio
+async def test_within_a_loop_an_unread_socket_never_blocks_and_order_is_kept(
+    sink_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = NotifySink(sink_dir / "n.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sink.path))
+    notifier = Notifier()
+    try:
+        sink.pause()  # nobody reads: the socket's queue fills after a few datagrams
+        assert notifier.ready("serving")
+        for i in range(5000):  # a blocking send would hang here (the pytest timeout)
+            assert notifier.watchdog()
+            assert notifier.status(f"status {i}")
+        assert notifier.stopping("bye")
+        waiting = notifier.pending
+        assert 0 < waiting <= 4  # the pings and statuses that wait were coalesced
+        assert notifier.dropped > 9000
+        sink.resume()
+        await sink.expect(lambda m: m.has("STOPPING", "1"), timeout=10)
+    finally:
+        notifier.flush(timeout=1)
+        sink.close()
+    kinds = [next(iter(m.fields)) for m in sink.messages]
+    # READY=1 and STOPPING=1 arrived, in order, and the last status is the newest one
+    assert kinds.index("READY") < kinds.index("STOPPING")
+    statuses = [m.fields["STATUS"] for m in sink.messages if set(m.fields) == {"STATUS"}]
+    assert statuses[-1] == "status 4999"
+    assert notifier.pending == 0
+
+
+@pytest.mark.asyncio
+async def test_flush_gives_up_on_a_socket_nobody_reads(
+    sink_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = NotifySink(sink_dir / "n.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sink.path))
+    notifier = Notifier()
+    try:
+        sink.pause()
+        for i in range(50):
+            notifier.send(f"X_TEST={i}")  # none of these is coalesced
+        assert notifier.pending > 0
+        with caplog.at_level(logging.ERROR, logger="sdserve.notify"):
+            notifier.flush(timeout=0.2)
+    finally:
+        sink.close()
+    assert notifier.pending == 0
+    assert "not read: lost X_TEST=" in caplog.text
