@@ -46,7 +46,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .checks import Check, CheckFailed, CheckFunc, CheckRegistry, registry
+from .checks import Check, CheckFailed, CheckFunc, CheckRegistry, CheckThread, registry
 from .config import ConfigError
 
 __all__ = [
@@ -196,12 +196,13 @@ _FAMILIES = {"any": socket.AF_UNSPEC, "ipv4": socket.AF_INET, "ipv6": socket.AF_
 
 
 def dns(name: str, *, family: str = "any") -> CheckFunc:
-    """Resolve ``name`` (the system resolver, as the application would)."""
+    """Resolve ``name`` (the system resolver, as the application would), in the check's own
+    thread: a resolver that hangs cannot take the loop's own lookups with it."""
     fam = _FAMILIES[family]
+    thread = CheckThread(f"resolving {name}")
 
     async def check() -> str:
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(name, None, family=fam, type=socket.SOCK_STREAM)
+        infos = await thread.call(socket.getaddrinfo, name, None, fam, socket.SOCK_STREAM)
         addresses = sorted({str(info[4][0]) for info in infos})
         if not addresses:
             raise CheckFailed(f"{name} resolved to no address")
@@ -213,9 +214,10 @@ def dns(name: str, *, family: str = "any") -> CheckFunc:
 
 def disk(path: str, *, min_free: int = 0, min_free_percent: float = 0.0) -> CheckFunc:
     """Free space for unprivileged users on the filesystem of ``path``."""
+    thread = CheckThread(f"statvfs({path})")
 
     async def check() -> str:
-        st = await asyncio.to_thread(os.statvfs, path)
+        st = await thread.call(os.statvfs, path)
         free = st.f_bavail * st.f_frsize
         total = st.f_blocks * st.f_frsize
         percent = 100.0 * free / total if total else 0.0
@@ -231,10 +233,11 @@ def disk(path: str, *, min_free: int = 0, min_free_percent: float = 0.0) -> Chec
 
 def file_exists(path: str) -> CheckFunc:
     """``path`` must exist (a flag file, a mounted volume, a certificate...)."""
+    thread = CheckThread(f"stat({path})")
 
     async def check() -> str:
         try:
-            await asyncio.to_thread(os.stat, path)
+            await thread.call(os.stat, path)
         except FileNotFoundError:
             raise CheckFailed(f"{path} does not exist") from None
         return f"{path} exists"

@@ -9,6 +9,14 @@ with just its message. Outputs are redacted of ``CheckRegistry.secrets``.
 
 :func:`run_check` never waits longer than the check's timeout, even for a check
 that ignores cancellation: such a run is abandoned (and reaped when it ends).
+
+Blocking calls (``stat`` on a network mount, the system resolver) go through a
+:class:`CheckThread`: a thread of the check's own, one at a time. A call that does
+not return within the timeout leaves its thread behind, and the check reports
+itself hung until that thread returns, instead of starting one more thread at every
+interval. These threads are not the event loop's default executor, so a hung mount
+or resolver cannot starve ``loop.getaddrinfo`` (and the HTTP and TCP checks that
+need it), and they never keep the process from exiting.
 :func:`wait_until_ready` is the start-up gate: it retries failing critical checks
 with backoff until they all pass or the start deadline passes.
 """
@@ -16,7 +24,10 @@ with backoff until they all pass or the start deadline passes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -134,6 +145,64 @@ def add_warmup(
     step = Warmup(name, func, timeout)
     registry(app).warmups.append(step)
     return step
+
+
+#: the OS name of check threads (``top -H``, ``/proc/PID/task/*/comm``)
+THREAD_NAME = "sdserve-check"
+_PR_SET_NAME = 15
+
+
+def _name_this_thread(name: str) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
+class CheckThread:
+    """Runs the blocking calls of one check in a daemon thread of its own, one at a time.
+
+    While a call has not returned (a hung NFS mount, a resolver that does not answer),
+    :meth:`call` fails at once, saying since when, and starts no other thread.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        #: ``time.monotonic()`` of the call that has not returned yet, or None
+        self.busy_since: float | None = None
+
+    async def call(self, func: Callable[..., T], *args: Any) -> T:
+        if self.busy_since is not None:
+            hung = time.monotonic() - self.busy_since
+            raise CheckFailed(
+                f"hung: {self.what} has not returned for {hung:.0f}s "
+                "(its thread is waited for, no other is started)"
+            )
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+
+        def deliver(result: T | None, error: BaseException | None) -> None:
+            if done.done():  # the wait was given up (the check's timeout)
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)  # type: ignore[arg-type]
+
+        def work() -> None:
+            _name_this_thread(THREAD_NAME)
+            result: T | None = None
+            error: BaseException | None = None
+            try:
+                result = func(*args)
+            except BaseException as exc:  # raised in the loop, by the caller
+                error = exc
+            finally:
+                self.busy_since = None
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(deliver, result, error)
+
+        self.busy_since = time.monotonic()
+        threading.Thread(target=work, name=f"sdserve-check {self.what}", daemon=True).start()
+        return await done
 
 
 class CheckFailed(Exception):

@@ -5,7 +5,8 @@
 - ``GET /``: at once;
 - ``GET /slow?ms=N``: after N ms;
 - ``GET /block?s=N``: tells the gate (``TESTAPP_GATE``) ``block-PID``, then blocks the event
-  loop for N seconds (a stuck worker, for the watchdog).
+  loop for N seconds (a stuck worker, for the watchdog);
+- ``GET /resolve?name=NAME``: ``loop.getaddrinfo`` of NAME, as a client library would.
 
 ``extra`` lines go into ``create_app`` (indented by four spaces), e.g. one of
 :data:`BAD_RELEASES`.
@@ -31,7 +32,15 @@ def create_app():
 {extra}
     app.router.add_get("/slow", slow)
     app.router.add_get("/block", block)
+    app.router.add_get("/resolve", resolve)
     return app
+
+
+async def resolve(request):
+    import asyncio
+
+    infos = await asyncio.get_running_loop().getaddrinfo(request.query["name"], 80)
+    return web.Response(text=f"{{VERSION}} {{os.getpid()}} {{infos[0][4][0]}}\\n")
 
 
 async def slow(request):

@@ -222,7 +222,8 @@ async def test_readiness_hysteresis_and_status(sink: NotifySink) -> None:
     reg.add(Check("db", scripted, timeout=30, interval=0.01))
     state = WorkerState(registry=reg, phase=Phase.READY, ready_at=time.monotonic())
     state.record([result("db", True)])
-    monitor = CheckMonitor(state, reg, HealthConfig(fail_threshold=3, pass_threshold=2), Notifier())
+    notifier = Notifier()
+    monitor = CheckMonitor(state, reg, HealthConfig(fail_threshold=3, pass_threshold=2), notifier)
     monitor.start()
     script = [
         (False, True),  # 1 failure: still ready
@@ -246,6 +247,7 @@ async def test_readiness_hysteresis_and_status(sink: NotifySink) -> None:
     finally:
         await monitor.stop()
         monitor.close()
+        notifier.flush(timeout=1)
     assert monitor.running == 0
     statuses = [m.fields["STATUS"] for m in sink.messages if "STATUS" in m.fields]
     # STATUS= follows every change; readiness itself moved only at the thresholds
