@@ -2,12 +2,16 @@
 
 The public API, for applications::
 
-    from sdserve import add_check, add_warmup
+    from sdserve import add_check, add_warmup, draining
 
     def create_app() -> web.Application:
         app = web.Application()
         add_check(app, "db", check_db, timeout=2.0)
         return app
+
+    async def events(request):  # a stream that ends when the drain begins
+        ...
+        await draining(request).wait()
 
 and for embedding or tests: :func:`load_config`, :class:`Config`, :class:`Notifier`,
 :class:`Worker`, the socket helpers, and the exceptions below.
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
     from .binding import bind_address as bind_address
     from .checks import Check as Check
     from .checks import CheckResult as CheckResult
+    from .checks import CheckThread as CheckThread
     from .checks import StartupFailed as StartupFailed
     from .checks import add_check as add_check
     from .checks import add_warmup as add_warmup
@@ -45,6 +50,8 @@ if TYPE_CHECKING:
     from .config import ConfigError as ConfigError
     from .config import HealthConfig as HealthConfig
     from .config import load_config as load_config
+    from .drain import add_drain_hook as add_drain_hook
+    from .drain import draining as draining
     from .notify import Notifier as Notifier
     from .worker import ExitCode as ExitCode
     from .worker import Worker as Worker
@@ -54,6 +61,7 @@ _EXPORTS = {
     "AppLoadError": ".appload",
     "BindError": ".binding",
     "Check": ".checks",
+    "CheckThread": ".checks",
     "CheckResult": ".checks",
     "Config": ".config",
     "ConfigError": ".config",
@@ -64,8 +72,10 @@ _EXPORTS = {
     "StartupFailed": ".checks",
     "Worker": ".worker",
     "add_check": ".checks",
+    "add_drain_hook": ".drain",
     "add_warmup": ".checks",
     "bind_address": ".binding",
+    "draining": ".drain",
     "listeners_from_environ": ".activation",
     "load_config": ".config",
 }
@@ -76,6 +86,7 @@ __all__ = [
     "BindError",
     "Check",
     "CheckResult",
+    "CheckThread",
     "Config",
     "ConfigError",
     "ExitCode",
@@ -85,8 +96,10 @@ __all__ = [
     "StartupFailed",
     "Worker",
     "add_check",
+    "add_drain_hook",
     "add_warmup",
     "bind_address",
+    "draining",
     "listeners_from_environ",
     "load_config",
 ]

@@ -9,6 +9,10 @@ whatever the listening socket was (inherited or bound here).
 Stopping only stops accepting: the listening socket stays open, so with systemd
 (or the supervisor) holding it too, new connections wait in the kernel's queue
 for the next process.
+
+At ``max_connections`` (open plus being connected) the acceptor stops reading the
+socket until one closes: the kernel's queue holds the rest, and another worker
+sharing the socket takes them.
 """
 
 from __future__ import annotations
@@ -37,43 +41,74 @@ class Acceptor:
         listener: Listener,
         protocol_factory: Callable[[], asyncio.Protocol],
         tracker: Tracker,
+        max_connections: int = 0,
     ) -> None:
         self.listener = listener
         self._factory = protocol_factory
         self._tracker = tracker
+        self._max = max_connections
         self._loop = asyncio.get_running_loop()
         self._accepting = False
+        #: reading the socket (not when stopped, paused after an error, or full)
+        self._reading = False
         self._resume: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.accepted = 0
+        tracker.on_closed.append(self._room)
 
     def start(self) -> None:
         if self._accepting:
             return
         self.listener.sock.setblocking(False)
-        self._loop.add_reader(self.listener.fd, self._on_readable)
         self._accepting = True
+        self._read(True)
 
     def stop(self) -> None:
         """Stop accepting; connections already accepted are still served."""
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
-        if self._accepting:
+        self._accepting = False
+        self._read(False)
+
+    def _read(self, on: bool) -> None:
+        if on and not self._reading:
+            self._loop.add_reader(self.listener.fd, self._on_readable)
+        elif not on and self._reading:
             self._loop.remove_reader(self.listener.fd)
-            self._accepting = False
+        self._reading = on
+
+    def _full(self) -> bool:
+        held = len(self._tracker.connections) + self._tracker.pending_accepts
+        return bool(self._max) and held >= self._max
+
+    def _room(self) -> None:
+        """A connection closed: accept again if it was full."""
+        if self._accepting and not self._reading and self._resume is None and not self._full():
+            self._read(True)
 
     def _pause(self) -> None:
-        self._loop.remove_reader(self.listener.fd)
+        self._read(False)
         self._resume = self._loop.call_later(RESOURCE_PAUSE, self._unpause)
 
     def _unpause(self) -> None:
         self._resume = None
-        if self._accepting:
-            self._loop.add_reader(self.listener.fd, self._on_readable)
+        if self._accepting and not self._full():
+            self._read(True)
 
     def _on_readable(self) -> None:
         for _ in range(ACCEPT_BATCH):
+            if self._full():
+                self._tracker.rejected["connection_limit"] += 1
+                log.warning(
+                    "%d connections open on %s (max_connections): not accepting until one "
+                    "closes; the kernel's queue holds the rest",
+                    self._max,
+                    self.listener.address,
+                    extra={"SDSERVE_PHASE": "limit", "SDSERVE_LIMIT": "max_connections"},
+                )
+                self._read(False)
+                return
             try:
                 conn, _addr = self.listener.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -108,3 +143,6 @@ class Acceptor:
         finally:
             self._tracker.pending_accepts -= 1
             self._tracker.changed()
+            # for a moment a new connection is counted twice (open, and still pending):
+            # an acceptor that paused then looks again
+            self._room()

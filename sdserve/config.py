@@ -103,8 +103,28 @@ class Config:
     idle_grace: float = 1.0
     #: the app's on_shutdown / on_cleanup hooks get this long
     cleanup_timeout: float = 5.0
-    #: close keep-alive connections idle for this long
-    keepalive_timeout: float = 75.0
+    #: close keep-alive connections idle for this long (below shutdown_timeout, and far below
+    #: nginx's 75 s; not gunicorn's 2 s, which pooled clients and load balancers race)
+    keepalive_timeout: float = 15.0
+    #: a request's line and headers must arrive within this long of its first byte, else
+    #: 408 and the connection closes (slowloris; nginx's client_header_timeout is 60 s)
+    header_timeout: float = 10.0
+    #: the longest request line (method, URL, version), in bytes: 414 past it (gunicorn's
+    #: limit_request_line)
+    max_request_line: int = 4094
+    #: the longest header field (name and value) in bytes, and the most header fields: 431
+    #: past them (gunicorn's limit_request_field_size and limit_request_fields)
+    max_header_size: int = 8190
+    max_headers: int = 100
+    #: the largest request body by its Content-Length, in bytes: 413 past it, before the
+    #: handler runs (nginx's client_max_body_size, and aiohttp's client_max_size); 0: none
+    max_body_size: int = 1_048_576
+    #: connections one process holds at most; past it, it stops accepting and the kernel's
+    #: queue holds the rest for another worker (nginx's worker_connections, 512)
+    max_connections: int = 512
+    #: a request running longer is cancelled: 503 with Retry-After if its response had not
+    #: begun (0: no limit; health probes are never bounded)
+    request_timeout: float = 0.0
     #: answer 503 (with Retry-After) past this many requests in flight per process; 0 = no limit
     max_concurrency: int = 0
     #: on reload, each new worker must be ready within this long of its start
@@ -301,6 +321,12 @@ def _validate(cfg: Config, problems: _Problems) -> None:
     positive("shutdown_timeout", cfg.shutdown_timeout)
     positive("cleanup_timeout", cfg.cleanup_timeout)
     positive("keepalive_timeout", cfg.keepalive_timeout)
+    positive("header_timeout", cfg.header_timeout)
+    non_negative("request_timeout", cfg.request_timeout)
+    non_negative("max_body_size", cfg.max_body_size)
+    for key in ("max_request_line", "max_header_size", "max_headers", "max_connections"):
+        if getattr(cfg, key) < 1:
+            problems.add(key, f"must be at least 1, got {getattr(cfg, key)}")
     positive("reload_timeout", cfg.reload_timeout)
     positive("retry_initial", cfg.retry_initial)
     positive("crash_window", cfg.crash_window)

@@ -5,6 +5,8 @@
 - ``GET /block?ms=N``: blocks the event loop for N ms (at most 60 s), to show the watchdog;
   only with ``DEMO_ALLOW_BLOCK=1``, since anyone who reaches it can stall the service.
 - ``GET /ws``: a WebSocket that echoes.
+- ``GET /events``: server-sent events, a tick a second, until the drain begins: then a
+  ``goodbye`` event, and the stream ends (so a drain never waits for it).
 
 For the test bed, readiness can be tied to something a test controls:
 ``DEMO_WAIT_TCP=HOST:PORT`` adds a critical check that connects there, and
@@ -15,12 +17,14 @@ that takes that long (a slow start, for reload tests).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 
 from aiohttp import WSMsgType, web
 
 from .checks import add_check, add_warmup
+from .drain import draining
 
 MAX_MS = 60_000
 
@@ -65,6 +69,26 @@ async def echo(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+async def events(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    drain = draining(request)
+    tick = 0
+    try:
+        while not drain.is_set():
+            await response.write(f"id: {tick}\ndata: tick {tick}\n\n".encode())
+            tick += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(drain.wait(), 1.0)  # the stream's own pace
+        await response.write(b"event: goodbye\ndata: the server is restarting, reconnect\n\n")
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client left
+    return response
+
+
 def create_app() -> web.Application:
     app = web.Application()
     app.router.add_get("/", index)
@@ -72,6 +96,7 @@ def create_app() -> web.Application:
     if os.environ.get("DEMO_ALLOW_BLOCK") == "1":
         app.router.add_get("/block", block)
     app.router.add_get("/ws", echo)
+    app.router.add_get("/events", events)
     if target := os.environ.get("DEMO_WAIT_TCP"):
         host, _, port = target.rpartition(":")
 

@@ -18,9 +18,32 @@ see a reset or an empty reply. sdserve drains like this instead:
 5. WebSockets are closed with 1001 (going away);
 6. at the deadline the handlers still running are cancelled and reported.
 
-Idle detection uses one piece of aiohttp's protocol state (the future its
-request loop parks on between requests), the same signal aiohttp's own
-keep-alive timer uses; :func:`is_parked` is the only place that reads it.
+Every connection is bounded, whatever its client does:
+
+7. a connection that sends bytes but no complete request line and headers within
+   ``header_timeout`` (counted from its first byte) gets 408 and is closed, in a
+   drain or not (slowloris);
+8. a response still being written when the drain starts (a large body, a file)
+   finishes, bounded by ``shutdown_timeout``, and its connection closes after it;
+9. pipelined requests already read are all answered: only the last of them carries
+   ``Connection: close``.
+
+The application sees the drain begin: :func:`draining` is an event set at that
+moment (a server-sent-events or long-poll handler waits on it to say goodbye and
+end), the hooks of :func:`add_drain_hook` run then, and so do the app's
+``on_shutdown`` hooks, as in aiohttp's own order; handlers are then awaited up to
+the deadline, and ``on_cleanup`` runs after the last request.
+
+Limits are answered with their status and counted in :attr:`Tracker.rejected`: 408
+(header timeout), 413 (a declared body over ``max_body_size``), 414 (request line
+over ``max_request_line``), 431 (a header field over ``max_header_size``, or more
+than ``max_headers``), 503 with ``Retry-After`` (``max_concurrency``, and
+``request_timeout`` when the response had not started).
+
+Two pieces of aiohttp's protocol state are read, each in one function: the future
+its request loop parks on between requests (:func:`is_parked`, the same signal
+aiohttp's own keep-alive timer uses) and its queue of requests already read
+(:func:`queued_requests`).
 """
 
 from __future__ import annotations
@@ -33,11 +56,13 @@ import socket
 import termios
 import time
 import weakref
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSCloseCode, web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 log = logging.getLogger("sdserve.drain")
@@ -49,6 +74,100 @@ def is_parked(proto: RequestHandler) -> bool:
     """True when the connection's request loop waits for the next request, none queued."""
     waiter: asyncio.Future[None] | None = getattr(proto, "_waiter", None)
     return waiter is not None and not waiter.done()
+
+
+def in_progress(proto: RequestHandler) -> bool:
+    """A request of this connection is being handled or its response written."""
+    return bool(getattr(proto, "_request_in_progress", False))
+
+
+def queued_requests(proto: RequestHandler) -> int:
+    """Requests read from the connection (pipelined) whose handler has not started yet."""
+    return len(getattr(proto, "_messages", ()))
+
+
+# -- what the application sees of the drain ---------------------------------------------
+
+DrainHook = Callable[[web.Application], Awaitable[None]]
+DRAINING = web.AppKey("sdserve.draining", asyncio.Event)
+DRAIN_HOOKS = web.AppKey("sdserve.drain_hooks", list[DrainHook])
+
+
+def draining(target: web.Application | web.Request) -> asyncio.Event:
+    """The event set when this worker's drain begins (a stop, or a reload replacing it).
+
+    Pass the application (in its factory or hooks) or a request (in a handler, also of a
+    sub-application). A handler of a stream that never ends by itself (server-sent events,
+    a long poll) waits on it, says goodbye and returns, so the drain need not wait for it.
+    """
+    if isinstance(target, web.Request):
+        found = target.config_dict.get(DRAINING)
+        return found if found is not None else asyncio.Event()  # not run by sdserve
+    event = target.get(DRAINING)
+    if event is None:
+        event = asyncio.Event()
+        target[DRAINING] = event
+    return event
+
+
+def add_drain_hook(app: web.Application, hook: DrainHook) -> None:
+    """Run ``await hook(app)`` when the drain begins, before the app's ``on_shutdown``."""
+    hooks = app.get(DRAIN_HOOKS)
+    if hooks is None:
+        hooks = []
+        app[DRAIN_HOOKS] = hooks
+    hooks.append(hook)
+
+
+def prepare_app(app: web.Application) -> None:
+    """Before the app is frozen: make sure its drain event exists."""
+    draining(app)
+
+
+async def announce_drain(app: web.Application, deadline: float) -> None:
+    """The drain begins: set the event, run the drain hooks, then ``on_shutdown``, all within
+    ``deadline`` (loop time). A hook that raises is logged and the next one runs."""
+    draining(app).set()
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout_at(deadline):
+            for hook in list(app.get(DRAIN_HOOKS) or ()):
+                try:
+                    await hook(app)
+                except Exception as exc:
+                    log.error(
+                        "drain hook %s failed: %r",
+                        getattr(hook, "__qualname__", hook),
+                        exc,
+                        exc_info=exc,
+                        extra={"SDSERVE_PHASE": "drain"},
+                    )
+            await app.shutdown()  # on_shutdown, as aiohttp runs it
+    except TimeoutError:
+        log.error(
+            "the drain and on_shutdown hooks did not finish before the shutdown deadline "
+            "(%.1fs late)",
+            loop.time() - deadline,
+            extra={"SDSERVE_PHASE": "drain"},
+        )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What bounds one connection and one request (see :class:`sdserve.config.Config`)."""
+
+    header_timeout: float = 10.0
+    max_body_size: int = 0
+    request_timeout: float = 0.0
+    max_request_line: int = 8190
+    max_header_size: int = 8190
+
+
+_TIMEOUT_BODY = b"the request did not arrive in time\n"
+_REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
+)
 
 
 def unread_bytes(proto: RequestHandler) -> int:
@@ -89,9 +208,16 @@ class DrainReport:
 class Tracker:
     """Tracks connections, in-flight requests and WebSockets of one worker, and drains them."""
 
-    def __init__(self, idle_grace: float, max_concurrency: int = 0) -> None:
+    def __init__(
+        self, idle_grace: float, max_concurrency: int = 0, limits: Limits | None = None
+    ) -> None:
         self.idle_grace = idle_grace
         self.max_concurrency = max_concurrency
+        self.limits = limits or Limits()
+        #: requests and connections refused by a limit, by reason
+        self.rejected: Counter[str] = Counter()
+        #: called when a connection closes (an acceptor paused at its limit resumes)
+        self.on_closed: list[Callable[[], None]] = []
         self.connections: set[TrackedRequestHandler] = set()
         #: in-flight requests by id(request) (requests are mutable mappings, not hashable)
         self.inflight: dict[int, InFlight] = {}
@@ -123,23 +249,33 @@ class Tracker:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        proto = request.protocol
+        if isinstance(proto, TrackedRequestHandler):
+            proto.request_started()
+        limits = self.limits
         if (
             self.max_concurrency
             and len(self.inflight) >= self.max_concurrency
             and request.path not in self.exempt_paths
         ):
+            self.rejected["overload"] += 1
             raise web.HTTPServiceUnavailable(
                 headers={"Retry-After": "1"}, text="overloaded, retry shortly\n"
             )
+        length = request.content_length
+        if limits.max_body_size and length is not None and length > limits.max_body_size:
+            self.rejected["body_too_large"] += 1
+            raise web.HTTPRequestEntityTooLarge(max_size=limits.max_body_size, actual_size=length)
         self.requests_total += 1
         if self.requests_total == self.request_limit and self.on_limit is not None:
             self.on_limit()
         self.inflight[id(request)] = InFlight(request, time.monotonic())
-        proto = request.protocol
         if isinstance(proto, TrackedRequestHandler):
             self._cancel_timer(proto)
         try:
-            return await handler(request)
+            if not limits.request_timeout or request.path in self.exempt_paths:
+                return await handler(request)
+            return await self._bounded(request, handler)
         finally:
             del self.inflight[id(request)]
             if self.draining:
@@ -150,6 +286,29 @@ class Tracker:
                     self._arm(proto)
             self._changed.set()
 
+    async def _bounded(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The handler within ``request_timeout``; 503 if it ran out before responding."""
+        scope = asyncio.timeout(self.limits.request_timeout)
+        try:
+            async with scope:
+                return await handler(request)
+        except TimeoutError:
+            if not scope.expired():
+                raise  # the handler's own timeout
+            self.rejected["request_timeout"] += 1
+            log.warning(
+                "request past request_timeout (%.1fs), cancelled: %s %s",
+                self.limits.request_timeout,
+                request.method,
+                request.path,
+                extra={"SDSERVE_PHASE": "limit", "SDSERVE_LIMIT": "request_timeout"},
+            )
+            if request.writer.output_size > 0:
+                raise  # the response had begun: the connection breaks off
+            raise web.HTTPServiceUnavailable(
+                headers={"Retry-After": "1"}, text="the request took too long\n"
+            ) from None
+
     async def _on_response_prepare(
         self, request: web.BaseRequest, response: web.StreamResponse
     ) -> None:
@@ -157,9 +316,10 @@ class Tracker:
             self.websockets.add(response)
             if self.draining:
                 asyncio.get_running_loop().call_soon(self._close_websocket, response)
-        elif self.draining:
+        elif self.draining and queued_requests(request.protocol) == 0:
             # aiohttp computes the Connection header before this hook runs: set both
             # the header the client sees and the flag that closes after the response.
+            # Pipelined requests already read come first: only the last says close.
             response.force_close()
             response.headers["Connection"] = "close"
 
@@ -193,8 +353,10 @@ class Tracker:
             if not any(f.request.protocol is proto for f in self.inflight.values()):
                 self._arm(proto)  # finishing a response prepared before the drain
             return
-        if proto.last_rx > idle_since or unread_bytes(proto) > 0:
-            return  # a request is arriving; it is answered with Connection: close
+        if proto.last_rx > idle_since or unread_bytes(proto) > 0 or proto.request_arriving:
+            # a request is arriving: answered with Connection: close if it completes,
+            # a 408 at its header deadline if it does not
+            return
         self.idle_closed += 1
         proto.force_close()
 
@@ -218,6 +380,14 @@ class Tracker:
         for proto in list(self.connections):
             if is_parked(proto):
                 self._arm(proto, since=proto.last_rx)
+            else:
+                if in_progress(proto) and queued_requests(proto) == 0:
+                    # a response under way (perhaps prepared before the drain, with
+                    # keep-alive): the connection closes once it is written. Not a
+                    # connection whose request is still arriving: close() would make
+                    # aiohttp drop its bytes, and it is answered with Connection: close
+                    proto.close()
+                self._arm(proto)
         self._changed.set()
 
     @property
@@ -258,6 +428,19 @@ class Tracker:
                 )
                 req.task.cancel()
             for proto in list(self.connections):
+                if in_progress(proto) and not any(
+                    f.request.protocol is proto for f in self.inflight.values()
+                ):
+                    # its handler is done, its response is not: a reader too slow for
+                    # the deadline (a large body, a file)
+                    peer = proto.transport.get_extra_info("peername") if proto.transport else None
+                    desc = f"a response still being written to {peer or 'a client'}"
+                    cancelled.append(desc)
+                    log.warning(
+                        "cutting %s at the shutdown deadline",
+                        desc,
+                        extra={"SDSERVE_PHASE": "drain"},
+                    )
                 proto.force_close()
             # the cancelled handlers unwind; give them until the cancellation settles
             await self.wait_drained(loop.time() + 1.0)
@@ -274,14 +457,16 @@ class Tracker:
 
 
 class TrackedRequestHandler(RequestHandler):
-    """aiohttp's protocol, reporting connections and received bytes to a :class:`Tracker`."""
+    """aiohttp's protocol, reporting connections and received bytes to a :class:`Tracker`,
+    with a header deadline and the limits' statuses."""
 
-    __slots__ = ("last_rx", "tracker")
+    __slots__ = ("_header_timer", "last_rx", "tracker")
 
     def __init__(self, tracker: Tracker, manager: web.Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self.tracker = tracker
         self.last_rx = 0.0
+        self._header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -293,14 +478,68 @@ class TrackedRequestHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
+        self._cancel_header_timer()
         self.tracker.connections.discard(self)
         self.tracker._cancel_timer(self)
         self.tracker.changed()
+        for callback in self.tracker.on_closed:
+            callback()
 
     def data_received(self, data: bytes) -> None:
         if data:
-            self.last_rx = asyncio.get_running_loop().time()
+            loop = asyncio.get_running_loop()
+            self.last_rx = loop.time()
+            timeout = self.tracker.limits.header_timeout
+            if self._header_timer is None and timeout > 0 and not in_progress(self):
+                # the first byte of a request: its line and headers must follow in time
+                self._header_timer = loop.call_at(self.last_rx + timeout, self._header_late)
         super().data_received(data)
+
+    @property
+    def request_arriving(self) -> bool:
+        """Bytes of a request have come, and its line and headers are not complete yet."""
+        return self._header_timer is not None
+
+    def request_started(self) -> None:
+        self._cancel_header_timer()
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_late(self) -> None:
+        self._header_timer = None
+        if self.transport is None or in_progress(self) or queued_requests(self):
+            return  # a request got through meanwhile (never a 408 into a response)
+        self.tracker.rejected["header_timeout"] += 1
+        log.debug("request headers not complete in time: 408", extra={"SDSERVE_PHASE": "limit"})
+        self.transport.write(_REQUEST_TIMEOUT)
+        self.force_close()  # the transport writes what it holds, then closes
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A request over a size limit gets 414 or 431 (aiohttp says 400), counted, and
+        without aiohttp's traceback in the log (a flood of them is an attack, not a bug)."""
+        limits = self.tracker.limits
+        reason = ""
+        if status == 400 and isinstance(exc, LineTooLong):
+            line = exc.args[1] == limits.max_request_line != limits.max_header_size
+            status, reason = (414, "request_line_too_long") if line else (431, "header_too_large")
+        elif status == 400 and isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc):
+            status, reason = 431, "too_many_headers"
+        if not reason:
+            return super().handle_error(request, status, exc, message)
+        self.tracker.rejected[reason] += 1
+        log.debug("refused a request: %s (%d)", reason, status, extra={"SDSERVE_PHASE": "limit"})
+        response = web.Response(status=status, text=f"{reason.replace('_', ' ')}\n")
+        response.force_close()
+        return response
 
 
 def set_nodelay(sock: socket.socket) -> None:

@@ -64,7 +64,7 @@ from .appload import AppLoadError, StartFailure, build_app, start_failure
 from .checks import StartupFailed, checks_from_config, registry, wait_until_ready
 from .config import Config, ConfigError
 from .control import ControlServer
-from .drain import TrackedRequestHandler, Tracker
+from .drain import Limits, TrackedRequestHandler, Tracker, announce_drain, prepare_app
 from .log import fields as _fields
 from .log import stop_logging
 from .monitor import CheckMonitor
@@ -205,7 +205,14 @@ class Worker:
         self.state = WorkerState()
         self.stage = Stage.STARTING
         self.stop_seen = False
-        self.tracker = Tracker(config.idle_grace, config.max_concurrency)
+        limits = Limits(
+            header_timeout=config.header_timeout,
+            max_body_size=config.max_body_size,
+            request_timeout=config.request_timeout,
+            max_request_line=config.max_request_line,
+            max_header_size=config.max_header_size,
+        )
+        self.tracker = Tracker(config.idle_grace, config.max_concurrency, limits)
         if config.max_requests:
             # jitter, so that workers started together are not recycled together
             jitter = random.randint(0, config.max_requests_jitter)
@@ -234,9 +241,13 @@ class Worker:
     # -- start ---------------------------------------------------------------------------
 
     def _handler_kwargs(self) -> dict[str, Any]:
+        cfg = self.config
         return {
-            "keepalive_timeout": self.config.keepalive_timeout,
-            "access_log": logging.getLogger("sdserve.access") if self.config.access_log else None,
+            "keepalive_timeout": cfg.keepalive_timeout,
+            "access_log": logging.getLogger("sdserve.access") if cfg.access_log else None,
+            "max_line_size": cfg.max_request_line,
+            "max_field_size": cfg.max_header_size,
+            "max_headers": cfg.max_headers,
         }
 
     async def _prepare(self, app: web.Application, admin: bool) -> web.AppRunner:
@@ -244,6 +255,7 @@ class Worker:
         if show.enabled and (show.placement in ("both", "admin" if admin else "main")):
             self.tracker.exempt_paths |= health.install(app, self.state, show, admin=admin)
         self.tracker.install(app)
+        prepare_app(app)  # its drain event, before aiohttp freezes it
         _reverse_hooks(app)
         kwargs = self._handler_kwargs()
         runner = web.AppRunner(app, handle_signals=False, **kwargs)
@@ -261,7 +273,9 @@ class Worker:
                     self.tracker, server, loop=asyncio.get_running_loop(), **kwargs
                 )
 
-            self._acceptors.append(Acceptor(listener, factory, self.tracker))
+            self._acceptors.append(
+                Acceptor(listener, factory, self.tracker, self.config.max_connections)
+            )
         return runner
 
     async def _start(self) -> None:
@@ -379,7 +393,14 @@ class Worker:
         self.stage = Stage.DRAINING
         for acceptor in self._acceptors:
             acceptor.stop()
-        report = await self.tracker.finish(loop.time() + cfg.shutdown_timeout)
+        deadline = loop.time() + cfg.shutdown_timeout
+        # aiohttp's order: stop accepting, then on_shutdown (where apps end their streams),
+        # then wait for the handlers; sdserve's own drain starts first, so that idle
+        # connections get their grace from now
+        self.tracker.begin_drain()
+        for runner in self._runners:
+            await announce_drain(runner.app, deadline)
+        report = await self.tracker.finish(deadline)
         log.info(
             "drained %d request(s) in %.0f ms (%d idle connection(s) closed, "
             "%d websocket(s) closed with 1001, %d cancelled)",
@@ -395,11 +416,19 @@ class Worker:
                 cancelled=len(report.cancelled),
             ),
         )
+        if self.tracker.rejected:
+            log.info(
+                "refused by limits while serving: %s",
+                ", ".join(f"{k} {v}" for k, v in sorted(self.tracker.rejected.items())),
+                extra=_fields("limits", **self.tracker.rejected),
+            )
         self.notifier.status("running cleanup hooks")
-        await self._cleanup()
+        await self._cleanup(drained=True)
         return ExitCode.OK if report.clean else ExitCode.DRAIN_TIMEOUT
 
-    async def _cleanup(self) -> None:
+    async def _cleanup(self, drained: bool = False) -> None:
+        """The apps' cleanup: after a drain only ``on_cleanup`` is left (``on_shutdown`` ran
+        as the drain began); otherwise aiohttp's own shutdown and cleanup."""
         self.stage = Stage.CLEANING
         for acceptor in self._acceptors:
             acceptor.stop()
@@ -407,7 +436,10 @@ class Worker:
         for runner in reversed(self._runners):
             try:
                 async with asyncio.timeout(self.config.cleanup_timeout):
-                    await runner.cleanup()
+                    if drained:
+                        await runner.app.cleanup()
+                    else:
+                        await runner.cleanup()
             except TimeoutError:
                 log.error(
                     "the application's shutdown/cleanup hooks did not finish in %.1fs",

@@ -215,6 +215,7 @@ async def test_cleanup_hooks_run_in_reverse_order(
     await launcher.start()
     assert await launcher.stop() == 0
     assert hooks.read_text().split() == [
+        "drain-hook-after-event",
         "shutdown-3",
         "shutdown-2",
         "shutdown-1",

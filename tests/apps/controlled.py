@@ -7,8 +7,13 @@
   event loop (a stuck worker, for the watchdog).
 - ``GET /nodelay``: whether TCP_NODELAY is set on this connection's socket.
 - ``GET /ws``: a WebSocket that echoes.
+- ``GET /events``: server-sent events, ended from ``on_shutdown`` with a goodbye event, the
+  way aiohttp's documentation ends streams (no sdserve API).
+- ``GET /file``: ``TESTAPP_FILE`` as a ``FileResponse``.
+- ``TESTAPP_SHUTDOWN_GATE=1``: an ``on_shutdown`` hook tells the gate ``on-shutdown``.
 - ``TESTAPP_READY_FILE``: a critical check that passes once the file exists.
-- ``TESTAPP_HOOKS_LOG``: on_shutdown / on_cleanup hooks append their names to it.
+- ``TESTAPP_HOOKS_LOG``: a drain hook, on_shutdown / on_cleanup hooks and released
+  ``/hold`` requests append their names to it.
 - ``TESTAPP_SLOW_FACTORY=SECONDS``: the factory blocks that long (a slow import).
 - ``TESTAPP_WARMUP=SECONDS``: a warm-up step that takes that long.
 - ``TESTAPP_STARTUP_RAISES=1``: the second on_startup hook raises.
@@ -24,7 +29,7 @@ from pathlib import Path
 
 from aiohttp import WSMsgType, web
 
-from sdserve import add_check, add_warmup
+from sdserve import add_check, add_drain_hook, add_warmup, draining
 
 
 async def index(request: web.Request) -> web.Response:
@@ -40,6 +45,9 @@ async def hold(request: web.Request) -> web.Response:
         await reader.read(1)
     finally:
         writer.close()
+    if hooks := os.environ.get("TESTAPP_HOOKS_LOG"):
+        with open(hooks, "a") as fh:  # noqa: ASYNC230 - one short line
+            fh.write(f"request-{name}\n")
     return web.Response(text=f"released {name}\n")
 
 
@@ -70,6 +78,34 @@ async def echo(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+STREAMS_END = web.AppKey("streams_end", asyncio.Event)
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(b"data: hello\n\n")
+    await request.app[STREAMS_END].wait()
+    await response.write(b"event: goodbye\ndata: bye\n\n")
+    await response.write_eof()
+    return response
+
+
+async def end_streams(app: web.Application) -> None:
+    app[STREAMS_END].set()
+
+
+async def file(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(os.environ["TESTAPP_FILE"])
+
+
+async def tell_gate(app: web.Application) -> None:
+    _reader, writer = await asyncio.open_unix_connection(os.environ["TESTAPP_GATE"])
+    writer.write(b"on-shutdown\n")
+    await writer.drain()
+    writer.close()
+
+
 def _hook(log: Path, name: str) -> object:
     async def hook(app: web.Application) -> None:
         with log.open("a") as fh:
@@ -95,6 +131,12 @@ def create_app() -> web.Application:
     app.router.add_get("/block/{name}", block)
     app.router.add_get("/nodelay", nodelay)
     app.router.add_get("/ws", echo)
+    app.router.add_get("/events", events)
+    app.router.add_get("/file", file)
+    app[STREAMS_END] = asyncio.Event()
+    app.on_shutdown.append(end_streams)
+    if os.environ.get("TESTAPP_SHUTDOWN_GATE") == "1":
+        app.on_shutdown.append(tell_gate)
     if flag := os.environ.get("TESTAPP_READY_FILE"):
 
         async def flag_file() -> bool:
@@ -112,6 +154,12 @@ def create_app() -> web.Application:
         app.on_startup.append(_raises)
     if hooks := os.environ.get("TESTAPP_HOOKS_LOG"):
         log = Path(hooks)
+
+        async def drain_hook(app: web.Application) -> None:
+            with log.open("a") as fh:  # noqa: ASYNC230 - one short line
+                fh.write("drain-hook-after-event\n" if draining(app).is_set() else "drain-hook\n")
+
+        add_drain_hook(app, drain_hook)
         for i in (1, 2, 3):
             app.on_shutdown.append(_hook(log, f"shutdown-{i}"))  # type: ignore[arg-type]
             app.on_cleanup.append(_hook(log, f"cleanup-{i}"))  # type: ignore[arg-type]
