@@ -79,6 +79,8 @@ def stderr_is_journal(environ: Mapping[str, str], stream: TextIO) -> bool:
 
 #: records waiting for the writer thread; past this they are dropped
 QUEUE_SIZE = 10_000
+#: while the writer stays behind, drops are reported at most this often (seconds)
+NOTE_INTERVAL = 10.0
 
 
 class LogQueue(logging.handlers.QueueHandler):
@@ -116,15 +118,26 @@ class _Writer(threading.Thread):
         super().__init__(name="sdserve-log", daemon=True)
         self.source = source
         self.reported = 0
+        self.next_note = time.monotonic() + NOTE_INTERVAL
 
     def run(self) -> None:
         target = self.source.target
         while (record := self.source.records.get()) is not None:
-            dropped = self.source.dropped
-            if dropped > self.reported:
-                target.handle(self._drop_note(dropped - self.reported, dropped))
-                self.reported = dropped
             target.handle(record)
+            # Drops are reported once the writer has caught up (the queue is empty: the
+            # target is back, and the next record may not come for a long time), and every
+            # NOTE_INTERVAL while it stays behind: a note per record would double the load
+            # on a target that is already too slow.
+            if self.source.records.empty() or time.monotonic() >= self.next_note:
+                self._report(target)
+        self._report(target)
+
+    def _report(self, target: logging.Handler) -> None:
+        dropped = self.source.dropped
+        if dropped > self.reported:
+            target.handle(self._drop_note(dropped - self.reported, dropped))
+            self.reported = dropped
+            self.next_note = time.monotonic() + NOTE_INTERVAL
 
     @staticmethod
     def _drop_note(lost: int, total: int) -> logging.LogRecord:
@@ -181,7 +194,11 @@ def configure_logging(
         except ImportError as exc:
             missing = str(exc)
         else:
-            root.addHandler(LogQueue(JournalHandler(SYSLOG_IDENTIFIER="sdserve")))
+            from .journal import JournalSender
+
+            # systemd-python formats the entry; our sender sends it without holding the GIL
+            journal = JournalHandler(sender_function=JournalSender(), SYSLOG_IDENTIFIER="sdserve")
+            root.addHandler(LogQueue(journal))
             return "journal"
     handler = logging.StreamHandler(out)
     handler.setFormatter(StderrFormatter(syslog_prefix=under_systemd))
