@@ -1,0 +1,87 @@
+"""The application of the drain benchmark (``bench_drain``), plain aiohttp, no sdserve API.
+
+- ``GET /``: a fast 200.
+- ``GET /slow?tag=T``: answers 200 after 300 ms (the app's own latency). When
+  ``DRAIN_APP_ARRIVALS`` names a unix socket, the handler first writes ``T`` and a
+  newline to it, so the benchmark knows the request has reached the handler.
+- ``GET /events``: server-sent events: a ``hello`` event, then nothing until the app's
+  ``on_shutdown`` hook sets an event, then a ``goodbye`` event and the end (the way
+  aiohttp's documentation ends long streams at shutdown).
+
+``create_app()`` is the factory sdserve runs. ``python -m tests.bench.drain_app --fd N``
+serves it with aiohttp's own ``web.run_app`` on the listening socket inherited as fd
+``N`` (the baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+from collections.abc import Sequence
+
+from aiohttp import web
+
+ARRIVALS_ENV = "DRAIN_APP_ARRIVALS"
+SLOW_SECONDS = 0.3
+
+STREAMS_END = web.AppKey("drain_app.streams_end", asyncio.Event)
+
+
+async def index(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def slow(request: web.Request) -> web.Response:
+    if path := os.environ.get(ARRIVALS_ENV):
+        _reader, writer = await asyncio.open_unix_connection(path)
+        try:
+            writer.write(request.query.get("tag", "").encode() + b"\n")
+            await writer.drain()
+        finally:
+            writer.close()
+    await asyncio.sleep(SLOW_SECONDS)  # the application's own latency
+    return web.Response(text="slow\n")
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(b"data: hello\n\n")
+    await request.app[STREAMS_END].wait()
+    await response.write(b"event: goodbye\ndata: bye\n\n")
+    await response.write_eof()
+    return response
+
+
+async def end_streams(app: web.Application) -> None:
+    app[STREAMS_END].set()
+
+
+def create_app() -> web.Application:
+    app = web.Application()
+    app.router.add_get("/", index)
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/events", events)
+    app[STREAMS_END] = asyncio.Event()
+    app.on_shutdown.append(end_streams)
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="serve the drain benchmark's app with aiohttp")
+    parser.add_argument("--fd", type=int, required=True, help="an inherited listening socket")
+    parser.add_argument("--shutdown-timeout", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    web.run_app(
+        create_app(),
+        sock=socket.socket(fileno=args.fd),
+        shutdown_timeout=args.shutdown_timeout,
+        handle_signals=True,
+        print=None,
+    )
+
+
+if __name__ == "__main__":
+    main()
