@@ -101,7 +101,8 @@ class Config:
     shutdown_timeout: float = 25.0
     #: an idle keep-alive connection gets this long to send one more request in a drain
     idle_grace: float = 1.0
-    #: the app's on_shutdown / on_cleanup hooks get this long
+    #: the app's on_cleanup hooks get this long (on_shutdown runs as the drain begins,
+    #: within shutdown_timeout; without a drain, both get this long)
     cleanup_timeout: float = 5.0
     #: close keep-alive connections idle for this long (below shutdown_timeout, and far below
     #: nginx's 75 s; not gunicorn's 2 s, which pooled clients and load balancers race)
