@@ -21,8 +21,9 @@ see a reset or an empty reply. sdserve drains like this instead:
 Every connection is bounded, whatever its client does:
 
 7. a connection that sends bytes but no complete request line and headers within
-   ``header_timeout`` (counted from its first byte) gets 408 and is closed, in a
-   drain or not (slowloris);
+   ``header_timeout`` (counted from its first byte) gets 408 and is closed
+   (slowloris); in a drain the bound is ``idle_grace`` from the drain's start (or the
+   first byte, if later), when that comes first;
 8. a response still being written when the drain starts (a large body, a file)
    finishes, bounded by ``shutdown_timeout``, and its connection closes after it;
 9. pipelined requests already read are all answered: only the last of them carries
@@ -377,7 +378,11 @@ class Tracker:
         self.draining = True
         for ws in list(self.websockets):
             self._close_websocket(ws)
+        now = asyncio.get_running_loop().time()
         for proto in list(self.connections):
+            # a request still arriving gets the grace to complete (then 408), not the
+            # whole header timeout: a slow or hostile client cannot hold the drain
+            proto.hurry_header(now + self.idle_grace)
             if is_parked(proto):
                 self._arm(proto, since=proto.last_rx)
             else:
@@ -490,6 +495,8 @@ class TrackedRequestHandler(RequestHandler):
             loop = asyncio.get_running_loop()
             self.last_rx = loop.time()
             timeout = self.tracker.limits.header_timeout
+            if self.tracker.draining:
+                timeout = min(timeout, self.tracker.idle_grace)
             if self._header_timer is None and timeout > 0 and not in_progress(self):
                 # the first byte of a request: its line and headers must follow in time
                 self._header_timer = loop.call_at(self.last_rx + timeout, self._header_late)
@@ -499,6 +506,14 @@ class TrackedRequestHandler(RequestHandler):
     def request_arriving(self) -> bool:
         """Bytes of a request have come, and its line and headers are not complete yet."""
         return self._header_timer is not None
+
+    def hurry_header(self, when: float) -> None:
+        """The drain began: a request still arriving must be complete by ``when`` (loop
+        time), if its own header deadline is later."""
+        timer = self._header_timer
+        if timer is not None and when < timer.when():
+            timer.cancel()
+            self._header_timer = asyncio.get_running_loop().call_at(when, self._header_late)
 
     def request_started(self) -> None:
         self._cancel_header_timer()

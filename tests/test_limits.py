@@ -209,4 +209,8 @@ async def test_a_drain_during_a_slowloris_ends_within_grace_plus_header_timeout(
     await asyncio.wait_for(asyncio.gather(*crowd), 60)
     print(f"\ndrain during slowloris x{ATTACKERS}: {took:.2f}s")
     assert code == ExitCode.OK
-    assert took <= 1 + 10 + 0.5, took
+    # the bound is idle_grace + header_timeout (11 s); in a drain a request still
+    # arriving gets the grace only, so it ends a grace after its start
+    assert took <= 1 + 10, took
+    assert took < 1 + 1.5, took
+    assert "drained 0 request(s)" in instance.log_text()
