@@ -30,6 +30,7 @@ from pathlib import Path
 from aiohttp import WSMsgType, web
 
 from sdserve import add_check, add_drain_hook, add_warmup, draining
+from tests.apps.streams import add_events
 
 
 async def index(request: web.Request) -> web.Response:
@@ -78,23 +79,6 @@ async def echo(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-STREAMS_END = web.AppKey("streams_end", asyncio.Event)
-
-
-async def events(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-    await response.prepare(request)
-    await response.write(b"data: hello\n\n")
-    await request.app[STREAMS_END].wait()
-    await response.write(b"event: goodbye\ndata: bye\n\n")
-    await response.write_eof()
-    return response
-
-
-async def end_streams(app: web.Application) -> None:
-    app[STREAMS_END].set()
-
-
 async def file(request: web.Request) -> web.FileResponse:
     return web.FileResponse(os.environ["TESTAPP_FILE"])
 
@@ -131,10 +115,8 @@ def create_app() -> web.Application:
     app.router.add_get("/block/{name}", block)
     app.router.add_get("/nodelay", nodelay)
     app.router.add_get("/ws", echo)
-    app.router.add_get("/events", events)
+    add_events(app)
     app.router.add_get("/file", file)
-    app[STREAMS_END] = asyncio.Event()
-    app.on_shutdown.append(end_streams)
     if os.environ.get("TESTAPP_SHUTDOWN_GATE") == "1":
         app.on_shutdown.append(tell_gate)
     if flag := os.environ.get("TESTAPP_READY_FILE"):

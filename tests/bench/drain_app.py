@@ -4,9 +4,8 @@
 - ``GET /slow?tag=T``: answers 200 after 300 ms (the app's own latency). When
   ``DRAIN_APP_ARRIVALS`` names a unix socket, the handler first writes ``T`` and a
   newline to it, so the benchmark knows the request has reached the handler.
-- ``GET /events``: server-sent events: a ``hello`` event, then nothing until the app's
-  ``on_shutdown`` hook sets an event, then a ``goodbye`` event and the end (the way
-  aiohttp's documentation ends long streams at shutdown).
+- ``GET /events``: server-sent events ended from ``on_shutdown``
+  (:mod:`tests.apps.streams`).
 
 ``create_app()`` is the factory sdserve runs. ``python -m tests.bench.drain_app --fd N``
 serves it with aiohttp's own ``web.run_app`` on the listening socket inherited as fd
@@ -23,10 +22,10 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from tests.apps.streams import add_events
+
 ARRIVALS_ENV = "DRAIN_APP_ARRIVALS"
 SLOW_SECONDS = 0.3
-
-STREAMS_END = web.AppKey("drain_app.streams_end", asyncio.Event)
 
 
 async def index(request: web.Request) -> web.Response:
@@ -45,27 +44,11 @@ async def slow(request: web.Request) -> web.Response:
     return web.Response(text="slow\n")
 
 
-async def events(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-    await response.prepare(request)
-    await response.write(b"data: hello\n\n")
-    await request.app[STREAMS_END].wait()
-    await response.write(b"event: goodbye\ndata: bye\n\n")
-    await response.write_eof()
-    return response
-
-
-async def end_streams(app: web.Application) -> None:
-    app[STREAMS_END].set()
-
-
 def create_app() -> web.Application:
     app = web.Application()
     app.router.add_get("/", index)
     app.router.add_get("/slow", slow)
-    app.router.add_get("/events", events)
-    app[STREAMS_END] = asyncio.Event()
-    app.on_shutdown.append(end_streams)
+    add_events(app)
     return app
 
 
