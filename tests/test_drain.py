@@ -92,6 +92,7 @@ async def test_event_stream_gets_its_goodbye_and_the_worker_exits_0_within_1s(
     writer.close()
     code, exited = await exit_status(instance)
     assert code == ExitCode.OK, instance.log_text()
+    print(f"\n{app}: goodbye sent, exit 0 {(exited - started) * 1000:.0f} ms after STOPPING=1")
     assert exited - started < 1.0, f"exited {exited - started:.2f}s after the drain began"
     assert "0 cancelled" in instance.log_text()
 
