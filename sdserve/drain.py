@@ -41,10 +41,11 @@ over ``max_request_line``), 431 (a header field over ``max_header_size``, or mor
 than ``max_headers``), 503 with ``Retry-After`` (``max_concurrency``, and
 ``request_timeout`` when the response had not started).
 
-Two pieces of aiohttp's protocol state are read, each in one function: the future
+Three pieces of aiohttp's protocol state are read, each in one function: the future
 its request loop parks on between requests (:func:`is_parked`, the same signal
-aiohttp's own keep-alive timer uses) and its queue of requests already read
-(:func:`queued_requests`).
+aiohttp's own keep-alive timer uses), its queue of requests already read
+(:func:`queued_requests`) and its flag for a request being handled or its response
+written (:func:`in_progress`).
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ class Limits:
     header_timeout: float = 10.0
     max_body_size: int = 0
     request_timeout: float = 0.0
-    max_request_line: int = 8190
+    max_request_line: int = 4094
     max_header_size: int = 8190
 
 

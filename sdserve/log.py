@@ -112,7 +112,7 @@ class LogQueue(logging.handlers.QueueHandler):
 
 
 class _Writer(threading.Thread):
-    """Writes queued records to the real handler; reports drops before the next record."""
+    """Writes queued records to the real handler; reports drops once it has caught up."""
 
     def __init__(self, source: LogQueue) -> None:
         super().__init__(name="sdserve-log", daemon=True)
