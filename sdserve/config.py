@@ -121,7 +121,8 @@ class Config:
     #: handler runs (nginx's client_max_body_size, and aiohttp's client_max_size); 0: none
     max_body_size: int = 1_048_576
     #: connections one process holds at most; past it, it stops accepting and the kernel's
-    #: queue holds the rest for another worker (nginx's worker_connections, 512)
+    #: queue holds the rest for another worker (nginx's worker_connections, 512); the admin
+    #: socket is not limited, so health probes get through
     max_connections: int = 512
     #: a request running longer is cancelled: 503 with Retry-After if its response had not
     #: begun (0: no limit; health probes are never bounded)

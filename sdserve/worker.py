@@ -273,9 +273,9 @@ class Worker:
                     self.tracker, server, loop=asyncio.get_running_loop(), **kwargs
                 )
 
-            self._acceptors.append(
-                Acceptor(listener, factory, self.tracker, self.config.max_connections)
-            )
+            # the admin socket is not limited: health probes must get through a crowd
+            limit = 0 if admin else self.config.max_connections
+            self._acceptors.append(Acceptor(listener, factory, self.tracker, limit))
         return runner
 
     async def _start(self) -> None:

@@ -8,8 +8,10 @@ import asyncio
 import contextlib
 import re
 import signal
+import socket
 import statistics
 import time
+from pathlib import Path
 
 import pytest
 
@@ -219,3 +221,32 @@ async def test_a_drain_during_a_slowloris_ends_within_grace_plus_header_timeout(
     assert took <= 1 + 10, took
     assert took < 1 + 1.5, took
     assert "drained 0 request(s)" in instance.log_text()
+
+
+async def test_the_admin_socket_answers_probes_while_the_main_one_is_full(
+    make_launcher: LauncherFactory, port: int, listen_sock: socket.socket, tmp_path: Path
+) -> None:
+    admin_path = tmp_path / "admin.sock"
+    admin = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    admin.bind(str(admin_path))
+    admin.listen(16)
+    try:
+        launcher = make_launcher(
+            "--max-connections", "2", sockets=[("http", listen_sock), ("admin", admin)]
+        )
+        await launcher.start()
+        held = [await asyncio.open_connection(HOST, port) for _ in range(2)]
+        for reader, writer in held:
+            writer.write(request_bytes("/"))
+            assert (await read_response(reader)).status == 200
+        # the main socket is full; a health probe on the admin socket is still answered
+        for _ in range(3):
+            reader, writer = await asyncio.open_unix_connection(str(admin_path))
+            writer.write(request_bytes("/readyz", close=True))
+            assert (await asyncio.wait_for(read_response(reader), 10)).status == 200
+            writer.close()
+        for _, writer in held:
+            writer.close()
+        assert await launcher.stop() == 0
+    finally:
+        admin.close()
