@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import resource
 import socket
 import stat
 from collections.abc import MutableMapping
@@ -96,7 +97,8 @@ def listeners_from_environ(
     """The sockets passed by systemd, or None when this process was not socket-activated.
 
     A ``LISTEN_PID`` that names another process is ignored with a warning (the
-    variables were inherited from a parent). With ``unset``, the ``LISTEN_*``
+    variables were inherited from a parent), unless ``NOTIFY_SOCKET`` says systemd
+    started this service: then it is an error. With ``unset``, the ``LISTEN_*``
     variables are removed from ``environ`` once read, so children do not see them.
     """
     if "LISTEN_FDS" not in environ:
@@ -108,6 +110,15 @@ def listeners_from_environ(
         for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             environ.pop(var, None)
     if pid_text != str(pid):
+        if environ.get("NOTIFY_SOCKET"):
+            # under systemd the sockets are this service's: binding others instead would
+            # serve on the wrong address, or fail on the one systemd holds
+            raise ActivationError(
+                f"LISTEN_PID={pid_text or '(unset)'} is not this process (pid {pid}), but "
+                "NOTIFY_SOCKET says systemd started this service: something between systemd "
+                "and sdserve forked (a wrapper script without exec?); start sdserve itself, "
+                "or exec it"
+            )
         log.warning(
             "ignoring LISTEN_FDS=%s: LISTEN_PID=%s is not this process (pid %d)",
             fds_text,
@@ -122,6 +133,12 @@ def listeners_from_environ(
         raise ActivationError(f"LISTEN_FDS={fds_text!r} is not a number") from None
     if count < 1:
         raise ActivationError(f"LISTEN_FDS={count}: no sockets were passed")
+    most = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - SD_LISTEN_FDS_START
+    if count > most:
+        raise ActivationError(
+            f"LISTEN_FDS={fds_text}: more sockets than this process may have open "
+            f"({most}, from its RLIMIT_NOFILE)"
+        )
     names = names_text.split(":") if names_text is not None else ["unknown"] * count
     if len(names) != count:
         raise ActivationError(

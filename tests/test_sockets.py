@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from sdserve.activation import ActivationError, listeners_from_environ
 from sdserve.binding import BindError, bind_address, parse_address
 from sdserve.launcher import LaunchError
 from sdserve.worker import ExitCode
@@ -155,6 +156,41 @@ class _Fd:
 
     def fileno(self) -> int:
         return self.fd
+
+
+def test_foreign_listen_pid_under_systemd_is_an_error(tmp_path: Path) -> None:
+    """NOTIFY_SOCKET set: systemd started us, so a foreign LISTEN_PID means a fork in
+    between; binding another socket instead would serve on the wrong address."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "sdserve", "run", "sdserve.demo:create_app", "--log", "stderr"],
+            cwd=ROOT,
+            env={
+                "PATH": "/usr/bin:/bin",
+                "LISTEN_FDS": "1",
+                "LISTEN_PID": "1",
+                "NOTIFY_SOCKET": str(tmp_path / "notify"),
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        notify.close()
+    assert done.returncode == ExitCode.CONFIG, done.stderr
+    assert "LISTEN_PID=1 is not this process" in done.stderr
+    assert "a wrapper script without exec?" in done.stderr
+    assert "sockets bound" not in done.stderr
+
+
+@pytest.mark.parametrize("count", ["99999999999999999999", "30000"])
+def test_listen_fds_beyond_the_fd_limit_is_a_clear_error(count: str) -> None:
+    environ = {"LISTEN_FDS": count, "LISTEN_PID": str(os.getpid())}
+    with pytest.raises(ActivationError, match=rf"LISTEN_FDS={count}: more sockets than"):
+        listeners_from_environ(environ, os.getpid())
 
 
 def test_foreign_listen_pid_is_ignored_with_a_warning() -> None:
