@@ -193,6 +193,11 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+#: whole numbers in the config are 64-bit, as TOML's are
+_INT64 = 1 << 63
+_C_INT_MAX = (1 << 31) - 1
+
+
 def _convert(value: Any, tp: Any, where: str, problems: _Problems, from_text: bool) -> Any:
     """Convert one raw value to ``tp``; on failure record a problem and return a sentinel."""
     origin = typing.get_origin(tp)
@@ -203,11 +208,17 @@ def _convert(value: Any, tp: Any, where: str, problems: _Problems, from_text: bo
             return value.strip().lower() in _TRUE
         problems.add(where, f"expected true or false, got {value!r}")
     elif tp is int:
+        number: int | None = None
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]+\s*", value):
-            return int(value)
-        problems.add(where, f"expected a whole number, got {value!r}")
+            number = value
+        elif isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]+\s*", value):
+            number = int(value)
+        if number is not None and -_INT64 <= number < _INT64:
+            return number
+        if number is not None:
+            problems.add(where, f"expected a whole number of 64 bits at most, got {value!r}")
+        else:
+            problems.add(where, f"expected a whole number, got {value!r}")
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             if math.isfinite(value):
@@ -351,6 +362,8 @@ def _validate(cfg: Config, problems: _Problems) -> None:
         problems.add("crash_limit", f"must be at least 1, got {cfg.crash_limit}")
     if cfg.backlog < 1:
         problems.add("backlog", f"must be at least 1, got {cfg.backlog}")
+    elif cfg.backlog > _C_INT_MAX:  # listen(2) takes a C int (the kernel caps it at somaxconn)
+        problems.add("backlog", f"must be at most {_C_INT_MAX}, got {cfg.backlog}")
     # The idle grace is part of the drain, so it must fit inside the drain's deadline.
     if cfg.idle_grace >= cfg.shutdown_timeout > 0:
         problems.add(

@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-from .config import HealthConfig
+from .config import ConfigError, HealthConfig
 from .monitor import tick_period
 from .state import WorkerState
 
@@ -277,6 +277,16 @@ def render_json(endpoint: str, entries: list[Entry], *, details: bool) -> str:
     return json.dumps(body, separators=(",", ":")) + "\n"
 
 
+def _has_route(app: web.Application, path: str) -> bool:
+    """Whether ``app`` answers GET ``path`` with a route of its own (a plain path)."""
+    for route in app.router.routes():
+        resource = route.resource
+        taken = resource is not None and resource.canonical == path
+        if taken and route.method in ("GET", "HEAD", "*"):
+            return True
+    return False
+
+
 def install(
     app: web.Application, state: WorkerState, config: HealthConfig, *, admin: bool
 ) -> set[str]:
@@ -318,6 +328,18 @@ def install(
     async def startupz(request: web.Request) -> web.Response:
         return respond(request, "startupz", startup(state))
 
+    taken = [
+        f"health.{key}: the application already has a route GET {path}; set health.{key} "
+        "to a free path, or health.enabled = false to serve your own"
+        for key, path in (
+            ("livez_path", config.livez_path),
+            ("readyz_path", config.readyz_path),
+            ("startupz_path", config.startupz_path),
+        )
+        if _has_route(app, path)
+    ]
+    if taken:
+        raise ConfigError(taken)
     app.router.add_get(config.livez_path, livez)
     app.router.add_get(config.readyz_path, readyz)
     app.router.add_get(config.startupz_path, startupz)

@@ -421,6 +421,16 @@ def run(args: argparse.Namespace) -> int:
     except UnitError as exc:
         print(f"sdserve units: {exc}", file=sys.stderr)
         return 2
-    for path in write_units(files, args.out):
+    return write_out(files, args.out)
+
+
+def write_out(files: Mapping[str, str], out: Path) -> int:
+    """Write the units and print their paths; 2, with the reason, if they cannot be."""
+    try:
+        paths = write_units(files, out)
+    except OSError as exc:
+        print(f"sdserve units: cannot write {exc.filename or out}: {exc.strerror}", file=sys.stderr)
+        return 2
+    for path in paths:
         print(path)
     return 0

@@ -125,3 +125,15 @@ def test_bad_config_exits_2_listing_problems() -> None:
     assert "2 problem(s)" in result.stderr
     assert "SDSERVE_FOO: unknown setting" in result.stderr
     assert "workers: must not be negative" in result.stderr
+
+
+def test_out_of_range_whole_numbers_are_problems_not_crashes(tmp_path: Path) -> None:
+    toml = tmp_path / "sdserve.toml"
+    toml.write_text("backlog = 9999999999\nmax_body_size = -99999999999999999999\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(toml_path=toml, environ={"SDSERVE_WORKERS": "99999999999999999999999"})
+    text = str(info.value)
+    assert "backlog: must be at most 2147483647, got 9999999999" in text
+    assert "max_body_size: expected a whole number of 64 bits at most" in text
+    assert "environment: workers: expected a whole number of 64 bits at most" in text
+    assert str(toml) in text

@@ -323,3 +323,14 @@ async def test_demo_has_no_block_route_unless_asked(
     await launcher.start()
     assert (await get(HOST, port, "/block?ms=1000")).status == 404
     assert await launcher.stop() == 0
+
+
+async def test_an_app_route_on_a_health_path_is_a_clear_start_failure(
+    make_launcher: LauncherFactory,
+) -> None:
+    launcher = make_launcher(app="tests.apps.own_health:create_app")
+    instance = await launcher.spawn()
+    assert await asyncio.wait_for(asyncio.shield(instance.exited), 60) == ExitCode.STARTUP
+    log = instance.log_text()
+    assert "health.livez_path: the application already has a route GET /livez" in log, log
+    assert "RuntimeError" not in log

@@ -245,3 +245,15 @@ def test_cli_reports_bad_settings(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert units.run(args) == 2
     assert "listen address 'nope'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_an_output_directory_that_cannot_be_made_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = argparse.Namespace(out=Path("/dev/null/units"))
+    files = {"shop.service": "[Service]\n"}
+    assert units.write_out(files, args.out) == 2
+    err = capsys.readouterr().err
+    assert "sdserve units: cannot write /dev/null/units" in err
+    assert "Not a directory" in err
+    assert "Traceback" not in err
