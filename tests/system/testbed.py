@@ -452,12 +452,36 @@ class Box:
         what: str = "a matching journal entry",
     ) -> JournalEntry:
         """Follow the journal after ``cursor`` until an entry matches; the timeout is only an
-        upper bound."""
+        upper bound.
+
+        ``journalctl --follow`` on systemd 252 can go silent while entries keep arriving
+        (seen in CI: a reload's last entries were in the journal, the follower never printed
+        them). So a follower that has printed nothing for :data:`FOLLOW_SILENCE` seconds is
+        replaced by a new one from the last entry it did print: nothing is read twice or
+        lost, and the wait still ends on the entry itself."""
+        seen: list[str] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            found, cursor = self._follow(match, cursor, unit, deadline, seen)
+            if found is not None:
+                return found
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no {what} within {timeout} s; saw:\n" + "\n".join(seen[-40:]))
+
+    def _follow(
+        self,
+        match: Callable[[JournalEntry], bool],
+        cursor: str,
+        unit: str | None,
+        deadline: float,
+        seen: list[str],
+    ) -> tuple[JournalEntry | None, str]:
+        """One ``journalctl --follow`` from ``cursor``: the matching entry, or None once it
+        has been silent for FOLLOW_SILENCE s or the deadline passed; and the last cursor."""
         argv = ["journalctl", "--follow", "-o", "json", "--no-pager", "--all"]
         argv.append(f"--after-cursor={cursor}")
         if unit:
             argv.append(f"--unit={unit}")
-        seen: list[str] = []
         with subprocess.Popen(
             self.command(argv),
             stdout=subprocess.PIPE,
@@ -467,29 +491,27 @@ class Box:
             assert follow.stdout is not None
             fd = follow.stdout.fileno()
             buf = b""
-            deadline = time.monotonic() + timeout
             try:
                 while True:
-                    left = deadline - time.monotonic()
+                    left = min(deadline - time.monotonic(), FOLLOW_SILENCE)
                     if left <= 0:
-                        raise TimeoutError(
-                            f"no {what} within {timeout} s; saw:\n" + "\n".join(seen[-40:])
-                        )
+                        return None, cursor
                     readable, _, _ = select.select([fd], [], [], left)
                     if not readable:
-                        continue
+                        return None, cursor  # silent: start a new follower from here
                     chunk = os.read(fd, 65536)
                     if not chunk:
-                        raise BoxError(f"journalctl --follow ended while waiting for {what}")
+                        raise BoxError("journalctl --follow ended while waiting")
                     buf += chunk
                     *lines, buf = buf.split(b"\n")
                     for line in lines:
                         if not line.startswith(b"{"):
                             continue
                         entry: JournalEntry = json.loads(line)
+                        cursor = str(entry["__CURSOR"])
                         seen.append(message(entry))
                         if match(entry):
-                            return entry
+                            return entry, cursor
             finally:
                 kill_group(follow)
 
@@ -542,6 +564,10 @@ class Box:
                 handle.finish()
             finally:
                 kill_group(proc)
+
+
+#: a journal follower that prints nothing this long is replaced (see Box.wait_journal)
+FOLLOW_SILENCE = 5.0
 
 
 def wait_until(
