@@ -14,15 +14,15 @@ import logging
 import os
 import socket
 import struct
-import threading
-import time
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from systemd.journal import JournalHandler
 
-from sdserve.journal import JournalSender, encode
+from sdserve.journal import JournalSender
 
 
 def parse(entry: bytes) -> dict[str, bytes]:
@@ -120,41 +120,48 @@ def test_an_entry_too_large_for_a_datagram_goes_in_a_sealed_memfd(
     sender.close()
 
 
+#: the child: a thread floods the journal socket (unread: its send blocks), and the main
+#: thread, once the flood has stalled, reports how far it got and exits. With a sender that
+#: kept the GIL while blocked, the main thread could never run again: the child would hang.
+_CHILD = """
+import os, sys, threading
+from sdserve.journal import JournalSender, encode
+
+sender = JournalSender(sys.argv[1])
+entry = encode([("MESSAGE", "a line"), ("PRIORITY", 6)])
+sent = 0
+stalled = threading.Event()
+
+def flood():
+    global sent
+    for _ in range(100_000):
+        sender.send(entry)
+        sent += 1
+
+threading.Thread(target=flood, daemon=True).start()
+last = -1
+while sent != last:  # each wait yields the GIL; the flood stops moving once it blocks
+    last = sent
+    stalled.wait(0.05)
+print(sent, flush=True)
+os._exit(0)
+"""
+
+
 def test_a_sender_blocked_on_a_full_journal_leaves_other_threads_running(
     journald: tuple[str, socket.socket],
 ) -> None:
     path, sock = journald
-    sender = JournalSender(path)
-    sent = 0
-    total = 100_000  # the socket's queue holds a few hundred: the sender blocks long before
-
-    def flood() -> None:
-        nonlocal sent
-        entry = encode([("MESSAGE", "a line"), ("PRIORITY", 6)])
-        try:
-            for _ in range(total):
-                sender.send(entry)
-                sent += 1
-        except OSError:
-            pass  # the receiver closed at the end of the test
-
-    thread = threading.Thread(target=flood, daemon=True)
-    thread.start()
-    # This thread goes on running Python while the sender is blocked in its send. With a
-    # sender that held the GIL while blocked, these steps would never run.
-    began = time.monotonic()
-    steps = 0
-    for _ in range(50):
-        time.sleep(0.01)  # yields the GIL: the measurement, not synchronisation
-        steps += 1
-    assert steps == 50
-    assert time.monotonic() - began < 10
-    assert 0 < sent < total, sent  # the sender is stuck on the full socket
-    stuck = sent
-    data, _ = receive(sock)  # journald reads one: the sender moves on
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, path],
+        capture_output=True,
+        text=True,
+        timeout=30,  # a sender holding the GIL makes the child hang: TimeoutExpired
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 0, done.stderr
+    sent = int(done.stdout)
+    assert 0 < sent < 100_000, sent  # it stopped on the full socket, and the child ran on
+    data, _ = receive(sock)  # what it sent is there, whole
     assert parse(data)["MESSAGE"] == b"a line"
-    sock.close()
-    thread.join(10)
-    assert not thread.is_alive()
-    assert sent >= stuck
-    sender.close()

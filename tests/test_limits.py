@@ -218,7 +218,6 @@ async def test_a_drain_during_a_slowloris_ends_within_grace_plus_header_timeout(
     assert code == ExitCode.OK
     # the bound is idle_grace + header_timeout (11 s); in a drain a request still
     # arriving gets the grace only, so it ends a grace after its start
-    assert took <= 1 + 10, took
     assert took < 1 + 1.5, took
     assert "drained 0 request(s)" in instance.log_text()
 
