@@ -10,6 +10,15 @@ sender's PID. ``restart`` is stop-then-start like ``systemctl restart``;
 systemd sees of a reload), and ``reload_command`` runs ``sdserve reload PID`` as the
 units' ``ExecReload=`` does, which also reports the outcome.
 
+With ``fd_store_max`` it keeps a file descriptor store as systemd does for a unit
+with ``FileDescriptorStoreMax=``: ``FDSTORE=1`` (with ``FDNAME=``) from the main
+process adds the fds it carries, up to the maximum (more are closed, as systemd
+does); ``FDSTOREREMOVE=1`` closes those of a name; the next instance gets them after
+the listening sockets, named in ``LISTEN_FDNAMES``; ``$FDSTORE`` says the maximum, as
+systemd 254 does. A ``stop`` that is not part of a ``restart`` releases the store.
+Unlike systemd, it does not drop a stored fd whose peer hung up (the next instance
+finds it closed).
+
 ``LISTEN_PID`` must be the PID of the process that reads it, which is not known
 before the fork. A tiny trampoline (``python -I -S -c``) moves the sockets to
 fds 3, 4, ..., sets the variables with its own PID and execs sdserve, which
@@ -18,6 +27,7 @@ keeps that PID.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import os
@@ -33,19 +43,25 @@ from pathlib import Path
 from typing import Protocol
 
 _TRAMPOLINE = """
-import os, sys
+import fcntl, os, sys
 fds = [int(x) for x in os.environ.pop("_SDSERVE_LAUNCH_FDS").split(",")]
-for i, fd in enumerate(fds):
-    os.dup2(fd, 3 + i)
+n = len(fds)
+# first out of the way of fds 3 .. 3+n-1, so that no move overwrites an fd not moved yet
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + n) for fd in fds]
 for fd in fds:
-    if fd >= 3 + len(fds):
+    if fd >= 3 + n:
         os.close(fd)
-os.environ["LISTEN_FDS"] = str(len(fds))
+for i, fd in enumerate(high):
+    os.dup2(fd, 3 + i)
+    os.close(fd)
+os.environ["LISTEN_FDS"] = str(n)
 os.environ["LISTEN_PID"] = str(os.getpid())
 os.execvp(sys.argv[1], sys.argv[1:])
 """
 
 _UCRED = struct.Struct("3i")
+#: room for the fds of one message (the kernel's SCM_MAX_FD)
+_FDS_SPACE = socket.CMSG_SPACE(253 * 4)
 
 
 class HasFileno(Protocol):
@@ -61,6 +77,8 @@ class NotifyMessage:
     pid: int
     fields: Mapping[str, str]
     received: float
+    #: fds that came with it (SCM_RIGHTS); whoever handles the message owns them
+    fds: tuple[int, ...] = ()
 
     def has(self, key: str, value: str | None = None) -> bool:
         return key in self.fields and (value is None or self.fields[key] == value)
@@ -117,20 +135,28 @@ class NotifySink:
         while True:
             try:
                 data, ancdata, _flags, _addr = self.sock.recvmsg(
-                    65536, socket.CMSG_SPACE(_UCRED.size)
+                    65536, socket.CMSG_SPACE(_UCRED.size) + _FDS_SPACE
                 )
             except (BlockingIOError, InterruptedError):
                 return
             pid = 0
+            fds: list[int] = []
             for level, kind, cdata in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = _UCRED.unpack(cdata[: _UCRED.size])[0]
+                elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(cdata[: len(cdata) - len(cdata) % arr.itemsize])
+                    fds.extend(arr)
             fields = dict(
                 line.split("=", 1)
                 for line in data.decode(errors="replace").split("\n")
                 if "=" in line
             )
-            message = NotifyMessage(pid, fields, time.monotonic())
+            message = NotifyMessage(pid, fields, time.monotonic(), tuple(fds))
+            if fds and self._on_message is None:
+                for fd in fds:  # nobody to own them
+                    os.close(fd)
             if self._keep:
                 self.messages.append(message)
                 self._arrived.set()
@@ -205,16 +231,58 @@ class Launcher:
         workdir: Path,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        fd_store_max: int = 0,
     ) -> None:
         self.argv = list(argv)
         self.cwd = cwd
         self.sockets = list(sockets)
         self.workdir = workdir
         self.extra_env = dict(env or {})
+        self.fd_store_max = fd_store_max
+        #: the fd store: (name, fd), in the order stored
+        self.store: list[tuple[str, int]] = []
+        #: fds refused because the store was full, and fds released by a stop
+        self.store_refused = 0
+        self.store_released = 0
         # AF_UNIX paths are limited to 107 bytes; a short private directory is always safe.
         self._sink_dir = Path(tempfile.mkdtemp(prefix="sdsn-"))
-        self.sink = NotifySink(self._sink_dir / "notify.sock")
+        self.sink = NotifySink(self._sink_dir / "notify.sock", on_message=self._on_notify)
         self.instances: list[Instance] = []
+
+    # -- the fd store --------------------------------------------------------------------
+
+    def _on_notify(self, message: NotifyMessage) -> None:
+        fds = list(message.fds)
+        main = self.current is not None and message.pid == self.current.pid
+        name = message.fields.get("FDNAME", "stored")
+        if main and message.fields.get("FDSTORE") == "1" and self.fd_store_max:
+            for fd in fds:
+                if len(self.store) < self.fd_store_max:
+                    self.store.append((name, fd))
+                else:
+                    self.store_refused += 1
+                    os.close(fd)
+            return
+        for fd in fds:  # not for the store (NotifyAccess=main, or no store): closed
+            os.close(fd)
+        if main and message.fields.get("FDSTOREREMOVE") == "1":
+            self._remove_stored(lambda stored: stored == name)
+
+    def _remove_stored(self, match: Callable[[str], bool]) -> int:
+        keep: list[tuple[str, int]] = []
+        gone: list[tuple[str, int]] = []
+        for name, fd in self.store:
+            (gone if match(name) else keep).append((name, fd))
+        self.store = keep
+        for _, fd in gone:
+            os.close(fd)
+        return len(gone)
+
+    def release_store(self) -> int:
+        """Close every stored fd (a stop that is not a restart); returns how many."""
+        released = self._remove_stored(lambda _name: True)
+        self.store_released += released
+        return released
 
     @property
     def current(self) -> Instance | None:
@@ -232,9 +300,15 @@ class Launcher:
         }
         env.update(self.extra_env)
         env["NOTIFY_SOCKET"] = self.sink.address
-        env["LISTEN_FDNAMES"] = ":".join(name for name, _ in self.sockets)
-        env["_SDSERVE_LAUNCH_FDS"] = ",".join(str(s.fileno()) for _, s in self.sockets)
+        names = [name for name, _ in self.sockets] + [name for name, _ in self.store]
+        env["LISTEN_FDNAMES"] = ":".join(names)
+        env["_SDSERVE_LAUNCH_FDS"] = ",".join(str(fd) for fd in self._passed_fds())
+        if self.fd_store_max:
+            env["FDSTORE"] = str(self.fd_store_max)
         return env
+
+    def _passed_fds(self) -> list[int]:
+        return [s.fileno() for _, s in self.sockets] + [fd for _, fd in self.store]
 
     async def spawn(self) -> Instance:
         """Start a process without waiting for READY=1."""
@@ -250,7 +324,7 @@ class Launcher:
                 _TRAMPOLINE,
                 *self.argv,
                 env=self._environment(),
-                pass_fds=[s.fileno() for _, s in self.sockets],
+                pass_fds=self._passed_fds(),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
@@ -304,19 +378,28 @@ class Launcher:
             instance.stop_sent = True
         os.kill(instance.pid, sig)
 
-    async def stop(self, *, timeout: float = 60.0, sig: int = signal.SIGTERM) -> int:
-        """Ask the running instance to stop (once) and wait for it; returns its exit status."""
+    async def stop(
+        self, *, timeout: float = 60.0, sig: int = signal.SIGTERM, keep_store: bool = False
+    ) -> int:
+        """Ask the running instance to stop (once) and wait for it; returns its exit status.
+
+        Then the fd store is released, unless ``keep_store`` (a restart follows)."""
         instance = self.current
         if instance is None:
             raise LaunchError("nothing to stop")
         # like systemd, ask once: a second SIGTERM/SIGINT means "exit at once"
         if not instance.exited.done() and (not instance.stop_sent or sig == signal.SIGKILL):
             self.send_signal(sig)
-        return await asyncio.wait_for(asyncio.shield(instance.exited), timeout)
+        code = await asyncio.wait_for(asyncio.shield(instance.exited), timeout)
+        self.sink.drain()  # what it sent before it exited (its last FDSTORE=1) counts
+        if not keep_store:
+            self.release_store()
+        return code
 
     async def restart(self, *, timeout: float = 60.0) -> Instance:
-        """Like ``systemctl restart``: stop, then start. The sockets stay open meanwhile."""
-        await self.stop(timeout=timeout)
+        """Like ``systemctl restart``: stop, then start. The sockets and the fd store stay
+        meanwhile."""
+        await self.stop(timeout=timeout, keep_store=True)
         return await self.start(timeout=timeout)
 
     async def reload(self, *, timeout: float = 60.0) -> float:
@@ -365,6 +448,7 @@ class Launcher:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(instance.pid, signal.SIGKILL)
                 await instance.exited
+        self.release_store()
         self.sink.close()
         with contextlib.suppress(OSError):
             self._sink_dir.rmdir()

@@ -22,7 +22,9 @@ imports, the pure-Python ``sdnotify`` otherwise.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -102,7 +104,7 @@ class Notifier:
         self._watchdog_usec = _watchdog_usec(env)
         #: the non-blocking socket used within an event loop, and what waits for it
         self._sock: socket.socket | None = None
-        self._outbox: deque[str] = deque()
+        self._outbox: deque[tuple[str, list[int]]] = deque()
         self._writing: asyncio.AbstractEventLoop | None = None
         #: messages given up (a coalesced ping or status, or a send that failed)
         self.dropped = 0
@@ -143,7 +145,27 @@ class Notifier:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return self._send_blocking(message)
-        return self._send_from(loop, message)
+        return self._send_from(loop, message, [])
+
+    def store_fds(self, name: str, fds: list[int]) -> bool:
+        """``FDSTORE=1`` with ``FDNAME=name``: these fds go to systemd's fd store.
+
+        The fds belong to the notifier from then on: closed once sent (systemd holds its
+        own copies), or when they are given up (counted in :attr:`dropped`). Only from a
+        running event loop; False, and the fds closed, otherwise.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if self._send is None or loop is None:
+            _close_all(fds)
+            return False
+        return self._send_from(loop, f"FDSTORE=1\nFDNAME={name}", fds)
+
+    def remove_stored(self, name: str) -> bool:
+        """``FDSTOREREMOVE=1``: systemd closes its copies of the fds stored as ``name``."""
+        return self.send("FDSTOREREMOVE=1", f"FDNAME={name}")
 
     def _send_blocking(self, message: str) -> bool:
         assert self._send is not None
@@ -189,16 +211,17 @@ class Notifier:
             self._sock.close()
             self._sock = None
 
-    def _send_from(self, loop: asyncio.AbstractEventLoop, message: str) -> bool:
+    def _send_from(self, loop: asyncio.AbstractEventLoop, message: str, fds: list[int]) -> bool:
         if self._outbox:  # keep the order: behind what waits
-            self._enqueue(message)
+            self._enqueue(message, fds)
             return True
         for attempt in (1, 2):
             try:
-                self._socket().send(message.encode())
+                _send_one(self._socket(), message, fds)
+                _close_all(fds)
                 return True
             except BlockingIOError:
-                self._enqueue(message)
+                self._enqueue(message, fds)
                 self._wait_writable(loop)
                 return True
             except OSError as exc:
@@ -207,21 +230,22 @@ class Notifier:
                 self._reset()
                 if attempt == 2 or exc.errno not in _RECONNECT:
                     self._failed(message, exc)
+                    _close_all(fds)
                     return False
         return False  # pragma: no cover - the loop always returns
 
-    def _enqueue(self, message: str) -> None:
+    def _enqueue(self, message: str, fds: list[int]) -> None:
         if message == "WATCHDOG=1" or _status_only(message):
             # a newer ping, or a newer status, replaces the one that waits
             same = [
-                m
-                for m in self._outbox
-                if m == message or (_status_only(message) and _status_only(m))
+                item
+                for item in self._outbox
+                if item[0] == message or (_status_only(message) and _status_only(item[0]))
             ]
             for old in same:
                 self._outbox.remove(old)
                 self.dropped += 1
-        self._outbox.append(message)
+        self._outbox.append((message, fds))
 
     def _wait_writable(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._writing is None and self._sock is not None:
@@ -231,16 +255,18 @@ class Notifier:
     def _flush_ready(self) -> None:
         """The socket can take datagrams again: send what waits, in order."""
         while self._outbox:
-            message = self._outbox[0]
+            message, fds = self._outbox[0]
             try:
-                self._socket().send(message.encode())
+                _send_one(self._socket(), message, fds)
             except BlockingIOError:
                 return  # still full: wait for the next writable event
             except OSError as exc:
                 self._outbox.popleft()
                 self._failed(message, exc)
+                _close_all(fds)
                 continue
             self._outbox.popleft()
+            _close_all(fds)
         if self._writing is not None and self._sock is not None:
             self._writing.remove_writer(self._sock.fileno())
             self._writing = None
@@ -262,9 +288,11 @@ class Notifier:
             if writable:
                 self._flush_ready()
         if self._outbox:
-            lost = " | ".join(m.replace("\n", " ") for m in self._outbox)
+            lost = " | ".join(m.replace("\n", " ") for m, _ in self._outbox)
             log.error("notify socket %s not read: lost %s", self.socket_path, lost)
             self.dropped += len(self._outbox)
+            for _, fds in self._outbox:
+                _close_all(fds)
             self._outbox.clear()
         self._reset()
 
@@ -300,6 +328,20 @@ class Notifier:
 
 
 _RECONNECT = {errno.ECONNREFUSED, errno.ENOTCONN, errno.EPIPE, errno.ENOENT}
+
+
+def _send_one(sock: socket.socket, message: str, fds: list[int]) -> None:
+    if fds:
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        sock.sendmsg([message.encode()], rights)
+    else:
+        sock.send(message.encode())
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _status_only(message: str) -> bool:
