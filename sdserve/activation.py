@@ -7,10 +7,17 @@ cannot be handed in; the rules are the same.
 
 Every fd is checked before use: it must be a socket, of stream type, and
 listening. Its address family is read from the fd, never assumed.
+
+Beside the listening sockets, ``LISTEN_FDS`` may hold client connections that an
+earlier instance put in systemd's fd store (named :data:`~sdserve.handover.CONN_PREFIX`
+``...``, see :mod:`sdserve.handover`). :func:`activation_from_environ` returns them
+apart, each checked to be a connected stream socket; one that is not is closed and
+reported, never an error of the start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -18,7 +25,9 @@ import resource
 import socket
 import stat
 from collections.abc import MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .handover import ConnectionRefused, is_connection_name, validate_connection
 
 log = logging.getLogger("sdserve.activation")
 
@@ -91,9 +100,35 @@ def _check_fd(fd: int, name: str) -> socket.socket:
     return sock
 
 
+@dataclass
+class Activated:
+    """What systemd passed: the listening sockets, and connections from its fd store."""
+
+    listeners: list[Listener]
+    #: (FDNAME, connected socket) of each stored connection that can be served
+    connections: list[tuple[str, socket.socket]] = field(default_factory=list)
+    #: stored fds that could not be served (closed): "NAME: why"
+    refused: list[str] = field(default_factory=list)
+
+
 def listeners_from_environ(
     environ: MutableMapping[str, str], pid: int, *, unset: bool = True
 ) -> list[Listener] | None:
+    """The listening sockets passed by systemd, or None when not socket-activated.
+
+    Stored connections among them are closed: use :func:`activation_from_environ` to
+    serve them."""
+    activated = activation_from_environ(environ, pid, unset=unset)
+    if activated is None:
+        return None
+    for _name, sock in activated.connections:
+        sock.close()
+    return activated.listeners
+
+
+def activation_from_environ(
+    environ: MutableMapping[str, str], pid: int, *, unset: bool = True
+) -> Activated | None:
     """The sockets passed by systemd, or None when this process was not socket-activated.
 
     A ``LISTEN_PID`` that names another process is ignored with a warning (the
@@ -144,11 +179,28 @@ def listeners_from_environ(
         raise ActivationError(
             f"LISTEN_FDNAMES has {len(names)} name(s) ({names_text!r}) but LISTEN_FDS={count}"
         )
-    listeners = []
+    activated = Activated(listeners=[])
     for index, name in enumerate(names):
         fd = SD_LISTEN_FDS_START + index
-        listeners.append(Listener(name=name, sock=_check_fd(fd, name), inherited=True))
-    return listeners
+        if not is_connection_name(name):
+            activated.listeners.append(
+                Listener(name=name, sock=_check_fd(fd, name), inherited=True)
+            )
+            continue
+        try:
+            activated.connections.append((name, validate_connection(fd, f"fd {fd} ({name})")))
+        except ConnectionRefused as exc:
+            activated.refused.append(str(exc))
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    if not activated.listeners:
+        for _name, sock in activated.connections:
+            sock.close()
+        raise ActivationError(
+            f"LISTEN_FDNAMES={names_text!r}: no listening socket among the {count} fd(s), "
+            "only stored connections"
+        )
+    return activated
 
 
 def listeners_from_fds(fds: dict[int, str]) -> list[Listener]:

@@ -20,10 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .activation import ActivationError, Listener, listeners_from_environ
+from .activation import Activated, ActivationError, activation_from_environ
 from .binding import BindError, bind_all
 from .checks import CheckRegistry, checks_from_config, run_bounded
 from .config import Config, ConfigError, config_from_json, dump_toml, load_config
+from .handover import store_capacity
 from .log import configure_logging, stop_logging
 from .notify import Notifier
 from .worker import ExitCode, serve_in_process
@@ -103,15 +104,16 @@ def _load(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def take_listeners(cfg: Config) -> list[Listener]:
-    """The sockets from systemd when socket-activated, else the configured addresses bound here."""
-    activated = listeners_from_environ(os.environ, os.getpid())
+def take_sockets(cfg: Config) -> Activated:
+    """The sockets from systemd when socket-activated (and the connections in its fd store),
+    else the configured addresses bound here."""
+    activated = activation_from_environ(os.environ, os.getpid())
     if activated is not None:
         return activated
     names = {"http": cfg.bind or ("127.0.0.1:8080",)}
     if cfg.admin_bind:
         names["admin"] = cfg.admin_bind
-    return bind_all(names, cfg.backlog)
+    return Activated(listeners=bind_all(names, cfg.backlog))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -126,11 +128,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_logging(cfg.log, cfg.log_level)
     notifier = Notifier()
     try:
-        listeners = take_listeners(cfg)
+        activated = take_sockets(cfg)
     except (ActivationError, BindError) as exc:
         log.error("%s", exc, extra={"SDSERVE_PHASE": "sockets"})
         notifier.status(f"start failed: {exc}")
         return ExitCode.CONFIG
+    listeners, connections = activated.listeners, activated.connections
+    store = store_capacity(os.environ, cfg.fd_store_max) if cfg.handover else 0
+    describe_handover(cfg, store, activated)
     log.info(
         "sockets %s: %s",
         "taken from systemd" if listeners[0].inherited else "bound",
@@ -144,11 +149,51 @@ def cmd_run(args: argparse.Namespace) -> int:
         if cfg.max_requests:
             log.warning("max_requests is ignored without workers (workers = 0)")
         # a check run that ignores cancellation must not keep the process from exiting
-        return run_bounded(serve_in_process(cfg, listeners, notifier), grace=cfg.cleanup_timeout)
+        serving = serve_in_process(
+            cfg, listeners, notifier, connections=connections, store_capacity=store
+        )
+        return run_bounded(serving, grace=cfg.cleanup_timeout)
     from .supervisor import supervise
 
     # a reload reads every layer again: the same file, environment and flags
-    return supervise(cfg, listeners, notifier, lambda: _load(args))
+    return supervise(
+        cfg,
+        listeners,
+        notifier,
+        lambda: _load(args),
+        connections=[(name, sock.detach()) for name, sock in connections],
+        store_capacity=store,
+    )
+
+
+def describe_handover(cfg: Config, store: int, activated: Activated) -> None:
+    """One journal line on what happens to idle connections on a restart."""
+    for problem in activated.refused:
+        log.warning(
+            "a stored connection cannot be served, closed: %s",
+            problem,
+            extra={"SDSERVE_PHASE": "handover"},
+        )
+    if activated.connections:
+        log.info(
+            "%d connection(s) from the fd store, served once ready",
+            len(activated.connections),
+            extra={"SDSERVE_PHASE": "handover"},
+        )
+    if not cfg.handover:
+        return
+    if store:
+        log.info(
+            "restarts hand idle connections over through systemd's fd store (up to %d)",
+            store,
+            extra={"SDSERVE_PHASE": "handover"},
+        )
+    elif os.environ.get("NOTIFY_SOCKET"):
+        log.info(
+            "no fd store (FileDescriptorStoreMax= unset, or fd_store_max for systemd "
+            "before 254): a restart closes idle connections after idle_grace",
+            extra={"SDSERVE_PHASE": "handover"},
+        )
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -100,7 +100,14 @@ class Config:
     #: in-flight requests may run this long once the drain starts, then are cancelled
     shutdown_timeout: float = 25.0
     #: an idle keep-alive connection gets this long to send one more request in a drain
+    #: (one that is handed over instead does not wait for it)
     idle_grace: float = 1.0
+    #: hand idle keep-alive connections over instead of closing them: to the new workers
+    #: on a reload, and through systemd's fd store on a restart (see sdserve.handover)
+    handover: bool = True
+    #: the unit's FileDescriptorStoreMax=, for systemd before 254, which does not tell the
+    #: service ($FDSTORE); 0: take it from $FDSTORE (no store: restarts drain as before)
+    fd_store_max: int = 0
     #: the app's on_cleanup hooks get this long (on_shutdown runs as the drain begins,
     #: within shutdown_timeout; without a drain, both get this long)
     cleanup_timeout: float = 5.0
@@ -350,6 +357,7 @@ def _validate(cfg: Config, problems: _Problems) -> None:
     non_negative("max_requests", cfg.max_requests)
     non_negative("max_requests_jitter", cfg.max_requests_jitter)
     non_negative("max_concurrency", cfg.max_concurrency)
+    non_negative("fd_store_max", cfg.fd_store_max)
     non_negative("warmup_parallel", cfg.warmup_parallel)
     non_negative("health.stall_hold", cfg.health.stall_hold)
     if not 0 <= cfg.warmup_nice <= 19:

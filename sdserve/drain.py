@@ -29,6 +29,13 @@ Every connection is bounded, whatever its client does:
 9. pipelined requests already read are all answered: only the last of them carries
    ``Connection: close``.
 
+A drain may **hand connections over** instead (:mod:`sdserve.handover`): then an
+idle connection that is :func:`movable` is given to the next process at once, not
+closed after its grace; a response during the drain keeps the connection alive, and
+once written its connection is handed over too. Only for ``idle_grace`` from the
+drain's start, so that a client that never pauses cannot hold the drain; after it,
+and for a connection that cannot move, the drain goes on as above.
+
 The application sees the drain begin: :func:`draining` is an event set at that
 moment (a server-sent-events or long-poll handler waits on it to say goodbye and
 end), the hooks of :func:`add_drain_hook` run then, and so do the app's
@@ -53,6 +60,7 @@ from __future__ import annotations
 import array
 import asyncio
 import fcntl
+import functools
 import logging
 import socket
 import termios
@@ -86,6 +94,31 @@ def in_progress(proto: RequestHandler) -> bool:
 def queued_requests(proto: RequestHandler) -> int:
     """Requests read from the connection (pipelined) whose handler has not started yet."""
     return len(getattr(proto, "_messages", ()))
+
+
+def movable(proto: TrackedRequestHandler) -> bool:
+    """The connection can go to another process now: nothing of it is in this one.
+
+    It is parked between requests with none queued, its response is written out (no
+    byte waits in the transport), no byte of a next request has been read (the last
+    bytes read ended a request: :attr:`TrackedRequestHandler.at_boundary`), it is not
+    TLS, and it belongs to the application, not the admin socket. Bytes the kernel
+    holds unread are no obstacle: they move with the fd.
+    """
+    transport = proto.transport
+    return (
+        proto.main
+        and transport is not None
+        and not transport.is_closing()
+        and proto.at_boundary
+        and is_parked(proto)
+        and not in_progress(proto)
+        and queued_requests(proto) == 0
+        and not proto.request_arriving
+        and transport.get_write_buffer_size() == 0
+        and transport.get_extra_info("sslcontext") is None
+        and transport.get_extra_info("socket") is not None
+    )
 
 
 # -- what the application sees of the drain ---------------------------------------------
@@ -201,6 +234,8 @@ class DrainReport:
     cancelled: list[str] = field(default_factory=list)
     idle_closed: int = 0
     websockets_closed: int = 0
+    #: connections handed over to the next process instead of closed
+    handed_over: int = 0
 
     @property
     def clean(self) -> bool:
@@ -238,6 +273,15 @@ class Tracker:
         self._timers: dict[TrackedRequestHandler, asyncio.TimerHandle] = {}
         self._ws_tasks: set[asyncio.Task[bool]] = set()
         self.websockets_closed = 0
+        #: during a drain that hands connections over: takes the connections it can
+        #: (their sockets are duplicated and sent), returns those taken
+        self.handover: Callable[[list[TrackedRequestHandler]], list[TrackedRequestHandler]] | None
+        self.handover = None
+        #: until this loop time, responses keep their connection alive to hand it over
+        self.handover_until = 0.0
+        self.handed_over = 0
+        self._to_hand: list[TrackedRequestHandler] = []
+        self._hand_scheduled = False
 
     # -- hooks -------------------------------------------------------------------------
 
@@ -286,6 +330,10 @@ class Tracker:
                     # A response prepared before the drain keeps the connection alive:
                     # that connection gets its own grace once it turns idle.
                     self._arm(proto)
+                    if self.handover is not None and (task := asyncio.current_task()):
+                        # once the response is written and the connection parked: this
+                        # task's callbacks run after the connection's own loop resumed
+                        task.add_done_callback(functools.partial(self._offered, proto))
             self._changed.set()
 
     async def _bounded(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -319,11 +367,60 @@ class Tracker:
             if self.draining:
                 asyncio.get_running_loop().call_soon(self._close_websocket, response)
         elif self.draining and queued_requests(request.protocol) == 0:
+            proto = request.protocol
+            if self._handing() and isinstance(proto, TrackedRequestHandler) and proto.main:
+                return  # kept alive, to be handed over once written
             # aiohttp computes the Connection header before this hook runs: set both
             # the header the client sees and the flag that closes after the response.
             # Pipelined requests already read come first: only the last says close.
             response.force_close()
             response.headers["Connection"] = "close"
+
+    # -- hand-over ---------------------------------------------------------------------
+
+    def _handing(self) -> bool:
+        return self.handover is not None and asyncio.get_running_loop().time() < self.handover_until
+
+    def _offered(self, proto: TrackedRequestHandler, _task: asyncio.Task[Any]) -> None:
+        self._offer(proto)
+
+    def _offer(self, proto: TrackedRequestHandler) -> None:
+        """Hand ``proto`` over if it can move now (soon, with others, in one message)."""
+        if self.handover is None or proto not in self.connections or proto.offered or proto.refused:
+            return
+        if not movable(proto):
+            return  # its grace timer goes on: closed when idle, as in any drain
+        proto.offered = True
+        self._to_hand.append(proto)
+        if not self._hand_scheduled:
+            self._hand_scheduled = True
+            asyncio.get_running_loop().call_soon(self._hand)
+
+    def _hand(self) -> None:
+        self._hand_scheduled = False
+        batch, self._to_hand = self._to_hand, []
+        # still movable now? (a byte may have come since it was offered)
+        ready = [p for p in batch if p in self.connections and movable(p)]
+        for proto in batch:
+            proto.offered = False
+        if not ready or self.handover is None:
+            return
+        taken = self.handover(ready)
+        for proto in taken:
+            self._cancel_timer(proto)
+            proto.handed_over = True
+            # our copy closes without shutdown(): the client sees nothing
+            assert proto.transport is not None
+            proto.transport.abort()
+        self.handed_over += len(taken)
+        if len(taken) < len(ready):
+            # not taken (the store is full, the link is gone): drained as any other
+            kept = set(map(id, taken))
+            for proto in ready:
+                if id(proto) not in kept:
+                    proto.refused = True
+                    self._arm(proto)
+        self._changed.set()
 
     # -- drain -------------------------------------------------------------------------
 
@@ -349,6 +446,9 @@ class Tracker:
         self._timers.pop(proto, None)
         if proto not in self.connections:
             return
+        if self.handover is not None and not proto.refused and movable(proto):
+            self._offer(proto)  # better than closing it, even after the window
+            return
         if not is_parked(proto):
             # Still writing a response, or a request is being handled: it closes
             # itself after a Connection: close response, or re-arms at request end.
@@ -372,22 +472,33 @@ class Tracker:
         self._ws_tasks.add(task)
         task.add_done_callback(self._ws_tasks.discard)
 
-    def begin_drain(self) -> None:
-        """From now on: Connection: close, idle grace, WebSockets closed with 1001."""
+    def begin_drain(
+        self,
+        handover: Callable[[list[TrackedRequestHandler]], list[TrackedRequestHandler]]
+        | None = None,
+    ) -> None:
+        """From now on: Connection: close, idle grace, WebSockets closed with 1001; or,
+        with ``handover``, idle connections handed over (see the module docstring)."""
         if self.draining:
             return
         self.draining = True
         for ws in list(self.websockets):
             self._close_websocket(ws)
         now = asyncio.get_running_loop().time()
+        if handover is not None:
+            self.handover = handover
+            self.handover_until = now + self.idle_grace
         for proto in list(self.connections):
             # a request still arriving gets the grace to complete (then 408), not the
             # whole header timeout: a slow or hostile client cannot hold the drain
             proto.hurry_header(now + self.idle_grace)
-            if is_parked(proto):
+            if handover is not None and movable(proto):
+                self._offer(proto)
+            elif is_parked(proto):
                 self._arm(proto, since=proto.last_rx)
             else:
-                if in_progress(proto) and queued_requests(proto) == 0:
+                keep = handover is not None and proto.main  # handed over once written
+                if in_progress(proto) and queued_requests(proto) == 0 and not keep:
                     # a response under way (perhaps prepared before the drain, with
                     # keep-alive): the connection closes once it is written. Not a
                     # connection whose request is still arriving: close() would make
@@ -459,6 +570,7 @@ class Tracker:
             cancelled=cancelled,
             idle_closed=self.idle_closed,
             websockets_closed=self.websockets_closed,
+            handed_over=self.handed_over,
         )
 
 
@@ -466,12 +578,31 @@ class TrackedRequestHandler(RequestHandler):
     """aiohttp's protocol, reporting connections and received bytes to a :class:`Tracker`,
     with a header deadline and the limits' statuses."""
 
-    __slots__ = ("_header_timer", "last_rx", "tracker")
+    __slots__ = (
+        "_header_timer",
+        "at_boundary",
+        "handed_over",
+        "last_rx",
+        "main",
+        "offered",
+        "refused",
+        "tracker",
+    )
 
-    def __init__(self, tracker: Tracker, manager: web.Server, **kwargs: Any) -> None:
+    def __init__(
+        self, tracker: Tracker, manager: web.Server, *, main: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(manager, **kwargs)
         self.tracker = tracker
+        #: a connection of the application (not of the admin socket): it may be handed over
+        self.main = main
         self.last_rx = 0.0
+        #: the bytes read so far end where a request ends (nothing of the next is read)
+        self.at_boundary = True
+        self.offered = False
+        #: the hand-over did not take it: drained like any connection
+        self.refused = False
+        self.handed_over = False
         self._header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -501,6 +632,18 @@ class TrackedRequestHandler(RequestHandler):
             if self._header_timer is None and timeout > 0 and not in_progress(self):
                 # the first byte of a request: its line and headers must follow in time
                 self._header_timer = loop.call_at(self.last_rx + timeout, self._header_late)
+            started_at_boundary = self.at_boundary
+            queued = queued_requests(self)
+            super().data_received(data)
+            # Whether these bytes end where a request ends. Without a body, a request ends
+            # with its header block (and a chunked body with its empty last chunk); a
+            # whole request with a Content-Length body in one read is checked by its
+            # length. Anything else (a body over several reads) is taken as not at a
+            # boundary: that connection is not handed over, only drained.
+            self.at_boundary = data.endswith(b"\r\n\r\n") or (
+                started_at_boundary and _one_request_with_body(self, data, queued)
+            )
+            return
         super().data_received(data)
 
     @property
@@ -556,6 +699,19 @@ class TrackedRequestHandler(RequestHandler):
         response = web.Response(status=status, text=f"{reason.replace('_', ' ')}\n")
         response.force_close()
         return response
+
+
+def _one_request_with_body(proto: TrackedRequestHandler, data: bytes, queued: int) -> bool:
+    """``data`` (read from a boundary) is exactly one request with a Content-Length body."""
+    messages = getattr(proto, "_messages", None)
+    if messages is None or len(messages) != queued + 1:
+        return False
+    message = messages[-1][0]
+    length = getattr(message, "headers", {}).get("Content-Length", "")
+    if not length.isdigit() or getattr(message, "chunked", False):
+        return False
+    end = data.find(b"\r\n\r\n")
+    return end >= 0 and len(data) - (end + 4) == int(length)
 
 
 def set_nodelay(sock: socket.socket) -> None:

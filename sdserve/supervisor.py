@@ -19,6 +19,13 @@ stop, exit status) is made there; see its docstring for the table.
 - **``sdserve reload``** (``ExecReload=``) asks for a reload on the control socket
   (:mod:`sdserve.control`) and gets its outcome, so a failed reload fails
   ``systemctl reload``.
+- **Connections handed over** (:mod:`sdserve.handover`): each worker has a link to
+  the supervisor. A retiring worker sends its idle connections up; the supervisor
+  spreads them over the ready workers of the serving generation. On a stop, with an
+  fd store (``FileDescriptorStoreMax=``), workers send them up too and the supervisor
+  puts each in systemd's store under a name of its own; the next instance finds them
+  in ``LISTEN_FDS``, takes them out of the store at once, and hands them to its
+  workers once they are all ready.
 - **Orphans:** workers ask the kernel for SIGTERM when the supervisor dies
   (PR_SET_PDEATHSIG): a SIGKILL of the supervisor leaves none behind, and each
   drains what it holds.
@@ -38,6 +45,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,6 +58,7 @@ from .appload import StartFailure
 from .checks import run_bounded
 from .config import Config, ConfigError, config_to_json
 from .control import ControlServer, ReloadWaiter
+from .handover import Link, close_fds, connection_name, link_pair
 from .launcher import NotifyMessage, NotifySink
 from .log import fields as _fields
 from .notify import Notifier
@@ -65,6 +74,12 @@ ENV_GENERATION = "_SDSERVE_GENERATION"
 ENV_CONFIG = "_SDSERVE_CONFIG"
 #: the CPU priority a worker returns to once warmed up
 ENV_NICE = "_SDSERVE_NICE"
+#: the worker's end of its link to the supervisor (an fd), and whether the supervisor
+#: keeps connections handed to it on a stop ("1": it has an fd store)
+ENV_LINK = "_SDSERVE_LINK"
+ENV_STORE = "_SDSERVE_STORE"
+#: connections the supervisor holds for workers at most (more are closed)
+POOL_MAX = 65536
 
 _PR_SET_PDEATHSIG = 1
 
@@ -72,10 +87,11 @@ _PR_SET_PDEATHSIG = 1
 class WorkerProcess:
     """One worker process: the Popen, and a pidfd that tells when it exits."""
 
-    def __init__(self, worker: int, popen: subprocess.Popen[bytes]) -> None:
+    def __init__(self, worker: int, popen: subprocess.Popen[bytes], link: Link) -> None:
         self.worker = worker
         self.popen = popen
         self.pidfd = os.pidfd_open(popen.pid)
+        self.link = link
 
     @property
     def pid(self) -> int:
@@ -102,10 +118,23 @@ class Supervisor:
         listeners: Sequence[Listener],
         notifier: Notifier,
         reload_config: Callable[[], Config],
+        *,
+        connections: Sequence[tuple[str, int]] = (),
+        store_capacity: int = 0,
     ) -> None:
+        """``connections``: (FDNAME, fd) of connections found in systemd's fd store;
+        ``store_capacity``: how many it takes (0: none)."""
         self.listeners = list(listeners)
         self.notifier = notifier
         self.reload_config = reload_config
+        self.store_capacity = store_capacity if config.handover else 0
+        self._stored = 0
+        #: connections waiting for a ready worker (fds owned here)
+        self._pool: list[int] = []
+        self._inherited = list(connections)
+        self._rr = 0
+        #: connections moved: to workers, to the store, closed for want of either
+        self.moved = {"to_workers": 0, "to_store": 0, "closed": 0}
         self._loop = asyncio.get_running_loop()
         #: how often systemd wants WATCHDOG=1 (half of WatchdogSec=), or None
         self._watchdog_interval = notifier.watchdog_interval
@@ -147,6 +176,69 @@ class Supervisor:
                     "internal error handling %r: %r", event, exc, exc_info=exc, extra=_fields("bug")
                 )
                 self._done.set_result(int(ExitCode.FAILURE))
+        if self._pool:
+            self._route()
+
+    # -- connections handed over ---------------------------------------------------------
+
+    def _from_worker(self, fds: list[int]) -> None:
+        self._pool.extend(fds)
+        self._route()
+
+    def _targets(self) -> list[Link]:
+        core = self.core
+        links = []
+        for w in core.workers.values():
+            if w.generation == core.current and w.state is lc.WState.READY:
+                proc = self.procs.get(w.id)
+                if proc is not None and not proc.link.closed:
+                    links.append(proc.link)
+        return links
+
+    def _route(self) -> None:
+        """Connections in the pool go to the serving workers, spread evenly; on a stop,
+        to systemd's fd store; kept while the first generation starts."""
+        core = self.core
+        if core.phase.stopping:
+            if core.fatal is not None:
+                # a failed start: in the store they would wait through every retry
+                self.moved["closed"] += len(self._pool)
+                close_fds(self._pool)
+                self._pool = []
+            else:
+                self._to_store()
+            return
+        if core.phase is lc.Phase.STARTING:
+            return  # until every worker of the first generation is ready
+        targets = self._targets()
+        if not targets:
+            if len(self._pool) > POOL_MAX:
+                extra, self._pool = self._pool[POOL_MAX:], self._pool[:POOL_MAX]
+                self.moved["closed"] += len(extra)
+                close_fds(extra)
+            return
+        pool, self._pool = self._pool, []
+        batches: list[list[int]] = [[] for _ in targets]
+        for i, fd in enumerate(pool):
+            batches[(self._rr + i) % len(targets)].append(fd)
+        self._rr = (self._rr + len(pool)) % len(targets)
+        for link, batch in zip(targets, batches, strict=True):
+            if batch:
+                link.send(batch)
+        self.moved["to_workers"] += len(pool)
+
+    def _to_store(self) -> None:
+        pool, self._pool = self._pool, []
+        for fd in pool:
+            if self._stored >= self.store_capacity:
+                close_fds([fd])
+                self.moved["closed"] += 1
+                continue
+            self._stored += 1
+            if self.notifier.store_fds(connection_name(os.getpid(), self._stored), [fd]):
+                self.moved["to_store"] += 1
+            else:
+                self.moved["closed"] += 1
 
     def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -161,6 +253,7 @@ class Supervisor:
         self.feed(lc.ReloadAsked(waiter.id, "sdserve reload"))
 
     def _on_message(self, message: NotifyMessage) -> None:
+        close_fds(list(message.fds))  # connections come over the links, never here
         worker = self._by_pid.get(message.pid)
         if worker is None:
             return
@@ -187,6 +280,8 @@ class Supervisor:
         if self._channel is not None:
             self._channel.drain()
         proc = self.procs.pop(worker)
+        proc.link.drain()  # the connections it handed over just before it exited
+        proc.link.close()
         self._loop.remove_reader(proc.pidfd)
         self._by_pid.pop(proc.pid, None)
         self.feed(lc.Exited(worker, proc.reap()))
@@ -253,6 +348,7 @@ class Supervisor:
         env[ENV_GENERATION] = str(action.generation)
         env[ENV_CONFIG] = config_to_json(action.config)
         env[ENV_NICE] = str(os.getpriority(os.PRIO_PROCESS, 0))
+        env[ENV_STORE] = "1" if self.store_capacity > 0 else "0"
         # warm up at a lower CPU priority: imports must not slow the workers serving
         env["_SDSERVE_WARMUP_NICE"] = str(action.config.warmup_nice)
         if self._watchdog_interval is not None:
@@ -262,17 +358,24 @@ class Supervisor:
 
     def _spawn(self, action: lc.Spawn) -> None:
         argv = [sys.executable, "-m", "sdserve", "worker", action.config.app]
+        ours, theirs = link_pair()
+        env = self._worker_env(action)
+        env[ENV_LINK] = str(theirs.fileno())
         try:
-            popen = subprocess.Popen(
-                argv,
-                env=self._worker_env(action),
-                pass_fds=[ls.fd for ls in self.listeners],
-                stdin=subprocess.DEVNULL,
-                # its own session: a terminal's Ctrl-C reaches the supervisor only
-                start_new_session=True,
-            )
-            proc = WorkerProcess(action.worker, popen)
+            try:
+                popen = subprocess.Popen(
+                    argv,
+                    env=env,
+                    pass_fds=[ls.fd for ls in self.listeners] + [theirs.fileno()],
+                    stdin=subprocess.DEVNULL,
+                    # its own session: a terminal's Ctrl-C reaches the supervisor only
+                    start_new_session=True,
+                )
+            finally:
+                theirs.close()
+            proc = WorkerProcess(action.worker, popen, Link(ours, self._from_worker))
         except OSError as exc:
+            ours.close()
             self.feed(lc.SpawnFailed(action.worker, str(exc)))
             return
         self.procs[action.worker] = proc
@@ -290,6 +393,11 @@ class Supervisor:
         address = f"@sdserve/{os.getpid()}/{secrets.token_hex(8)}"
         self._channel = NotifySink(address, on_message=self._on_message, keep=False)
         await self._control.start()
+        for name, fd in self._inherited:
+            # out of the store at once: a connection systemd still holds never really closes
+            self.notifier.remove_stored(name)
+            self._pool.append(fd)
+        self._inherited = []
         pinger: asyncio.Task[None] | None = None
         if self._watchdog_interval is not None:
             pinger = asyncio.create_task(self._ping_systemd(self._watchdog_interval))
@@ -304,6 +412,19 @@ class Supervisor:
             self._timers.clear()
             for proc in self.procs.values():
                 loop.remove_reader(proc.pidfd)
+                proc.link.close()
+            if self._pool:
+                self.moved["closed"] += len(self._pool)
+                close_fds(self._pool)
+                self._pool = []
+            if any(self.moved.values()):
+                log.info(
+                    "connections handed over: %d to workers, %d to the fd store, %d closed",
+                    self.moved["to_workers"],
+                    self.moved["to_store"],
+                    self.moved["closed"],
+                    extra=_fields("handover", **self.moved),
+                )
             self._control.close()
             self._channel.close()
             for sig in handled:
@@ -322,9 +443,20 @@ def supervise(
     listeners: Sequence[Listener],
     notifier: Notifier,
     reload_config: Callable[[], Config],
+    *,
+    connections: Sequence[tuple[str, int]] = (),
+    store_capacity: int = 0,
 ) -> int:
     async def main() -> int:
-        return await Supervisor(config, listeners, notifier, reload_config).run()
+        supervisor = Supervisor(
+            config,
+            listeners,
+            notifier,
+            reload_config,
+            connections=connections,
+            store_capacity=store_capacity,
+        )
+        return await supervisor.run()
 
     return asyncio.run(main())
 
@@ -378,6 +510,10 @@ def run_worker(config: Config, notifier: Notifier) -> int:
     faulthandler.enable()  # a watchdog SIGABRT prints where the loop was stuck
     listeners = worker_listeners(os.environ)
     target = int(os.environ.get(ENV_NICE, str(os.getpriority(os.PRIO_PROCESS, 0))))
+    link = None
+    if (link_fd := os.environ.pop(ENV_LINK, "")).isdigit():
+        link = socket.socket(fileno=int(link_fd))
+        link.set_inheritable(False)
     # a check run that ignores cancellation must not keep the worker from exiting
     serving = serve_in_process(
         config,
@@ -385,5 +521,7 @@ def run_worker(config: Config, notifier: Notifier) -> int:
         notifier,
         before_ready=lambda: restore_priority(target),
         supervised=True,
+        link=link,
+        link_stores=os.environ.pop(ENV_STORE, "0") == "1",
     )
     return run_bounded(serving, grace=config.cleanup_timeout)

@@ -12,8 +12,16 @@ single-process mode and by each worker process of the supervisor. The order:
    app's shutdown and cleanup hooks (most recently registered first), and exit;
 5. on **retire** (SIGUSR2, sent by the supervisor when a reload or a recycle has
    made this worker redundant): the same drain at once, without the drain delay,
-   and ``/readyz`` keeps answering 200 (with ``Connection: close``), because the
+   and ``/readyz`` keeps answering 200 (with ``Connection: close``, unless its
+   connection is handed over), because the
    service is ready, only this process is leaving; load balancers do not flap.
+
+With ``handover`` (the default) the drain hands idle keep-alive connections over
+instead of closing them (:mod:`sdserve.handover`): a retiring worker to the
+supervisor, which passes them to the serving generation; on a stop, to systemd's fd
+store when there is one (directly in single-process mode, through the supervisor
+otherwise). Connections handed to this process (over the supervisor's link, or
+found in the fd store at start) are served once it is ready.
 
 A start that fails (the app does not import, a start-up hook raises, the checks do
 not pass in time) exits with status 3 after the cleanup hooks ran. Its reason and
@@ -50,6 +58,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import time
 from collections.abc import Callable, Sequence
 from enum import IntEnum, StrEnum
@@ -65,6 +74,13 @@ from .checks import StartupFailed, checks_from_config, registry, wait_until_read
 from .config import Config, ConfigError
 from .control import ControlServer
 from .drain import Limits, TrackedRequestHandler, Tracker, announce_drain, prepare_app
+from .handover import (
+    ConnectionRefused,
+    Link,
+    close_fds,
+    connection_name,
+    validate_connection,
+)
 from .log import fields as _fields
 from .log import stop_logging
 from .monitor import CheckMonitor
@@ -196,10 +212,27 @@ class Worker:
         *,
         before_ready: Callable[[], None] | None = None,
         supervised: bool = False,
+        store_capacity: int = 0,
+        link_stores: bool = False,
     ) -> None:
+        """``store_capacity``: systemd's fd store takes this many connections from this
+        process on a stop (single-process mode); ``link_stores``: the supervisor keeps
+        the connections handed to it on a stop too (it has an fd store)."""
         self.config = config
         self._before_ready = before_ready
         self.supervised = supervised
+        self.store_capacity = store_capacity if config.handover else 0
+        self.link_stores = link_stores and config.handover
+        #: the supervisor's link: connections handed over go up, to serve come down
+        self.link: Link | None = None
+        self._stored = 0
+        self._main_factory: Callable[[], TrackedRequestHandler] | None = None
+        #: connections to serve once ready (from the fd store, or sent early)
+        self._adopt_later: list[socket.socket] = []
+        #: accepting has begun: connections handed here are served at once
+        self._accepting = False
+        self._adopting: set[asyncio.Task[None]] = set()
+        self.adopted = 0
         self.listeners = list(listeners)
         self.notifier = notifier
         self.state = WorkerState()
@@ -270,8 +303,11 @@ class Worker:
 
             def factory(server: web.Server = server) -> TrackedRequestHandler:
                 return TrackedRequestHandler(
-                    self.tracker, server, loop=asyncio.get_running_loop(), **kwargs
+                    self.tracker, server, main=not admin, loop=asyncio.get_running_loop(), **kwargs
                 )
+
+            if not admin and self._main_factory is None:
+                self._main_factory = factory
 
             # the admin socket is not limited: health probes must get through a crowd
             limit = 0 if admin else self.config.max_connections
@@ -309,6 +345,10 @@ class Worker:
             self._before_ready()
         for acceptor in self._acceptors:
             acceptor.start()
+        self._accepting = True
+        later, self._adopt_later = self._adopt_later, []
+        for sock in later:
+            self._connect(sock)
         self.state.phase = Phase.READY
         self.state.ready_at = time.monotonic()
         where = ", ".join(f"{ls.name}={ls.address}" for ls in self.listeners)
@@ -324,6 +364,103 @@ class Worker:
                 ready_lag_ms=round((self.state.ready_at - checks_done) * 1000, 3),
             ),
         )
+
+    # -- connections handed to this process ---------------------------------------------
+
+    def adopt_fds(self, fds: list[int]) -> None:
+        """Serve these connections (fds now owned here): at once if serving, else once
+        ready. An fd that is not a connected stream socket is closed and logged."""
+        for fd in fds:
+            try:
+                sock = validate_connection(fd, f"a connection handed over (fd {fd})")
+            except ConnectionRefused as exc:
+                log.warning("%s: closed", exc, extra=_fields("handover"))
+                close_fds([fd])
+                continue
+            self.adopt(sock)
+
+    def adopt(self, sock: socket.socket) -> None:
+        if not self._accepting or self._main_factory is None:
+            self._adopt_later.append(sock)
+        elif self.stage in (Stage.CLEANING, Stage.DONE):
+            sock.close()  # too late to serve it (the supervisor sends only to the ready)
+        else:
+            self._connect(sock)
+
+    def _connect(self, sock: socket.socket) -> None:
+        assert self._main_factory is not None
+        loop = asyncio.get_running_loop()
+        self.tracker.pending_accepts += 1
+        self.adopted += 1
+        task = loop.create_task(self._connect_one(sock, self._main_factory))
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
+
+    async def _connect_one(
+        self, sock: socket.socket, factory: Callable[[], TrackedRequestHandler]
+    ) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(factory, sock)
+        except OSError as exc:
+            log.debug("a connection handed over was gone before it was served: %s", exc)
+            sock.close()
+        finally:
+            self.tracker.pending_accepts -= 1
+            self.tracker.changed()
+
+    def close_unserved(self) -> None:
+        """Close the connections never served (the start failed, or was stopped)."""
+        later, self._adopt_later = self._adopt_later, []
+        for sock in later:
+            sock.close()
+        if later:
+            log.info(
+                "closed %d connection(s) handed over that were never served",
+                len(later),
+                extra=_fields("handover"),
+            )
+
+    # -- connections handed from this process -------------------------------------------
+
+    def _handover_for(
+        self, retiring: bool
+    ) -> Callable[[list[TrackedRequestHandler]], list[TrackedRequestHandler]] | None:
+        """Where this drain hands its idle connections, if anywhere."""
+        if not self.config.handover:
+            return None
+        if self.link is not None and (retiring or self.link_stores):
+            return self._to_link
+        if not self.supervised and self.store_capacity > 0:
+            return self._to_store
+        return None
+
+    def _to_link(self, protos: list[TrackedRequestHandler]) -> list[TrackedRequestHandler]:
+        assert self.link is not None
+        if self.link.closed:
+            return []
+        taken, fds = [], []
+        for proto in protos:
+            fd = _dup_socket(proto)
+            if fd is not None:
+                taken.append(proto)
+                fds.append(fd)
+        self.link.send(fds)
+        return taken
+
+    def _to_store(self, protos: list[TrackedRequestHandler]) -> list[TrackedRequestHandler]:
+        taken = []
+        for proto in protos:
+            if self._stored >= self.store_capacity:
+                break
+            fd = _dup_socket(proto)
+            if fd is None:
+                continue
+            self._stored += 1
+            name = connection_name(os.getpid(), self._stored)
+            if not self.notifier.store_fds(name, [fd]):
+                break
+            taken.append(proto)
+        return taken
 
     # -- signals -------------------------------------------------------------------------
 
@@ -396,17 +533,18 @@ class Worker:
         deadline = loop.time() + cfg.shutdown_timeout
         # aiohttp's order: stop accepting, then on_shutdown (where apps end their streams),
         # then wait for the handlers; sdserve's own drain starts first, so that idle
-        # connections get their grace from now
-        self.tracker.begin_drain()
+        # connections get their grace (or are handed over) from now
+        self.tracker.begin_drain(self._handover_for(retiring))
         for runner in self._runners:
             await announce_drain(runner.app, deadline)
         report = await self.tracker.finish(deadline)
         log.info(
-            "drained %d request(s) in %.0f ms (%d idle connection(s) closed, "
+            "drained %d request(s) in %.0f ms (%d idle connection(s) closed, %d handed over, "
             "%d websocket(s) closed with 1001, %d cancelled)",
             report.requests_completed,
             report.duration * 1000,
             report.idle_closed,
+            report.handed_over,
             report.websockets_closed,
             len(report.cancelled),
             extra=_fields(
@@ -414,6 +552,8 @@ class Worker:
                 duration_ms=round(report.duration * 1000, 1),
                 requests=report.requests_completed,
                 cancelled=len(report.cancelled),
+                handed_over=report.handed_over,
+                idle_closed=report.idle_closed,
             ),
         )
         if self.tracker.rejected:
@@ -560,6 +700,18 @@ class Worker:
         return ExitCode.STARTUP
 
 
+def _dup_socket(proto: TrackedRequestHandler) -> int | None:
+    """A duplicate of the connection's fd, to send; None if it has none any more."""
+    transport = proto.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return None
+    try:
+        return os.dup(sock.fileno())
+    except OSError:
+        return None
+
+
 def log_start_failure(logger: logging.Logger, failure: StartFailure, **fields: Any) -> None:
     """One journal entry: the reason, the application's traceback, its file and line."""
     more = dict(fields)
@@ -594,11 +746,32 @@ async def serve_in_process(
     *,
     before_ready: Callable[[], None] | None = None,
     supervised: bool = False,
+    connections: Sequence[tuple[str, socket.socket]] = (),
+    store_capacity: int = 0,
+    link: socket.socket | None = None,
+    link_stores: bool = False,
 ) -> int:
-    """Serve in this process until a stop signal (single-process mode, and each worker)."""
+    """Serve in this process until a stop signal (single-process mode, and each worker).
+
+    ``connections`` came from systemd's fd store: they are taken out of it at once and
+    served once ready. ``link`` is the supervisor's (a worker)."""
     loop = asyncio.get_running_loop()
-    worker = Worker(config, listeners, notifier, before_ready=before_ready, supervised=supervised)
+    worker = Worker(
+        config,
+        listeners,
+        notifier,
+        before_ready=before_ready,
+        supervised=supervised,
+        store_capacity=store_capacity,
+        link_stores=link_stores,
+    )
     install_signals(loop, worker)
+    for name, sock in connections:
+        # out of the store at once: a connection systemd still holds never really closes
+        notifier.remove_stored(name)
+        worker.adopt(sock)
+    if link is not None:
+        worker.link = Link(link, worker.adopt_fds)
     control = None
     if not supervised:  # `sdserve reload` hears why there is no reload here
         control = ControlServer(lambda waiter: waiter.finish("refused", NO_RELOAD))
@@ -609,6 +782,16 @@ async def serve_in_process(
         if control is not None:
             control.close()
         close_listeners(listeners)
+        worker.close_unserved()
+        if worker.link is not None:
+            worker.link.flush_blocking(timeout=1.0)  # connections handed over, bounded
+            if lost := worker.link.close():
+                log.error(
+                    "%d connection(s) handed over were lost: the supervisor did not "
+                    "take them in time",
+                    lost,
+                    extra=_fields("handover"),
+                )
         notifier.flush(timeout=1.0)  # the last messages (a start failure...), bounded
     if code is ExitCode.FORCED:
         # at once: no waiting for handlers to unwind

@@ -1,0 +1,278 @@
+"""Moving idle keep-alive connections to the next process instead of closing them.
+
+Closing an idle keep-alive connection races its client: it may be sending its next
+request just then, and HTTP/1.1 cannot tell it apart from a request the server
+refused. A connection that is *moved* is never closed, so there is no race:
+
+- **reload** (and a worker recycled or replaced): a retiring worker hands each idle
+  connection to the supervisor over its :class:`Link`, and the supervisor passes it
+  on to a ready worker of the serving generation;
+- **restart**: on SIGTERM idle connections go to systemd's file descriptor store
+  (``FDSTORE=1`` with an ``FDNAME=`` of :data:`CONN_PREFIX`), and the next instance
+  finds them in ``LISTEN_FDS`` beside its listening sockets, takes them out of the
+  store at once (``FDSTOREREMOVE=1``) and serves them once it is ready.
+
+Only the file descriptor moves. The kernel keeps the TCP connection as it is, and
+bytes the client sends meanwhile wait in its receive buffer, in order, for whoever
+reads next; so a connection moves only when the process has read nothing of the
+next request (see :func:`sdserve.drain.movable`). The old process then closes its
+own copy without ``shutdown()``, which the client never sees.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+import stat
+from collections import deque
+from collections.abc import Callable, Mapping
+
+log = logging.getLogger("sdserve.handover")
+
+#: FDNAME= of a connection in systemd's fd store (a listening socket never has it)
+CONN_PREFIX = "sdserve-conn-"
+#: the most fds one SCM_RIGHTS message may carry (the kernel's SCM_MAX_FD)
+MAX_FDS_PER_MESSAGE = 253
+_FD_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+#: the payload of a message on a link: "connections follow"
+_CONNECTIONS = b"C"
+
+
+def is_connection_name(name: str) -> bool:
+    return name.startswith(CONN_PREFIX)
+
+
+def connection_name(pid: int, seq: int) -> str:
+    """A name unique to one stored connection (``FDSTOREREMOVE=1`` removes by name)."""
+    return f"{CONN_PREFIX}{pid}-{seq}"
+
+
+def store_capacity(environ: Mapping[str, str], configured: int) -> int:
+    """How many connections systemd's fd store takes from this service; 0: none.
+
+    systemd 254 and later say it in ``$FDSTORE`` (``FileDescriptorStoreMax=``); older
+    ones do not, so the unit passes the same number as ``fd_store_max``. Without
+    ``NOTIFY_SOCKET`` nobody keeps a store.
+    """
+    if not environ.get("NOTIFY_SOCKET"):
+        return 0
+    if configured > 0:
+        return configured
+    text = environ.get("FDSTORE", "")
+    return int(text) if text.isdigit() else 0
+
+
+class ConnectionRefused(Exception):
+    """An fd offered as a connection cannot be served; the message says why."""
+
+
+def validate_connection(fd: int, label: str) -> socket.socket:
+    """A connected stream socket (IPv4, IPv6 or unix) from ``fd``, close-on-exec, non-blocking.
+
+    Raises :class:`ConnectionRefused` naming ``label`` otherwise; the fd is then left
+    open for the caller to close.
+    """
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        raise ConnectionRefused(f"{label}: not open ({exc.strerror})") from exc
+    if not stat.S_ISSOCK(mode):
+        raise ConnectionRefused(f"{label}: not a socket")
+    sock = socket.socket(fileno=fd)
+    try:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+            raise ConnectionRefused(f"{label}: address family {sock.family!r}")
+        if sock.type != socket.SOCK_STREAM:
+            raise ConnectionRefused(f"{label}: a {sock.type.name} socket, not a stream")
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ConnectionRefused(f"{label}: a listening socket, not a connection")
+        try:
+            sock.getpeername()
+        except OSError as exc:
+            raise ConnectionRefused(f"{label}: not connected ({exc.strerror})") from exc
+    except BaseException:
+        sock.detach()
+        raise
+    flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+    fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+    sock.setblocking(False)
+    return sock
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def recv_fds(sock: socket.socket) -> tuple[bytes, list[int], bool]:
+    """One message and the fds it carried; the flag says fds were cut off (MSG_CTRUNC)."""
+    data, ancdata, flags, _addr = sock.recvmsg(64, _FD_SPACE)
+    fds: list[int] = []
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(cdata[: len(cdata) - (len(cdata) % arr.itemsize)])
+            fds.extend(arr)
+    for fd in fds:
+        flags_fd = fcntl.fcntl(fd, fcntl.F_GETFD)
+        fcntl.fcntl(fd, fcntl.F_SETFD, flags_fd | fcntl.FD_CLOEXEC)
+    return data, fds, bool(flags & socket.MSG_CTRUNC)
+
+
+class Link:
+    """One end of a ``SOCK_SEQPACKET`` socket pair that carries connections (as fds).
+
+    The supervisor keeps one end per worker, the worker the other: a worker sends the
+    connections it hands over up, the supervisor sends connections to serve down.
+    Sending never blocks: what the socket cannot take now waits, in order, and goes
+    out when it is writable. The fds given to :meth:`send` belong to the link from then
+    on: closed once sent, or when the link closes (counted in :attr:`lost`).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_connections: Callable[[list[int]], None],
+        *,
+        on_eof: Callable[[], None] | None = None,
+    ) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._on_connections = on_connections
+        self._on_eof = on_eof
+        self._loop = asyncio.get_running_loop()
+        self._outbox: deque[list[int]] = deque()
+        self._writing = False
+        self.closed = False
+        #: connections sent and received over this link, and lost in it
+        self.sent = 0
+        self.received = 0
+        self.lost = 0
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    def send(self, fds: list[int]) -> None:
+        """Send these connections (in messages of at most MAX_FDS_PER_MESSAGE)."""
+        if self.closed:
+            self.lost += len(fds)
+            close_fds(fds)
+            return
+        for start in range(0, len(fds), MAX_FDS_PER_MESSAGE):
+            self._outbox.append(fds[start : start + MAX_FDS_PER_MESSAGE])
+        self._flush()
+
+    @property
+    def pending(self) -> int:
+        return sum(len(batch) for batch in self._outbox)
+
+    def _flush(self) -> None:
+        while self._outbox:
+            batch = self._outbox[0]
+            try:
+                self.sock.sendmsg(
+                    [_CONNECTIONS],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch))],
+                )
+            except (BlockingIOError, InterruptedError):
+                if not self._writing:
+                    self._loop.add_writer(self.sock.fileno(), self._flush)
+                    self._writing = True
+                return
+            except OSError as exc:
+                log.warning("handing %d connection(s) over failed: %s", len(batch), exc)
+                self._outbox.popleft()
+                self.lost += len(batch)
+                close_fds(batch)
+                continue
+            self._outbox.popleft()
+            self.sent += len(batch)
+            close_fds(batch)  # the kernel holds them in the message now
+        if self._writing:
+            self._loop.remove_writer(self.sock.fileno())
+            self._writing = False
+
+    def drain(self) -> None:
+        """Take every message already queued on the socket, now (its peer has exited)."""
+        if not self.closed:
+            self._on_readable()
+
+    def _on_readable(self) -> None:
+        while not self.closed:
+            try:
+                data, fds, cut = recv_fds(self.sock)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("reading connections from the link failed: %s", exc)
+                self._eof()
+                return
+            if not data and not fds:
+                self._eof()
+                return
+            if cut:
+                log.error("a message of connections was cut off: some were lost")
+            if data != _CONNECTIONS:
+                close_fds(fds)
+                continue
+            self.received += len(fds)
+            self._on_connections(fds)
+
+    def _eof(self) -> None:
+        on_eof = self._on_eof
+        self.close()
+        if on_eof is not None:
+            on_eof()
+
+    def close(self) -> int:
+        """Stop; close what waits to be sent. Returns how many connections that lost."""
+        if self.closed:
+            return 0
+        self.closed = True
+        self._on_eof = None
+        self._loop.remove_reader(self.sock.fileno())
+        if self._writing:
+            self._loop.remove_writer(self.sock.fileno())
+            self._writing = False
+        lost = 0
+        while self._outbox:
+            batch = self._outbox.popleft()
+            lost += len(batch)
+            close_fds(batch)
+        self.lost += lost
+        self.sock.close()
+        return lost
+
+    def flush_blocking(self, timeout: float) -> None:
+        """Before the process exits: send what waits, for at most ``timeout`` seconds."""
+        if self.closed or not self._outbox:
+            return
+        self.sock.settimeout(timeout)
+        try:
+            while self._outbox:
+                batch = self._outbox[0]
+                try:
+                    self.sock.sendmsg(
+                        [_CONNECTIONS],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch))],
+                    )
+                except OSError:
+                    return
+                self._outbox.popleft()
+                self.sent += len(batch)
+                close_fds(batch)
+        finally:
+            if not self.closed:
+                self.sock.setblocking(False)
+
+
+def link_pair() -> tuple[socket.socket, socket.socket]:
+    """The two ends of a new link: (the supervisor's, the worker's)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.set_inheritable(False)
+    theirs.set_inheritable(True)
+    return ours, theirs
