@@ -38,6 +38,10 @@ from sdserve.config import Config, ConfigError, load_config
 
 #: seconds between the end of sdserve's stop budget and systemd's SIGKILL
 STOP_MARGIN = 5.0
+#: connections systemd keeps for the service across a restart (its fd store), and the
+#: service's fd limit, which must hold them, its listening sockets and its own work
+FD_STORE_MAX = 4096
+LIMIT_NOFILE = 16384
 #: seconds for the interpreter to start and import the application before the checks run
 START_MARGIN = 10.0
 #: where a Debian package puts the command
@@ -219,6 +223,9 @@ def exec_start(spec: UnitSpec, cfg: Config) -> str:
         f"{cfg.drain_delay:g}",
         "--shutdown-timeout",
         f"{cfg.shutdown_timeout:g}",
+        # systemd before 254 does not tell the service its FileDescriptorStoreMax=
+        "--fd-store-max",
+        str(FD_STORE_MAX),
     ]
     return " ".join(words)
 
@@ -285,7 +292,10 @@ def render_service(spec: UnitSpec) -> str:
         f"# sdserve's stop budget is {cfg.stop_budget:g} s (drain delay + shutdown + cleanup)",
         f"TimeoutStopSec={timeout_stop_sec(cfg)}",
         f"WatchdogSec={_seconds(spec.watchdog)}",
-        "LimitNOFILE=16384",
+        "# idle keep-alive connections wait here across a restart (sdserve hands them over);",
+        "# the service may hold them all and its own sockets within LimitNOFILE",
+        f"FileDescriptorStoreMax={FD_STORE_MAX}",
+        f"LimitNOFILE={LIMIT_NOFILE}",
         # lets a worker return from its warm-up priority to nice 0 (sdserve's warmup_nice)
         "LimitNICE=+0",
         "",
