@@ -93,6 +93,10 @@ class LoadProcess:
         self.requests_close = [ep.request_bytes(keepalive=False) for ep in self.endpoints]
         self.inflight = 0
         self.not_sent = 0
+        #: keep-alive connections opened, and those the server closed (a Connection:
+        #: close response, or a close while the connection waited idle in the pool)
+        self.ka_opened = 0
+        self.ka_server_closed = 0
         self.ws_sessions = 0
         self.ws_clean_closes = 0
         self.ws_abnormal_closes = 0
@@ -124,6 +128,7 @@ class LoadProcess:
                 if not c.closed:
                     conn = c
                     break
+                self.ka_server_closed += 1  # closed by the server while idle
         reused = 0 if conn is None else 1
         deadline = (intended if intended > self.t0 else self.t0) + self.timeout
         if conn is None:
@@ -132,6 +137,8 @@ class LoadProcess:
                 self._record(intended, opened, target, 0)
                 return
             conn = opened
+            if keepalive:
+                self.ka_opened += 1
         fut = conn.send(self.requests_ka[target] if keepalive else self.requests_close[target])
         waiting = self.waiting
         waiting[conn] = deadline
@@ -143,6 +150,8 @@ class LoadProcess:
         if keepalive and conn.reusable and not conn.closed and len(pool) < self.max_idle:
             pool.append(conn)
         else:
+            if keepalive and code >= 100 and not conn.reusable:
+                self.ka_server_closed += 1  # a complete response, and then it closed
             conn.close()
         self._record(intended, code, target, reused)
 
@@ -323,6 +332,8 @@ class LoadProcess:
             "target": rec.target.tobytes(),
             "reused": rec.reused.tobytes(),
             "not_sent": self.not_sent,
+            "ka_opened": self.ka_opened,
+            "ka_server_closed": self.ka_server_closed,
             "ws_sessions": self.ws_sessions,
             "ws_clean_closes": self.ws_clean_closes,
             "ws_abnormal_closes": self.ws_abnormal_closes,

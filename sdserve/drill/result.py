@@ -54,6 +54,9 @@ class DrillResult:
     actions: list[ActionRecord] = field(default_factory=list)
     resources: list[ResourceSample] = field(default_factory=list)
     not_sent: int = 0
+    #: keep-alive connections opened, and closed by the server
+    ka_opened: int = 0
+    ka_server_closed: int = 0
     ws_sessions: int = 0
     ws_clean_closes: int = 0
     ws_abnormal_closes: int = 0
@@ -266,6 +269,8 @@ class DrillResult:
             "connections": {
                 "new": self.counts(~self.reused),
                 "reused": self.counts(self.reused),
+                "keepalive_opened": self.ka_opened,
+                "keepalive_closed_by_server": self.ka_server_closed,
             },
             "websocket": {
                 "sessions": self.ws_sessions,

@@ -306,6 +306,8 @@ async def run_drill(
         actions=sorted(records, key=lambda r: r.start),
         resources=resources,
         not_sent=sum(int(r["not_sent"]) for r in results),
+        ka_opened=sum(int(r.get("ka_opened", 0)) for r in results),
+        ka_server_closed=sum(int(r.get("ka_server_closed", 0)) for r in results),
         ws_sessions=sum(int(r["ws_sessions"]) for r in results),
         ws_clean_closes=sum(int(r["ws_clean_closes"]) for r in results),
         ws_abnormal_closes=sum(int(r["ws_abnormal_closes"]) for r in results),

@@ -23,7 +23,11 @@ Top level (:class:`DrillJson`)::
     targets       one TargetJson per URL, the WebSocket URL last
     connections   Counts of requests that opened their connection ("new") and
                   of those sent on a connection that had carried an earlier
-                  request or in an open WebSocket session ("reused")
+                  request or in an open WebSocket session ("reused"); and the
+                  keep-alive connections opened ("keepalive_opened": beyond the
+                  pool's size, reconnects) and closed by the server
+                  ("keepalive_closed_by_server": a Connection: close response, or
+                  a close while idle in the pool)
     websocket     WebSocketJson: sessions and how they ended
     actions       one ActionJson per action performed, in order of start
     host          HostJson: CPUs, the 1-minute load average at the start and end,
@@ -138,6 +142,8 @@ class Phases(TypedDict):
 class ConnectionsJson(TypedDict):
     new: Counts
     reused: Counts
+    keepalive_opened: int
+    keepalive_closed_by_server: int
 
 
 class HostJson(TypedDict):

@@ -97,6 +97,11 @@ def render_text(doc: DrillJson) -> str:
         f"({conns['new']['failures']:,} failed), {conns['reused']['requests']:,} on reused "
         f"keep-alive connections or WebSocket sessions ({conns['reused']['failures']:,} failed)"
     )
+    if conns["keepalive_opened"]:
+        lines.append(
+            f"  keep-alive connections: {conns['keepalive_opened']:,} opened, "
+            f"{conns['keepalive_closed_by_server']:,} closed by the server"
+        )
     ws = doc["websocket"]
     if ws["sessions"]:
         lines.append(
