@@ -53,6 +53,7 @@ async def make_launcher(
         env: dict[str, str] | None = None,
         sockets: list[tuple[str, object]] | None = None,
         app: str = APP,
+        fd_store_max: int = 0,
     ) -> Launcher:
         # single-process mode: the worker runtime itself, without the supervisor
         argv = [sys.executable, "-m", "sdserve", "run", app, "--workers", "0", "--log", "stderr"]
@@ -63,6 +64,7 @@ async def make_launcher(
             workdir=tmp_path,
             env={"TESTAPP_GATE": str(gate.path), **(env or {})},
             cwd=ROOT,
+            fd_store_max=fd_store_max,
         )
         made.append(launcher)
         return launcher
@@ -83,7 +85,9 @@ async def supervised(tmp_path: Path, listen_sock: socket.socket) -> AsyncIterato
     appdir.mkdir()
     write_app(appdir, "v1")
 
-    def factory(*args: str, workers: int = 2, env: dict[str, str] | None = None) -> Launcher:
+    def factory(
+        *args: str, workers: int = 2, env: dict[str, str] | None = None, fd_store_max: int = 0
+    ) -> Launcher:
         argv = [sys.executable, "-m", "sdserve", "run", "relapp:create_app"]
         argv += ["--workers", str(workers), "--log", "stderr", *args]
         launcher = Launcher(
@@ -92,6 +96,7 @@ async def supervised(tmp_path: Path, listen_sock: socket.socket) -> AsyncIterato
             workdir=tmp_path,
             env={"PYTHONDONTWRITEBYTECODE": "1", **(env or {})},
             cwd=appdir,
+            fd_store_max=fd_store_max,
         )
         made.append(launcher)
         return launcher

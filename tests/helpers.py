@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -283,3 +284,106 @@ async def versions(port: int, n: int = 20) -> set[str]:
     answers = [await get(HOST, port, "/") for _ in range(n)]
     assert all(a.status == 200 for a in answers)
     return {a.body.split()[0].decode() for a in answers}
+
+
+# -- pooled keep-alive clients -------------------------------------------------------
+
+
+@dataclass
+class PoolStats:
+    """What pooled keep-alive clients saw: requests, failures, and their connections."""
+
+    ok: int = 0
+    failed: Counter[str] = field(default_factory=Counter)
+    #: connections opened in all (the pool's size at first; more are reconnects)
+    connections: int = 0
+    #: connections the server closed: by Connection: close, or an EOF seen while idle
+    closed_by_server: int = 0
+    longest: float = 0.0
+    #: which server processes answered (the first word after the version)
+    pids: Counter[str] = field(default_factory=Counter)
+    _progress: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def total_failed(self) -> int:
+        return sum(self.failed.values())
+
+    async def wait_ok(self, target: int, timeout: float) -> None:
+        async with asyncio.timeout(timeout):
+            while self.ok < target:
+                self._progress.clear()
+                await self._progress.wait()
+
+    async def wait_pid(self, pids: Callable[[set[str]], bool], timeout: float) -> None:
+        """Until the set of answering processes seen so far satisfies ``pids``."""
+        async with asyncio.timeout(timeout):
+            while not pids(set(self.pids)):
+                self._progress.clear()
+                await self._progress.wait()
+
+
+async def _pooled_client(
+    address: tuple[str, int], stop: asyncio.Event, stats: PoolStats, rng: random.Random, gap: float
+) -> None:
+    """One connection of a pool, kept as long as the server keeps it: a request at a random
+    moment (a pause of 0 to ``gap`` seconds, often none), never retried."""
+    while not stop.is_set() and stats.total_failed < MAX_FAILURES:
+        try:
+            reader, writer = await asyncio.open_connection(*address)
+        except OSError as exc:
+            stats.failed[classify(exc)] += 1
+            continue
+        stats.connections += 1
+        try:
+            while not stop.is_set():
+                pause = rng.choice((0.0, rng.uniform(0, gap)))
+                if pause:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(pause):
+                            await stop.wait()
+                if reader.at_eof():
+                    stats.closed_by_server += 1  # closed while idle, seen before sending
+                    break
+                started = time.monotonic()
+                try:
+                    async with asyncio.timeout(30):
+                        writer.write(request_bytes("/"))
+                        response = await read_response(reader)
+                except (OSError, ProtocolError, TimeoutError) as exc:
+                    stats.failed[classify(exc)] += 1
+                    break
+                stats.longest = max(stats.longest, time.monotonic() - started)
+                if response.status != 200:
+                    stats.failed[str(response.status)] += 1
+                    continue
+                stats.ok += 1
+                words = response.body.split()
+                if len(words) > 1:
+                    stats.pids[words[1].decode()] += 1
+                stats._progress.set()
+                if response.closes:
+                    stats.closed_by_server += 1
+                    break
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def pooled_load(
+    host: str, port: int, connections: int = 16, gap: float = 0.005, seed: int = 1
+) -> AsyncIterator[PoolStats]:
+    """A pool of keep-alive connections, each sending at random moments, until the block
+    ends; yields the :class:`PoolStats`. A failed request is counted, never retried."""
+    stats = PoolStats()
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(
+            _pooled_client((host, port), stop, stats, random.Random(seed * 1000 + i), gap)
+        )
+        for i in range(connections)
+    ]
+    try:
+        yield stats
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)

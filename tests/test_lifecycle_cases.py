@@ -324,7 +324,11 @@ async def test_a_worker_over_reload_timeout_fails_the_reload_naming_the_timeout(
 async def test_reload_retires_without_drain_delay_and_old_workers_stay_ready(
     make_launcher: LauncherFactory, port: int
 ) -> None:
-    launcher = supervised_controlled(make_launcher, "--drain-delay", "5", "--idle-grace", "5")
+    # without the hand-over, which would move this connection to a new worker: the probes
+    # must reach the draining one
+    launcher = supervised_controlled(
+        make_launcher, "--drain-delay", "5", "--idle-grace", "5", "--no-handover"
+    )
     supervisor = await launcher.start()
     reader, writer = await asyncio.open_connection(HOST, port)
     try:

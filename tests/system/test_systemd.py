@@ -8,17 +8,19 @@ when systemd has seen READY=1 or the stop finished), the journal, process exits.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
+import select
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
 from sdserve.units import UnitSpec, daemon_config, render_units, timeout_start_sec
 
 from .conftest import shipped_units
-from .testbed import Box, JournalEntry, message, wait_until
+from .testbed import BOX_TOOLS, Box, JournalEntry, message, wait_until
 
 SERVICE = "sdserve.service"
 DEMO_CONFIG = 'app = "sdserve.demo:create_app"\n'
@@ -299,6 +301,9 @@ def test_twenty_restarts_under_load_lose_nothing(box: Box, flavour: str, record:
     assert result.ok == result.requests > 20 * 16
     for kind in ("keepalive", "fresh", "paced"):
         assert result.by_kind[kind]["requests"] > 0, kind
+    # the keep-alive clients kept their connections: handed over through the fd store
+    for kind in ("keepalive", "paced"):
+        assert result.by_kind[kind]["closed_by_server"] == 0, result.by_kind[kind]
     # every process drained (one per worker and restart), none cancelled a request
     drains = [e for e in sdserve_entries(box, cursor) if e["SDSERVE_PHASE"] == "drained"]
     assert len(drains) >= 20
@@ -440,6 +445,8 @@ def test_reload_under_load_keeps_the_main_process(box: Box, flavour: str, record
     assert result.failed == 0, result.summary() + "\n" + "\n".join(result.examples)
     assert result.hung_clients == 0
     assert result.ok == result.requests > 0
+    # the keep-alive clients kept their connections: handed to the new workers
+    assert result.by_kind["keepalive"]["closed_by_server"] == 0, result.by_kind["keepalive"]
 
 
 def wait_reload_end(box: Box, cursor: str, timeout: float = 150) -> JournalEntry:
@@ -532,3 +539,86 @@ def test_sdserve_units_renders_working_units(box: Box, flavour: str) -> None:
     }
     owner = box.run(["ps", "-o", "user=", "-p", str(main_pid(box, "shop.service"))]).stdout
     assert owner.strip() == "shop"
+
+
+# ---- connections handed over -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def idle_clients(box: Box, n: int) -> Iterator[Callable[[str], dict[str, object]]]:
+    """``n`` idle keep-alive connections held by ``box/idle.py`` in the box; yields a function
+    that sends it a command (``reuse``, ``closed``) and returns its answer."""
+    argv = ["python3", f"{BOX_TOOLS}/idle.py", f"--connections={n}", "--timeout=20"]
+    with subprocess.Popen(
+        box.command(argv),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        stdin, stdout = proc.stdin, proc.stdout
+
+        def ask(command: str) -> dict[str, object]:
+            stdin.write(command + "\n")
+            stdin.flush()
+            readable, _, _ = select.select([stdout], [], [], 60)
+            assert readable, f"idle.py did not answer {command!r}"
+            answer: dict[str, object] = json.loads(stdout.readline())
+            return answer
+
+        try:
+            readable, _, _ = select.select([stdout], [], [], 60)
+            assert readable, "idle.py did not start"
+            assert stdout.readline().strip() == f"idle {n}"
+            yield ask
+        finally:
+            stdin.close()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def stored(box: Box) -> int:
+    return int(box.show(SERVICE, "NFileDescriptorStore")["NFileDescriptorStore"])
+
+
+def test_idle_connections_outlive_a_restart_and_a_stop_closes_them(
+    box: Box, flavour: str, record: Record
+) -> None:
+    install(box, flavour)
+    box.systemctl("start", "sdserve.socket", SERVICE)
+    with idle_clients(box, 12) as ask:
+        for _ in range(3):
+            box.systemctl("restart", SERVICE)
+            # the new instance took them out of the store at once, and serves them
+            assert stored(box) == 0
+            assert ask("reuse") == {"ok": 12, "failed": {}}
+        box.systemctl("stop", SERVICE)
+        assert stored(box) == 0
+        answer = ask("closed")
+    record("idle connections through 3 restarts, then a stop", f"{answer}")
+    assert answer == {"closed": 12, "open": 0}  # seen closed from the client side
+
+
+def test_a_restart_that_fails_to_start_leaks_no_stored_connection(box: Box, flavour: str) -> None:
+    flag = f"{FLAG_DIR}/ok"
+    install(
+        box,
+        flavour,
+        spec=UnitSpec(start_timeout=3),
+        environment={"DEMO_WAIT_FILE": flag},
+        service=["Restart=no"],
+    )
+    box.run(["touch", flag])
+    box.systemctl("start", "sdserve.socket", SERVICE)
+    with idle_clients(box, 6) as ask:
+        # the next instance fails its start: its critical check never passes
+        box.run(["rm", flag])
+        assert box.systemctl("restart", SERVICE, check=False).returncode != 0
+        answer = ask("closed")
+    assert answer == {"closed": 6, "open": 0}
+    assert stored(box) == 0
