@@ -31,6 +31,9 @@ if nice := int(os.environ.pop("_SDSERVE_WARMUP_NICE", "0") or 0):
         with contextlib.suppress(OSError):  # a sandbox may forbid it: then warm up as is
             os.setpriority(os.PRIO_PROCESS, 0, current + nice)
 
-from .cli import main  # noqa: E402 - after the priority change, on purpose
+from .cli import exit_without_teardown, main  # noqa: E402 - after the priority change
 
-sys.exit(main())
+code = main()
+if sys.argv[1:2] in (["run"], ["worker"]):
+    exit_without_teardown(code)  # a serving process: its exit is part of a restart's gap
+sys.exit(code)

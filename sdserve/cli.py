@@ -10,15 +10,18 @@ environment and the file.
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import dataclasses
 import importlib
 import logging
 import os
 import sys
+import threading
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .activation import Activated, ActivationError, activation_from_environ
 from .binding import BindError, bind_all
@@ -266,6 +269,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.CONFIG
     finally:
         stop_logging()  # what is still queued is written (bounded: journald may be stuck)
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """Exit as the interpreter would, less its teardown of every module and object.
+
+    That teardown is the garbage collection of the whole heap on the way out: about
+    100 ms for an aiohttp application on a small machine, all of it inside the gap of a
+    restart (the next instance starts once this one has exited). Everything with an
+    effect still happens: the application's cleanup hooks ran, the logs are written
+    (``stop_logging``), non-daemon threads are waited for, ``atexit`` handlers run, and
+    the standard streams are flushed.
+    """
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

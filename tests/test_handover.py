@@ -122,8 +122,9 @@ async def test_restarts_hand_idle_connections_over_through_the_fd_store(
     assert stats.closed_by_server == 0
     assert stats.connections == POOL  # flat: no reconnects
     assert len(stats.pids) == CYCLES + 1
-    # a request on a connection in the store waits for the next instance, no longer
-    assert worst <= max(gaps) + 0.1, (worst, max(gaps))
+    # a request on a connection in the store waits for the next instance, no longer: the
+    # worst is the new instance's start-up time, plus the old one's exit, within 100 ms
+    assert worst <= max(startups) + 0.1, (worst, max(startups))
     assert launcher.store_released == 0  # the stop found nothing in the store: all served
 
 
