@@ -226,6 +226,7 @@ LAZY_COMMANDS = {
     "units": (".units", "render systemd unit files for an application"),
     "drill": (".drill.cli", "load a service through restarts and reloads, count every failure"),
     "reload": (".control", "reload a running service and wait for the outcome (ExecReload=)"),
+    "stopping": (".intent", "tell a stopping service whether a restart follows (ExecStop=+)"),
 }
 
 

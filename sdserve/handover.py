@@ -12,6 +12,11 @@ refused. A connection that is *moved* is never closed, so there is no race:
   finds them in ``LISTEN_FDS`` beside its listening sockets, takes them out of the
   store at once (``FDSTOREREMOVE=1``) and serves them once it is ready.
 
+A stop cannot be told from a restart by its SIGTERM, and ``systemctl stop`` releases
+the store, closing what is in it under clients that may be sending: so idle
+connections go to the store only when a restart is known to follow
+(:mod:`sdserve.intent`); otherwise the stop drains as before.
+
 Only the file descriptor moves. The kernel keeps the TCP connection as it is, and
 bytes the client sends meanwhile wait in its receive buffer, in order, for whoever
 reads next; so a connection moves only when the process has read nothing of the
@@ -41,6 +46,8 @@ MAX_FDS_PER_MESSAGE = 253
 _FD_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 #: the payload of a message on a link: "connections follow"
 _CONNECTIONS = b"C"
+#: down a link: "this stop is a restart, hand idle connections up for the fd store"
+RESTARTING = b"R"
 
 
 def is_connection_name(name: str) -> bool:
@@ -141,11 +148,13 @@ class Link:
         on_connections: Callable[[list[int]], None],
         *,
         on_eof: Callable[[], None] | None = None,
+        on_restarting: Callable[[], None] | None = None,
     ) -> None:
         sock.setblocking(False)
         self.sock = sock
         self._on_connections = on_connections
         self._on_eof = on_eof
+        self._on_restarting = on_restarting
         self._loop = asyncio.get_running_loop()
         self._outbox: deque[list[int]] = deque()
         self._writing = False
@@ -196,6 +205,11 @@ class Link:
             self._loop.remove_writer(self.sock.fileno())
             self._writing = False
 
+    def say_restarting(self) -> None:
+        """Tell the worker at the other end that the stop coming is a restart."""
+        with contextlib.suppress(OSError):
+            self.sock.send(RESTARTING)
+
     def drain(self) -> None:
         """Take every message already queued on the socket, now (its peer has exited)."""
         if not self.closed:
@@ -216,6 +230,8 @@ class Link:
                 return
             if cut:
                 log.error("a message of connections was cut off: some were lost")
+            if data == RESTARTING and self._on_restarting is not None:
+                self._on_restarting()
             if data != _CONNECTIONS:
                 close_fds(fds)
                 continue

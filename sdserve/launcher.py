@@ -16,6 +16,8 @@ process adds the fds it carries, up to the maximum (more are closed, as systemd
 does); ``FDSTOREREMOVE=1`` closes those of a name; the next instance gets them after
 the listening sockets, named in ``LISTEN_FDNAMES``; ``$FDSTORE`` says the maximum, as
 systemd 254 does. A ``stop`` that is not part of a ``restart`` releases the store.
+Where systemd's job tells sdserve that a stop is part of a restart, the launcher's
+``restart`` makes the file named in ``_SDSERVE_RESTART_FLAG`` exist while it stops.
 Unlike systemd, it does not drop a stored fd whose peer hung up (the next instance
 finds it closed).
 
@@ -41,6 +43,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+from .intent import ENV_RESTART_FLAG
 
 _TRAMPOLINE = """
 import fcntl, os, sys
@@ -247,6 +251,7 @@ class Launcher:
         # AF_UNIX paths are limited to 107 bytes; a short private directory is always safe.
         self._sink_dir = Path(tempfile.mkdtemp(prefix="sdsn-"))
         self.sink = NotifySink(self._sink_dir / "notify.sock", on_message=self._on_notify)
+        self._restart_flag = self._sink_dir / "restarting"
         self.instances: list[Instance] = []
 
     # -- the fd store --------------------------------------------------------------------
@@ -305,6 +310,7 @@ class Launcher:
         env["_SDSERVE_LAUNCH_FDS"] = ",".join(str(fd) for fd in self._passed_fds())
         if self.fd_store_max:
             env["FDSTORE"] = str(self.fd_store_max)
+            env[ENV_RESTART_FLAG] = str(self._restart_flag)
         return env
 
     def _passed_fds(self) -> list[int]:
@@ -396,10 +402,19 @@ class Launcher:
             self.release_store()
         return code
 
+    async def stop_for_restart(self, *, timeout: float = 60.0) -> int:
+        """The stop of a restart: the instance is told a restart follows (as systemd's
+        restart job tells it), and the fd store is kept. Returns the exit status."""
+        self._restart_flag.touch()
+        try:
+            return await self.stop(timeout=timeout, keep_store=True)
+        finally:
+            self._restart_flag.unlink()
+
     async def restart(self, *, timeout: float = 60.0) -> Instance:
         """Like ``systemctl restart``: stop, then start. The sockets and the fd store stay
         meanwhile."""
-        await self.stop(timeout=timeout, keep_store=True)
+        await self.stop_for_restart(timeout=timeout)
         return await self.start(timeout=timeout)
 
     async def reload(self, *, timeout: float = 60.0) -> float:
@@ -450,5 +465,7 @@ class Launcher:
                 await instance.exited
         self.release_store()
         self.sink.close()
+        with contextlib.suppress(OSError):
+            self._restart_flag.unlink()
         with contextlib.suppress(OSError):
             self._sink_dir.rmdir()

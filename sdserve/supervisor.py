@@ -59,6 +59,7 @@ from .checks import run_bounded
 from .config import Config, ConfigError, config_to_json
 from .control import ControlServer, ReloadWaiter
 from .handover import Link, close_fds, connection_name, link_pair
+from .intent import RESTART_HINT, restart_pending
 from .launcher import NotifyMessage, NotifySink
 from .log import fields as _fields
 from .notify import Notifier
@@ -74,10 +75,8 @@ ENV_GENERATION = "_SDSERVE_GENERATION"
 ENV_CONFIG = "_SDSERVE_CONFIG"
 #: the CPU priority a worker returns to once warmed up
 ENV_NICE = "_SDSERVE_NICE"
-#: the worker's end of its link to the supervisor (an fd), and whether the supervisor
-#: keeps connections handed to it on a stop ("1": it has an fd store)
+#: the worker's end of its link to the supervisor (an fd)
 ENV_LINK = "_SDSERVE_LINK"
-ENV_STORE = "_SDSERVE_STORE"
 #: connections the supervisor holds for workers at most (more are closed)
 POOL_MAX = 65536
 
@@ -152,6 +151,9 @@ class Supervisor:
         self._scheduled = False
         self._done: asyncio.Future[int] = self._loop.create_future()
         self._channel: NotifySink | None = None
+        self._asking: asyncio.Task[None] | None = None
+        #: `sdserve stopping` (ExecStop=) said the coming stop is part of a restart
+        self._restart_hinted = False
         self._control = ControlServer(self._on_reload_request)
 
     # -- events in -----------------------------------------------------------------------
@@ -242,12 +244,38 @@ class Supervisor:
 
     def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
-        if signum == signal.SIGHUP:
+        if signum == RESTART_HINT:
+            self._restart_hinted = True
+        elif signum == signal.SIGHUP:
             self.feed(lc.ReloadAsked(None, name))
         elif signum == signal.SIGQUIT:
             self.feed(lc.ForceAsked(name))
+        elif self._asking is not None and not self._asking.done():
+            # a second signal while asking: exit at once, as a second stop always does
+            self._asking.cancel()
+            self.feed(lc.StopAsked(name))
+            self.feed(lc.StopAsked(name))
+        elif self.store_capacity > 0 and self._asking is None and not self.core.phase.stopping:
+            # a restart hands idle connections to the fd store, a stop drains them: ask
+            # first (bounded), then stop
+            self._asking = self._loop.create_task(self._stop_after_asking(name))
         else:
             self.feed(lc.StopAsked(name))
+
+    async def _stop_after_asking(self, name: str) -> None:
+        restart, how = await restart_pending(os.environ, hinted=self._restart_hinted)
+        log.info(
+            "%s (%s)",
+            "a restart: idle connections go to the fd store"
+            if restart
+            else "not a restart: idle connections are drained",
+            how,
+            extra=_fields("handover"),
+        )
+        if restart:
+            for proc in self.procs.values():
+                proc.link.say_restarting()
+        self.feed(lc.StopAsked(name))
 
     def _on_reload_request(self, waiter: ReloadWaiter) -> None:
         self.feed(lc.ReloadAsked(waiter.id, "sdserve reload"))
@@ -348,7 +376,6 @@ class Supervisor:
         env[ENV_GENERATION] = str(action.generation)
         env[ENV_CONFIG] = config_to_json(action.config)
         env[ENV_NICE] = str(os.getpriority(os.PRIO_PROCESS, 0))
-        env[ENV_STORE] = "1" if self.store_capacity > 0 else "0"
         # warm up at a lower CPU priority: imports must not slow the workers serving
         env["_SDSERVE_WARMUP_NICE"] = str(action.config.warmup_nice)
         if self._watchdog_interval is not None:
@@ -387,7 +414,7 @@ class Supervisor:
 
     async def run(self) -> int:
         loop = self._loop
-        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, RESTART_HINT)
         for sig in handled:
             loop.add_signal_handler(sig, self._on_signal, sig)
         address = f"@sdserve/{os.getpid()}/{secrets.token_hex(8)}"
@@ -522,6 +549,5 @@ def run_worker(config: Config, notifier: Notifier) -> int:
         before_ready=lambda: restore_priority(target),
         supervised=True,
         link=link,
-        link_stores=os.environ.pop(ENV_STORE, "0") == "1",
     )
     return run_bounded(serving, grace=config.cleanup_timeout)

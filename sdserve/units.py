@@ -280,6 +280,9 @@ def render_service(spec: UnitSpec) -> str:
         f"ExecStart={exec_start(spec, cfg)}",
         "# waits for the outcome: `systemctl reload` fails when the reload failed",
         f"ExecReload={_quote_arg(spec.executable)} reload $MAINPID",
+        "# tells sdserve whether this stop is part of a restart (it then hands idle",
+        "# connections to the fd store); as root (+): the bus refuses a DynamicUser",
+        f"ExecStop=+{_quote_arg(spec.executable)} stopping $MAINPID",
         f"EnvironmentFile={env_file}",
         f"SyslogIdentifier={spec.name.rstrip('@')}{'-%i' if spec.template else ''}",
         # SIGTERM to the main process only: sdserve drains its workers itself; whatever is left

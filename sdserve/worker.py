@@ -18,16 +18,20 @@ single-process mode and by each worker process of the supervisor. The order:
 
 With ``handover`` (the default) the drain hands idle keep-alive connections over
 instead of closing them (:mod:`sdserve.handover`): a retiring worker to the
-supervisor, which passes them to the serving generation; on a stop, to systemd's fd
-store when there is one (directly in single-process mode, through the supervisor
-otherwise). Connections handed to this process (over the supervisor's link, or
-found in the fd store at start) are served once it is ready.
+supervisor, which passes them to the serving generation; on a stop that is part of a
+restart, to systemd's fd store when there is one (directly in single-process mode,
+through the supervisor otherwise; a plain stop drains). Connections handed to this
+process (over the supervisor's link, or found in the fd store at start) are served
+once it is ready.
 
 A start that fails (the app does not import, a start-up hook raises, the checks do
 not pass in time) exits with status 3 after the cleanup hooks ran. Its reason and
 the application's traceback (file and line) go to the journal once: in
 single-process mode from here, under the supervisor in an
 ``X_SDSERVE_START_FAILED=`` report that the supervisor logs once per generation.
+
+SIGUSR1, in every stage but done, only notes that the coming stop is part of a restart
+(:mod:`sdserve.intent`); it is not in the table below.
 
 Signals, in every stage (:data:`SIGNAL_TABLE`; the handlers only set events):
 
@@ -81,6 +85,7 @@ from .handover import (
     connection_name,
     validate_connection,
 )
+from .intent import RESTART_HINT, restart_pending
 from .log import fields as _fields
 from .log import stop_logging
 from .monitor import CheckMonitor
@@ -133,6 +138,7 @@ class Sig(StrEnum):
     RETIRE = "retire"  # SIGUSR2, from the supervisor
     FORCE = "force"  # SIGQUIT, from the supervisor
     RELOAD = "reload"  # SIGHUP
+    RESTART_HINT = "restart hint"  # SIGUSR1, from `sdserve stopping` (ExecStop=)
 
 
 class Do(StrEnum):
@@ -145,6 +151,7 @@ class Do(StrEnum):
     NOT_READY = "reporting not ready; the drain goes on"
     FORCE = "exiting at once"
     REFUSE_RELOAD = "reload refused"
+    NOTE_RESTART = "noting that the stop to come is part of a restart"
     IGNORE = "ignored"
 
 
@@ -154,6 +161,7 @@ def _signal_table() -> dict[tuple[Stage, Sig], Do]:
         table[stage, Sig.FORCE] = Do.FORCE
         table[stage, Sig.STOP_AGAIN] = Do.FORCE
         table[stage, Sig.RELOAD] = Do.REFUSE_RELOAD
+        table[stage, Sig.RESTART_HINT] = Do.NOTE_RESTART
     table[Stage.STARTING, Sig.STOP] = Do.CANCEL_START
     table[Stage.STARTING, Sig.RETIRE] = Do.CANCEL_START
     table[Stage.SERVING, Sig.STOP] = Do.STOP
@@ -179,6 +187,7 @@ OS_SIGNALS = {
     signal.SIGUSR2: Sig.RETIRE,
     signal.SIGQUIT: Sig.FORCE,
     signal.SIGHUP: Sig.RELOAD,
+    RESTART_HINT: Sig.RESTART_HINT,
 }
 
 
@@ -213,16 +222,17 @@ class Worker:
         before_ready: Callable[[], None] | None = None,
         supervised: bool = False,
         store_capacity: int = 0,
-        link_stores: bool = False,
     ) -> None:
         """``store_capacity``: systemd's fd store takes this many connections from this
-        process on a stop (single-process mode); ``link_stores``: the supervisor keeps
-        the connections handed to it on a stop too (it has an fd store)."""
+        process on a restart (single-process mode)."""
         self.config = config
         self._before_ready = before_ready
         self.supervised = supervised
         self.store_capacity = store_capacity if config.handover else 0
-        self.link_stores = link_stores and config.handover
+        #: the supervisor said the stop coming is a restart: hand idle connections up
+        self.restarting = False
+        #: `sdserve stopping` (ExecStop=) said so, in single-process mode
+        self.restart_hinted = False
         #: the supervisor's link: connections handed over go up, to serve come down
         self.link: Link | None = None
         self._stored = 0
@@ -408,6 +418,9 @@ class Worker:
             self.tracker.pending_accepts -= 1
             self.tracker.changed()
 
+    def restart_follows(self) -> None:
+        self.restarting = True
+
     def close_unserved(self) -> None:
         """Close the connections never served (the start failed, or was stopped)."""
         later, self._adopt_later = self._adopt_later, []
@@ -422,17 +435,30 @@ class Worker:
 
     # -- connections handed from this process -------------------------------------------
 
-    def _handover_for(
+    async def _handover_for(
         self, retiring: bool
     ) -> Callable[[list[TrackedRequestHandler]], list[TrackedRequestHandler]] | None:
-        """Where this drain hands its idle connections, if anywhere."""
+        """Where this drain hands its idle connections, if anywhere: a retirement to the
+        supervisor; a stop only when it is part of a restart (a plain stop releases the
+        fd store, which would close them under their clients), to the supervisor (which
+        says so first) or to systemd's fd store."""
         if not self.config.handover:
             return None
-        if self.link is not None and (retiring or self.link_stores):
-            return self._to_link
-        if not self.supervised and self.store_capacity > 0:
-            return self._to_store
-        return None
+        if self.link is not None:
+            self.link.drain()  # the supervisor's word on this stop came before the signal
+            return self._to_link if retiring or self.restarting else None
+        if self.supervised or self.store_capacity <= 0 or retiring:
+            return None
+        restart, how = await restart_pending(os.environ, hinted=self.restart_hinted)
+        log.info(
+            "%s (%s)",
+            "a restart: idle connections go to the fd store"
+            if restart
+            else "not a restart: idle connections are drained",
+            how,
+            extra=_fields("handover"),
+        )
+        return self._to_store if restart else None
 
     def _to_link(self, protos: list[TrackedRequestHandler]) -> list[TrackedRequestHandler]:
         assert self.link is not None
@@ -487,6 +513,8 @@ class Worker:
         elif do is Do.NOT_READY:
             # a stop during a retirement: the drain goes on, but /readyz turns 503
             self.state.phase = Phase.DRAINING
+        elif do is Do.NOTE_RESTART:
+            self.restart_hinted = True
         if do not in (Do.IGNORE, Do.REFUSE_RELOAD):
             log.info(
                 "%s signal while %s: %s",
@@ -534,7 +562,7 @@ class Worker:
         # aiohttp's order: stop accepting, then on_shutdown (where apps end their streams),
         # then wait for the handlers; sdserve's own drain starts first, so that idle
         # connections get their grace (or are handed over) from now
-        self.tracker.begin_drain(self._handover_for(retiring))
+        self.tracker.begin_drain(await self._handover_for(retiring))
         for runner in self._runners:
             await announce_drain(runner.app, deadline)
         report = await self.tracker.finish(deadline)
@@ -749,7 +777,6 @@ async def serve_in_process(
     connections: Sequence[tuple[str, socket.socket]] = (),
     store_capacity: int = 0,
     link: socket.socket | None = None,
-    link_stores: bool = False,
 ) -> int:
     """Serve in this process until a stop signal (single-process mode, and each worker).
 
@@ -763,7 +790,6 @@ async def serve_in_process(
         before_ready=before_ready,
         supervised=supervised,
         store_capacity=store_capacity,
-        link_stores=link_stores,
     )
     install_signals(loop, worker)
     for name, sock in connections:
@@ -771,7 +797,7 @@ async def serve_in_process(
         notifier.remove_stored(name)
         worker.adopt(sock)
     if link is not None:
-        worker.link = Link(link, worker.adopt_fds)
+        worker.link = Link(link, worker.adopt_fds, on_restarting=worker.restart_follows)
     control = None
     if not supervised:  # `sdserve reload` hears why there is no reload here
         control = ControlServer(lambda waiter: waiter.finish("refused", NO_RELOAD))

@@ -17,12 +17,14 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from sdserve.drill import Action, DrillResult, DrillSpec, Schedule, Target, run_drill
 from sdserve.drill.text import render_text
 from sdserve.handover import CONN_PREFIX
+from sdserve.intent import ENV_RESTART_FLAG, restart_pending
 from sdserve.launcher import Launcher
 from tests.apps.release import BAD_RELEASES
 from tests.conftest import LauncherFactory, MakeSupervised
@@ -76,7 +78,9 @@ async def test_reloads_hand_idle_connections_to_the_new_workers(
     assert stats.total_failed == 0, stats.failed
     assert stats.closed_by_server == 0
     assert stats.connections == POOL
-    assert len(stats.pids) >= 2 * (CYCLES + 1)  # every generation served
+    # every new generation served with both workers (the first may have accepted the
+    # whole pool in one worker: nobody spreads accepts, the supervisor spreads hand-overs)
+    assert len(stats.pids) >= 2 * CYCLES + 1
     assert moved >= POOL * CYCLES  # each connection, at each reload
     assert "Traceback" not in log
 
@@ -178,29 +182,47 @@ async def closed_by_server(reader: asyncio.StreamReader, timeout: float = 10) ->
         return True
 
 
-async def test_a_stop_that_is_not_a_restart_closes_every_stored_connection(
+async def test_a_stop_that_is_not_a_restart_drains_instead_of_storing(
     make_launcher: LauncherFactory, port: int
 ) -> None:
+    # a plain stop releases the store, which would close the connections under clients
+    # that may be sending: they are drained instead (answered within the grace, then closed)
     launcher = make_launcher(fd_store_max=64)
     instance = await launcher.start()
     conns = await idle_connections(port, 8)
-    assert await launcher.stop() == 0  # not a restart: the store is released
-    assert launcher.store_released == 8
-    assert not launcher.store
+    assert await launcher.stop() == 0
+    assert launcher.store_released == 0
     assert all([await closed_by_server(reader) for reader, _ in conns])
     close_all(conns)
-    assert "(0 idle connection(s) closed, 8 handed over" in instance.log_text()
+    log = instance.log_text()
+    assert "not a restart: idle connections are drained (the launcher's flag" in log
+    assert "(8 idle connection(s) closed, 0 handed over" in log
+
+
+async def test_a_restart_is_told_from_a_stop(tmp_path: Path) -> None:
+    assert (await restart_pending({}, hinted=True))[0] is True  # SIGUSR1, from ExecStop=
+    flag = tmp_path / "restarting"
+    env = {ENV_RESTART_FLAG: str(flag), "NOTIFY_SOCKET": "/nonexistent"}
+    assert (await restart_pending(env))[0] is False
+    flag.touch()
+    assert (await restart_pending(env))[0] is True
+    assert await restart_pending({}) == (None, "not under systemd")
+    # under systemd, without a bus to ask: cannot tell (the stop then drains)
+    no_bus = {"NOTIFY_SOCKET": "/nonexistent", "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={flag}x"}
+    answer, how = await restart_pending(no_bus)
+    assert answer is None
+    assert "cannot ask systemd over D-Bus: FileNotFoundError" in how, how
 
 
 async def test_a_restart_whose_new_instance_fails_to_start_leaks_no_connection(
-    supervised: MakeSupervised, port: int, tmp_path: object
+    supervised: MakeSupervised, port: int
 ) -> None:
     launcher = supervised("--start-timeout", "2", workers=1, fd_store_max=64)
     await launcher.start()
     conns = await idle_connections(port, 6)
     assert launcher.cwd is not None
     write_app(launcher.cwd, "v2", BAD_RELEASES["failing-check"])
-    assert await launcher.stop(keep_store=True) == 0
+    assert await launcher.stop_for_restart() == 0
     assert len(launcher.store) == 6
     failed = await launcher.spawn()
     code = await asyncio.wait_for(failed.exited, 30)
@@ -257,12 +279,12 @@ async def test_a_request_with_a_body_read_whole_is_handed_over_a_partial_one_is_
     await part_w.drain()
     reached = await get(HOST, port, "/")  # the server has read the partial bytes by now
     assert reached.status == 200
-    assert await launcher.stop() == 0
-    stored_names = launcher.store_released
-    assert stored_names >= 1  # the POST's connection (and the probe's, if still open)
+    assert await launcher.stop_for_restart() == 0
+    assert len(launcher.store) == 1  # the POST's connection (the probe's closed itself)
     # the partial request was answered by the old instance (408 at the grace), not moved
     assert (await read_response(part_r)).status == 408
     assert await closed_by_server(part_r)
+    assert launcher.release_store() == 1
     whole_w.close()
     part_w.close()
 
@@ -366,5 +388,30 @@ async def test_the_drill_counts_keepalive_connections_the_server_closed(
     print(f"\ndrill connections with an fd store: {with_store}\nwithout: {without}")
     assert with_store["keepalive_closed_by_server"] == 0
     assert without["keepalive_closed_by_server"] > 0
-    assert without["keepalive_opened"] > with_store["keepalive_opened"]
+    # the connections opened are counted too (in open loop, more whenever requests pile up
+    # in the gap, so they do not compare between the runs)
+    assert with_store["keepalive_opened"] > 0
     assert "closed by the server" in render_text(drained.to_json())
+
+
+async def test_sdserve_stopping_never_fails_a_stop() -> None:
+    """Outside systemd (no bus, or not its unit) it cannot read a job: it says so on stderr,
+    signals nothing, and exits 0, so that ExecStop= never fails a stop."""
+    target = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sys; sys.stdin.read()", stdin=asyncio.subprocess.PIPE
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sdserve",
+        "stopping",
+        str(target.pid),
+        env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/nonexistent/bus"},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
+    assert b"cannot read the unit's job" in err
+    assert target.stdin is not None
+    target.stdin.close()
+    assert await asyncio.wait_for(target.wait(), 10) == 0  # not signalled: a clean exit

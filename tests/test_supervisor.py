@@ -340,9 +340,13 @@ async def test_max_requests_recycles_without_failures(
     supervisor = await launcher.start()
     first = set(children(supervisor.pid))
     async with load(HOST, port, keepalive=4, newconn=4) as stats:
-        await stats.wait_ok(2000, timeout=60)
+        # both workers reach their limit (at most 350): how soon depends on how the
+        # kernel spreads the connections, so go on until both were recycled (bounded)
+        for rounds in range(1, 21):
+            await stats.wait_ok(500 * rounds, timeout=60)
+            if supervisor.log_text().count("recycling worker") >= 2:
+                break
     log = supervisor.log_text()
-    # 2000 requests over 2 workers with a limit of at most 350 each: both were recycled
     assert log.count("recycling worker") >= 2, log
     assert "served 3" in log  # the worker's own line: "served N requests: asking ..."
     assert not stats.failed, dict(stats.failed)

@@ -47,4 +47,8 @@ def test_the_os_signals() -> None:
         signal.SIGUSR2: Sig.RETIRE,
         signal.SIGQUIT: Sig.FORCE,
         signal.SIGHUP: Sig.RELOAD,
+        signal.SIGUSR1: Sig.RESTART_HINT,  # from `sdserve stopping` (ExecStop=)
     }
+    for stage in Stage:
+        expected = Do.IGNORE if stage is Stage.DONE else Do.NOTE_RESTART
+        assert SIGNAL_TABLE[stage, Sig.RESTART_HINT] is expected

@@ -591,6 +591,7 @@ def test_idle_connections_outlive_a_restart_and_a_stop_closes_them(
 ) -> None:
     install(box, flavour)
     box.systemctl("start", "sdserve.socket", SERVICE)
+    cursor = box.cursor()
     with idle_clients(box, 12) as ask:
         for _ in range(3):
             box.systemctl("restart", SERVICE)
@@ -602,6 +603,14 @@ def test_idle_connections_outlive_a_restart_and_a_stop_closes_them(
         answer = ask("closed")
     record("idle connections through 3 restarts, then a stop", f"{answer}")
     assert answer == {"closed": 12, "open": 0}  # seen closed from the client side
+    # ExecStop= (sdserve stopping) told each restart from the stop, which drained instead
+    decisions = [
+        message(e) for e in sdserve_entries(box, cursor) if e["SDSERVE_PHASE"] == "handover"
+    ]
+    restarts = [d for d in decisions if d.startswith("a restart")]
+    assert len(restarts) == 3, decisions
+    assert all("ExecStop= said so" in d for d in restarts), decisions
+    assert sum(d.startswith("not a restart") for d in decisions) == 1, decisions
 
 
 def test_a_restart_that_fails_to_start_leaks_no_stored_connection(box: Box, flavour: str) -> None:
