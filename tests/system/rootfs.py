@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 # Bump to force a rebuild of every flavour after changing how they are built.
-ROOTFS_VERSION = 6
+ROOTFS_VERSION = 7
 
 FLAVOURS = ("252", "254")
 SUITE = "bookworm"
@@ -49,9 +49,6 @@ PACKAGES = (
     "systemd",
     "systemd-sysv",
     "dbus",
-    # resolves DynamicUser= users, for D-Bus too: sdserve asks systemd's job for its unit
-    # (is this stop a restart?), and dbus-daemon refuses a user it cannot resolve
-    "libnss-systemd",
     "python3",
     "python3-venv",
     "python3-pip",
@@ -298,8 +295,7 @@ def build_254(dest: Path, base: Path, mirror: str) -> None:
     in_chroot(
         dest,
         "apt-get update -q; "
-        f"apt-get install -y -q -t {SUITE}-backports systemd systemd-sysv libsystemd0 "
-        "libnss-systemd >/dev/null",
+        f"apt-get install -y -q -t {SUITE}-backports systemd systemd-sysv libsystemd0 >/dev/null",
     )
     finish(dest, "254")
 
