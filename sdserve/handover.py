@@ -7,7 +7,7 @@ refused. A connection that is *moved* is never closed, so there is no race:
 - **reload** (and a worker recycled or replaced): a retiring worker hands each idle
   connection to the supervisor over its :class:`Link`, and the supervisor passes it
   on to a ready worker of the serving generation;
-- **restart**: on SIGTERM idle connections go to systemd's file descriptor store
+- **restart**: on the SIGTERM of a restart, idle connections go to systemd's fd store
   (``FDSTORE=1`` with an ``FDNAME=`` of :data:`CONN_PREFIX`), and the next instance
   finds them in ``LISTEN_FDS`` beside its listening sockets, takes them out of the
   store at once (``FDSTOREREMOVE=1``) and serves them once it is ready.

@@ -21,11 +21,13 @@ stop, exit status) is made there; see its docstring for the table.
   ``systemctl reload``.
 - **Connections handed over** (:mod:`sdserve.handover`): each worker has a link to
   the supervisor. A retiring worker sends its idle connections up; the supervisor
-  spreads them over the ready workers of the serving generation. On a stop, with an
-  fd store (``FileDescriptorStoreMax=``), workers send them up too and the supervisor
-  puts each in systemd's store under a name of its own; the next instance finds them
-  in ``LISTEN_FDS``, takes them out of the store at once, and hands them to its
-  workers once they are all ready.
+  spreads them over the ready workers of the serving generation. On the stop of a
+  restart (:mod:`sdserve.intent`), with an fd store (``FileDescriptorStoreMax=``),
+  workers send them up too and the supervisor puts each in systemd's store under a
+  name of its own; the next instance finds them in ``LISTEN_FDS``, takes them out of
+  the store at once, and hands them to its workers once they are all ready. On a plain
+  stop, connections still on their way (a reload was moving them) go to a worker that
+  drains, so they get the drain's grace rather than a close.
 - **Orphans:** workers ask the kernel for SIGTERM when the supervisor dies
   (PR_SET_PDEATHSIG): a SIGKILL of the supervisor leaves none behind, and each
   drains what it holds.
@@ -154,6 +156,8 @@ class Supervisor:
         self._asking: asyncio.Task[None] | None = None
         #: `sdserve stopping` (ExecStop=) said the coming stop is part of a restart
         self._restart_hinted = False
+        #: the stop under way is part of a restart (idle connections go to the store)
+        self._stop_is_restart = False
         self._control = ControlServer(self._on_reload_request)
 
     # -- events in -----------------------------------------------------------------------
@@ -202,13 +206,20 @@ class Supervisor:
         to systemd's fd store; kept while the first generation starts."""
         core = self.core
         if core.phase.stopping:
-            if core.fatal is not None:
-                # a failed start: in the store they would wait through every retry
+            if core.fatal is None and self._stop_is_restart:
+                self._to_store()
+                return
+            draining = [] if core.fatal is not None else self._draining()
+            if not draining:
+                # a failed start (in the store they would wait through every retry), or
+                # nobody left to drain them
                 self.moved["closed"] += len(self._pool)
                 close_fds(self._pool)
                 self._pool = []
-            else:
-                self._to_store()
+                return
+            pool, self._pool = self._pool, []
+            draining[0].send(pool)  # answered within its grace, then closed, as in a drain
+            self.moved["to_workers"] += len(pool)
             return
         if core.phase is lc.Phase.STARTING:
             return  # until every worker of the first generation is ready
@@ -228,6 +239,18 @@ class Supervisor:
             if batch:
                 link.send(batch)
         self.moved["to_workers"] += len(pool)
+
+    def _draining(self) -> list[Link]:
+        """Links of the workers that served and now stop (not the retiring: those hand
+        over themselves)."""
+        return [
+            proc.link
+            for w in self.core.workers.values()
+            if w.state is lc.WState.STOPPING
+            and w.ready_at is not None  # it serves: one stopped in its start would not
+            and (proc := self.procs.get(w.id)) is not None
+            and not proc.link.closed
+        ]
 
     def _to_store(self) -> None:
         pool, self._pool = self._pool, []
@@ -273,6 +296,7 @@ class Supervisor:
             extra=_fields("handover"),
         )
         if restart:
+            self._stop_is_restart = True
             for proc in self.procs.values():
                 proc.link.say_restarting()
         self.feed(lc.StopAsked(name))
