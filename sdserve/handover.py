@@ -179,14 +179,15 @@ class Link:
     def pending(self) -> int:
         return sum(len(batch) for batch in self._outbox)
 
+    def _send_batch(self, batch: list[int]) -> None:
+        rights = array.array("i", batch)
+        self.sock.sendmsg([_CONNECTIONS], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+
     def _flush(self) -> None:
         while self._outbox:
             batch = self._outbox[0]
             try:
-                self.sock.sendmsg(
-                    [_CONNECTIONS],
-                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch))],
-                )
+                self._send_batch(batch)
             except (BlockingIOError, InterruptedError):
                 if not self._writing:
                     self._loop.add_writer(self.sock.fileno(), self._flush)
@@ -272,10 +273,7 @@ class Link:
             while self._outbox:
                 batch = self._outbox[0]
                 try:
-                    self.sock.sendmsg(
-                        [_CONNECTIONS],
-                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch))],
-                    )
+                    self._send_batch(batch)
                 except OSError:
                     return
                 self._outbox.popleft()

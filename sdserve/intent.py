@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -58,6 +59,24 @@ async def restart_pending(
     if kind is None:
         return False, "systemd: the unit has no job"
     return "restart" in kind, f"systemd: the unit's job is {kind}"
+
+
+async def hand_over_on_this_stop(
+    environ: Mapping[str, str], *, hinted: bool, logger: logging.Logger
+) -> bool:
+    """:func:`restart_pending`, with the decision and its reason in the journal: True
+    only for a restart (idle connections go to the fd store); a stop, or cannot tell,
+    drains."""
+    restart, how = await restart_pending(environ, hinted=hinted)
+    logger.info(
+        "%s (%s)",
+        "a restart: idle connections go to the fd store"
+        if restart
+        else "not a restart: idle connections are drained",
+        how,
+        extra={"SDSERVE_PHASE": "handover"},
+    )
+    return bool(restart)
 
 
 # -- sdserve stopping ------------------------------------------------------------------

@@ -61,7 +61,7 @@ from .checks import run_bounded
 from .config import Config, ConfigError, config_to_json
 from .control import ControlServer, ReloadWaiter
 from .handover import Link, close_fds, connection_name, link_pair
-from .intent import RESTART_HINT, restart_pending
+from .intent import RESTART_HINT, hand_over_on_this_stop
 from .launcher import NotifyMessage, NotifySink
 from .log import fields as _fields
 from .notify import Notifier
@@ -286,16 +286,7 @@ class Supervisor:
             self.feed(lc.StopAsked(name))
 
     async def _stop_after_asking(self, name: str) -> None:
-        restart, how = await restart_pending(os.environ, hinted=self._restart_hinted)
-        log.info(
-            "%s (%s)",
-            "a restart: idle connections go to the fd store"
-            if restart
-            else "not a restart: idle connections are drained",
-            how,
-            extra=_fields("handover"),
-        )
-        if restart:
+        if await hand_over_on_this_stop(os.environ, hinted=self._restart_hinted, logger=log):
             self._stop_is_restart = True
             for proc in self.procs.values():
                 proc.link.say_restarting()

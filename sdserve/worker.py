@@ -85,7 +85,7 @@ from .handover import (
     connection_name,
     validate_connection,
 )
-from .intent import RESTART_HINT, restart_pending
+from .intent import RESTART_HINT, hand_over_on_this_stop
 from .log import fields as _fields
 from .log import stop_logging
 from .monitor import CheckMonitor
@@ -449,15 +449,7 @@ class Worker:
             return self._to_link if retiring or self.restarting else None
         if self.supervised or self.store_capacity <= 0 or retiring:
             return None
-        restart, how = await restart_pending(os.environ, hinted=self.restart_hinted)
-        log.info(
-            "%s (%s)",
-            "a restart: idle connections go to the fd store"
-            if restart
-            else "not a restart: idle connections are drained",
-            how,
-            extra=_fields("handover"),
-        )
+        restart = await hand_over_on_this_stop(os.environ, hinted=self.restart_hinted, logger=log)
         return self._to_store if restart else None
 
     def _to_link(self, protos: list[TrackedRequestHandler]) -> list[TrackedRequestHandler]:
