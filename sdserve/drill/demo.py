@@ -72,7 +72,8 @@ async def demo() -> int:
     base = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "sdserve", "run", "sdserve.demo:create_app", "--log", "stderr"]
     with tempfile.TemporaryDirectory(prefix="sdserve-demo-") as tmp:
-        launcher = Launcher(argv, [("http", sock)], workdir=Path(tmp))
+        # with an fd store, as the shipped units have: restarts hand idle connections over
+        launcher = Launcher(argv, [("http", sock)], workdir=Path(tmp), fd_store_max=4096)
         try:
             await launcher.start()
             pid = launcher.pid
