@@ -127,22 +127,43 @@ class Acceptor:
                     return
                 raise
             self.accepted += 1
-            self._tracker.pending_accepts += 1
-            task = self._loop.create_task(self._connect(conn))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _connect(self, conn: socket.socket) -> None:
-        try:
-            conn.setblocking(False)
-            set_nodelay(conn)
-            await self._loop.connect_accepted_socket(self._factory, conn)
-        except OSError as exc:
-            log.debug("connection from the queue was gone before it was served: %s", exc)
-            conn.close()
-        finally:
-            self._tracker.pending_accepts -= 1
-            self._tracker.changed()
             # for a moment a new connection is counted twice (open, and still pending):
             # an acceptor that paused then looks again
-            self._room()
+            serve_connection(conn, self._factory, self._tracker, self._tasks, then=self._room)
+
+
+def serve_connection(
+    conn: socket.socket,
+    factory: Callable[[], asyncio.Protocol],
+    tracker: Tracker,
+    tasks: set[asyncio.Task[None]],
+    *,
+    then: Callable[[], None] | None = None,
+) -> None:
+    """Serve ``conn`` (accepted, or handed over by another process) with a new protocol,
+    counted in ``tracker.pending_accepts`` until it is connected, so that a drain that
+    starts meanwhile waits for it. Its task is kept in ``tasks`` while it runs."""
+    tracker.pending_accepts += 1
+    task = asyncio.get_running_loop().create_task(_connect(conn, factory, tracker, then))
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+async def _connect(
+    conn: socket.socket,
+    factory: Callable[[], asyncio.Protocol],
+    tracker: Tracker,
+    then: Callable[[], None] | None,
+) -> None:
+    try:
+        conn.setblocking(False)
+        set_nodelay(conn)
+        await asyncio.get_running_loop().connect_accepted_socket(factory, conn)
+    except OSError as exc:
+        log.debug("a connection was gone before it was served: %s", exc)
+        conn.close()
+    finally:
+        tracker.pending_accepts -= 1
+        tracker.changed()
+        if then is not None:
+            then()

@@ -27,7 +27,7 @@ import stat
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
-from .handover import ConnectionRefused, is_connection_name, validate_connection
+from .handover import is_connection_name
 
 log = logging.getLogger("sdserve.activation")
 
@@ -69,7 +69,19 @@ def describe_address(sock: socket.socket) -> str:
 
 
 def _check_fd(fd: int, name: str) -> socket.socket:
-    label = f"fd {fd} (name {name!r})"
+    return stream_socket(fd, f"fd {fd} (name {name!r})", listening=True)
+
+
+def connection_from_fd(fd: int, label: str) -> socket.socket:
+    """A connected stream socket from ``fd`` (handed over by another process);
+    :class:`ActivationError` naming ``label`` otherwise, with the fd left open."""
+    return stream_socket(fd, label, listening=False)
+
+
+def stream_socket(fd: int, label: str, *, listening: bool) -> socket.socket:
+    """``fd`` as a stream socket of a supported family, listening or connected as asked,
+    close-on-exec; :class:`ActivationError` naming ``label`` otherwise (the fd is left as
+    it was found)."""
     try:
         mode = os.fstat(fd).st_mode
     except OSError as exc:
@@ -87,14 +99,22 @@ def _check_fd(fd: int, name: str) -> socket.socket:
             raise ActivationError(
                 f"{label} is a {sock.type.name} socket; sdserve serves stream sockets"
             )
-        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        accepting = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        if listening and not accepting:
             raise ActivationError(
                 f"{label} is a stream socket but is not listening (listen() was not called)"
             )
+        if not listening and accepting:
+            raise ActivationError(f"{label} is a listening socket, not a connection")
+        if not listening:
+            try:
+                sock.getpeername()
+            except OSError as exc:
+                raise ActivationError(f"{label} is not connected: {exc.strerror}") from exc
     except BaseException:
         sock.detach()  # leave the fd as we found it
         raise
-    # systemd hands the fds over without close-on-exec; keep them out of the app's children.
+    # fds are handed over without close-on-exec; keep them out of the app's children.
     flags = fcntl.fcntl(fd, fcntl.F_GETFD)
     fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
     return sock
@@ -188,8 +208,8 @@ def activation_from_environ(
             )
             continue
         try:
-            activated.connections.append((name, validate_connection(fd, f"fd {fd} ({name})")))
-        except ConnectionRefused as exc:
+            activated.connections.append((name, connection_from_fd(fd, f"fd {fd} ({name})")))
+        except ActivationError as exc:
             activated.refused.append(str(exc))
             with contextlib.suppress(OSError):
                 os.close(fd)

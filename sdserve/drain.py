@@ -408,7 +408,6 @@ class Tracker:
         taken = self.handover(ready)
         for proto in taken:
             self._cancel_timer(proto)
-            proto.handed_over = True
             # our copy closes without shutdown(): the client sees nothing
             assert proto.transport is not None
             proto.transport.abort()
@@ -581,7 +580,6 @@ class TrackedRequestHandler(RequestHandler):
     __slots__ = (
         "_header_timer",
         "at_boundary",
-        "handed_over",
         "last_rx",
         "main",
         "offered",
@@ -602,7 +600,6 @@ class TrackedRequestHandler(RequestHandler):
         self.offered = False
         #: the hand-over did not take it: drained like any connection
         self.refused = False
-        self.handed_over = False
         self._header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -33,7 +33,6 @@ import fcntl
 import logging
 import os
 import socket
-import stat
 from collections import deque
 from collections.abc import Callable, Mapping
 
@@ -43,7 +42,8 @@ log = logging.getLogger("sdserve.handover")
 CONN_PREFIX = "sdserve-conn-"
 #: the most fds one SCM_RIGHTS message may carry (the kernel's SCM_MAX_FD)
 MAX_FDS_PER_MESSAGE = 253
-_FD_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+#: ancillary room for the fds of one message
+FD_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 #: the payload of a message on a link: "connections follow"
 _CONNECTIONS = b"C"
 #: down a link: "this stop is a restart, hand idle connections up for the fd store"
@@ -74,58 +74,27 @@ def store_capacity(environ: Mapping[str, str], configured: int) -> int:
     return int(text) if text.isdigit() else 0
 
 
-class ConnectionRefused(Exception):
-    """An fd offered as a connection cannot be served; the message says why."""
-
-
-def validate_connection(fd: int, label: str) -> socket.socket:
-    """A connected stream socket (IPv4, IPv6 or unix) from ``fd``, close-on-exec, non-blocking.
-
-    Raises :class:`ConnectionRefused` naming ``label`` otherwise; the fd is then left
-    open for the caller to close.
-    """
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError as exc:
-        raise ConnectionRefused(f"{label}: not open ({exc.strerror})") from exc
-    if not stat.S_ISSOCK(mode):
-        raise ConnectionRefused(f"{label}: not a socket")
-    sock = socket.socket(fileno=fd)
-    try:
-        if sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
-            raise ConnectionRefused(f"{label}: address family {sock.family!r}")
-        if sock.type != socket.SOCK_STREAM:
-            raise ConnectionRefused(f"{label}: a {sock.type.name} socket, not a stream")
-        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            raise ConnectionRefused(f"{label}: a listening socket, not a connection")
-        try:
-            sock.getpeername()
-        except OSError as exc:
-            raise ConnectionRefused(f"{label}: not connected ({exc.strerror})") from exc
-    except BaseException:
-        sock.detach()
-        raise
-    flags = fcntl.fcntl(fd, fcntl.F_GETFD)
-    fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
-    sock.setblocking(False)
-    return sock
-
-
 def close_fds(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
 
 
-def recv_fds(sock: socket.socket) -> tuple[bytes, list[int], bool]:
-    """One message and the fds it carried; the flag says fds were cut off (MSG_CTRUNC)."""
-    data, ancdata, flags, _addr = sock.recvmsg(64, _FD_SPACE)
+def fds_in(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds of the SCM_RIGHTS parts of a message's ancillary data."""
     fds: list[int] = []
     for level, kind, cdata in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             arr = array.array("i")
-            arr.frombytes(cdata[: len(cdata) - (len(cdata) % arr.itemsize)])
+            arr.frombytes(cdata[: len(cdata) - len(cdata) % arr.itemsize])
             fds.extend(arr)
+    return fds
+
+
+def recv_fds(sock: socket.socket) -> tuple[bytes, list[int], bool]:
+    """One message and the fds it carried; the flag says fds were cut off (MSG_CTRUNC)."""
+    data, ancdata, flags, _addr = sock.recvmsg(64, FD_SPACE)
+    fds = fds_in(ancdata)
     for fd in fds:
         flags_fd = fcntl.fcntl(fd, fcntl.F_GETFD)
         fcntl.fcntl(fd, fcntl.F_SETFD, flags_fd | fcntl.FD_CLOEXEC)
@@ -147,21 +116,17 @@ class Link:
         sock: socket.socket,
         on_connections: Callable[[list[int]], None],
         *,
-        on_eof: Callable[[], None] | None = None,
         on_restarting: Callable[[], None] | None = None,
     ) -> None:
         sock.setblocking(False)
         self.sock = sock
         self._on_connections = on_connections
-        self._on_eof = on_eof
         self._on_restarting = on_restarting
         self._loop = asyncio.get_running_loop()
         self._outbox: deque[list[int]] = deque()
         self._writing = False
         self.closed = False
-        #: connections sent and received over this link, and lost in it
-        self.sent = 0
-        self.received = 0
+        #: connections lost in this link (not sent before it closed, or a send failed)
         self.lost = 0
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -174,10 +139,6 @@ class Link:
         for start in range(0, len(fds), MAX_FDS_PER_MESSAGE):
             self._outbox.append(fds[start : start + MAX_FDS_PER_MESSAGE])
         self._flush()
-
-    @property
-    def pending(self) -> int:
-        return sum(len(batch) for batch in self._outbox)
 
     def _send_batch(self, batch: list[int]) -> None:
         rights = array.array("i", batch)
@@ -200,7 +161,6 @@ class Link:
                 close_fds(batch)
                 continue
             self._outbox.popleft()
-            self.sent += len(batch)
             close_fds(batch)  # the kernel holds them in the message now
         if self._writing:
             self._loop.remove_writer(self.sock.fileno())
@@ -224,10 +184,10 @@ class Link:
                 return
             except OSError as exc:
                 log.warning("reading connections from the link failed: %s", exc)
-                self._eof()
+                self.close()
                 return
             if not data and not fds:
-                self._eof()
+                self.close()  # the other end is gone
                 return
             if cut:
                 log.error("a message of connections was cut off: some were lost")
@@ -236,33 +196,22 @@ class Link:
             if data != _CONNECTIONS:
                 close_fds(fds)
                 continue
-            self.received += len(fds)
             self._on_connections(fds)
 
-    def _eof(self) -> None:
-        on_eof = self._on_eof
-        self.close()
-        if on_eof is not None:
-            on_eof()
-
-    def close(self) -> int:
-        """Stop; close what waits to be sent. Returns how many connections that lost."""
+    def close(self) -> None:
+        """Stop; close what waits to be sent (counted in :attr:`lost`)."""
         if self.closed:
-            return 0
+            return
         self.closed = True
-        self._on_eof = None
         self._loop.remove_reader(self.sock.fileno())
         if self._writing:
             self._loop.remove_writer(self.sock.fileno())
             self._writing = False
-        lost = 0
         while self._outbox:
             batch = self._outbox.popleft()
-            lost += len(batch)
+            self.lost += len(batch)
             close_fds(batch)
-        self.lost += lost
         self.sock.close()
-        return lost
 
     def flush_blocking(self, timeout: float) -> None:
         """Before the process exits: send what waits, for at most ``timeout`` seconds."""
@@ -277,7 +226,6 @@ class Link:
                 except OSError:
                     return
                 self._outbox.popleft()
-                self.sent += len(batch)
                 close_fds(batch)
         finally:
             if not self.closed:

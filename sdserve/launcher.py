@@ -29,7 +29,6 @@ keeps that PID.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import os
@@ -44,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from .handover import FD_SPACE, close_fds, fds_in
 from .intent import ENV_RESTART_FLAG
 
 _TRAMPOLINE = """
@@ -64,8 +64,6 @@ os.execvp(sys.argv[1], sys.argv[1:])
 """
 
 _UCRED = struct.Struct("3i")
-#: room for the fds of one message (the kernel's SCM_MAX_FD)
-_FDS_SPACE = socket.CMSG_SPACE(253 * 4)
 
 
 class HasFileno(Protocol):
@@ -139,28 +137,23 @@ class NotifySink:
         while True:
             try:
                 data, ancdata, _flags, _addr = self.sock.recvmsg(
-                    65536, socket.CMSG_SPACE(_UCRED.size) + _FDS_SPACE
+                    65536, socket.CMSG_SPACE(_UCRED.size) + FD_SPACE
                 )
             except (BlockingIOError, InterruptedError):
                 return
             pid = 0
-            fds: list[int] = []
             for level, kind, cdata in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = _UCRED.unpack(cdata[: _UCRED.size])[0]
-                elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    arr = array.array("i")
-                    arr.frombytes(cdata[: len(cdata) - len(cdata) % arr.itemsize])
-                    fds.extend(arr)
+            fds = fds_in(ancdata)
             fields = dict(
                 line.split("=", 1)
                 for line in data.decode(errors="replace").split("\n")
                 if "=" in line
             )
             message = NotifyMessage(pid, fields, time.monotonic(), tuple(fds))
-            if fds and self._on_message is None:
-                for fd in fds:  # nobody to own them
-                    os.close(fd)
+            if self._on_message is None:
+                close_fds(fds)  # nobody to own them
             if self._keep:
                 self.messages.append(message)
                 self._arrived.set()
@@ -245,8 +238,7 @@ class Launcher:
         self.fd_store_max = fd_store_max
         #: the fd store: (name, fd), in the order stored
         self.store: list[tuple[str, int]] = []
-        #: fds refused because the store was full, and fds released by a stop
-        self.store_refused = 0
+        #: fds released by a stop
         self.store_released = 0
         # AF_UNIX paths are limited to 107 bytes; a short private directory is always safe.
         self._sink_dir = Path(tempfile.mkdtemp(prefix="sdsn-"))
@@ -265,8 +257,7 @@ class Launcher:
                 if len(self.store) < self.fd_store_max:
                     self.store.append((name, fd))
                 else:
-                    self.store_refused += 1
-                    os.close(fd)
+                    os.close(fd)  # the store is full: systemd closes it too
             return
         for fd in fds:  # not for the store (NotifyAccess=main, or no store): closed
             os.close(fd)

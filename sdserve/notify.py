@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import array
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -34,6 +33,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Literal
+
+from .handover import close_fds
 
 log = logging.getLogger("sdserve.notify")
 
@@ -159,7 +160,7 @@ class Notifier:
         except RuntimeError:
             loop = None
         if self._send is None or loop is None:
-            _close_all(fds)
+            close_fds(fds)
             return False
         return self._send_from(loop, f"FDSTORE=1\nFDNAME={name}", fds)
 
@@ -218,7 +219,7 @@ class Notifier:
         for attempt in (1, 2):
             try:
                 _send_one(self._socket(), message, fds)
-                _close_all(fds)
+                close_fds(fds)
                 return True
             except BlockingIOError:
                 self._enqueue(message, fds)
@@ -230,7 +231,7 @@ class Notifier:
                 self._reset()
                 if attempt == 2 or exc.errno not in _RECONNECT:
                     self._failed(message, exc)
-                    _close_all(fds)
+                    close_fds(fds)
                     return False
         return False  # pragma: no cover - the loop always returns
 
@@ -263,10 +264,10 @@ class Notifier:
             except OSError as exc:
                 self._outbox.popleft()
                 self._failed(message, exc)
-                _close_all(fds)
+                close_fds(fds)
                 continue
             self._outbox.popleft()
-            _close_all(fds)
+            close_fds(fds)
         if self._writing is not None and self._sock is not None:
             self._writing.remove_writer(self._sock.fileno())
             self._writing = None
@@ -292,7 +293,7 @@ class Notifier:
             log.error("notify socket %s not read: lost %s", self.socket_path, lost)
             self.dropped += len(self._outbox)
             for _, fds in self._outbox:
-                _close_all(fds)
+                close_fds(fds)
             self._outbox.clear()
         self._reset()
 
@@ -336,12 +337,6 @@ def _send_one(sock: socket.socket, message: str, fds: list[int]) -> None:
         sock.sendmsg([message.encode()], rights)
     else:
         sock.send(message.encode())
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 def _status_only(message: str) -> bool:

@@ -71,20 +71,14 @@ from typing import Any
 from aiohttp import web
 
 from . import health
-from .acceptor import Acceptor
-from .activation import Listener
+from .acceptor import Acceptor, serve_connection
+from .activation import ActivationError, Listener, connection_from_fd
 from .appload import AppLoadError, StartFailure, build_app, start_failure
 from .checks import StartupFailed, checks_from_config, registry, wait_until_ready
 from .config import Config, ConfigError
 from .control import ControlServer
 from .drain import Limits, TrackedRequestHandler, Tracker, announce_drain, prepare_app
-from .handover import (
-    ConnectionRefused,
-    Link,
-    close_fds,
-    connection_name,
-    validate_connection,
-)
+from .handover import Link, close_fds, connection_name
 from .intent import RESTART_HINT, hand_over_on_this_stop
 from .log import fields as _fields
 from .log import stop_logging
@@ -229,10 +223,9 @@ class Worker:
         self._before_ready = before_ready
         self.supervised = supervised
         self.store_capacity = store_capacity if config.handover else 0
-        #: the supervisor said the stop coming is a restart: hand idle connections up
-        self.restarting = False
-        #: `sdserve stopping` (ExecStop=) said so, in single-process mode
-        self.restart_hinted = False
+        #: the stop to come is part of a restart: said by the supervisor (over the link),
+        #: or by `sdserve stopping` (ExecStop=, SIGUSR1) in single-process mode
+        self.restart_follows = False
         #: the supervisor's link: connections handed over go up, to serve come down
         self.link: Link | None = None
         self._stored = 0
@@ -242,7 +235,6 @@ class Worker:
         #: accepting has begun: connections handed here are served at once
         self._accepting = False
         self._adopting: set[asyncio.Task[None]] = set()
-        self.adopted = 0
         self.listeners = list(listeners)
         self.notifier = notifier
         self.state = WorkerState()
@@ -382,8 +374,8 @@ class Worker:
         ready. An fd that is not a connected stream socket is closed and logged."""
         for fd in fds:
             try:
-                sock = validate_connection(fd, f"a connection handed over (fd {fd})")
-            except ConnectionRefused as exc:
+                sock = connection_from_fd(fd, f"a connection handed over (fd {fd})")
+            except ActivationError as exc:
                 log.warning("%s: closed", exc, extra=_fields("handover"))
                 close_fds([fd])
                 continue
@@ -399,27 +391,10 @@ class Worker:
 
     def _connect(self, sock: socket.socket) -> None:
         assert self._main_factory is not None
-        loop = asyncio.get_running_loop()
-        self.tracker.pending_accepts += 1
-        self.adopted += 1
-        task = loop.create_task(self._connect_one(sock, self._main_factory))
-        self._adopting.add(task)
-        task.add_done_callback(self._adopting.discard)
+        serve_connection(sock, self._main_factory, self.tracker, self._adopting)
 
-    async def _connect_one(
-        self, sock: socket.socket, factory: Callable[[], TrackedRequestHandler]
-    ) -> None:
-        try:
-            await asyncio.get_running_loop().connect_accepted_socket(factory, sock)
-        except OSError as exc:
-            log.debug("a connection handed over was gone before it was served: %s", exc)
-            sock.close()
-        finally:
-            self.tracker.pending_accepts -= 1
-            self.tracker.changed()
-
-    def restart_follows(self) -> None:
-        self.restarting = True
+    def note_restart(self) -> None:
+        self.restart_follows = True
 
     def close_unserved(self) -> None:
         """Close the connections never served (the start failed, or was stopped)."""
@@ -446,10 +421,10 @@ class Worker:
             return None
         if self.link is not None:
             self.link.drain()  # the supervisor's word on this stop came before the signal
-            return self._to_link if retiring or self.restarting else None
+            return self._to_link if retiring or self.restart_follows else None
         if self.supervised or self.store_capacity <= 0 or retiring:
             return None
-        restart = await hand_over_on_this_stop(os.environ, hinted=self.restart_hinted, logger=log)
+        restart = await hand_over_on_this_stop(os.environ, hinted=self.restart_follows, logger=log)
         return self._to_store if restart else None
 
     def _to_link(self, protos: list[TrackedRequestHandler]) -> list[TrackedRequestHandler]:
@@ -506,7 +481,7 @@ class Worker:
             # a stop during a retirement: the drain goes on, but /readyz turns 503
             self.state.phase = Phase.DRAINING
         elif do is Do.NOTE_RESTART:
-            self.restart_hinted = True
+            self.note_restart()
         if do not in (Do.IGNORE, Do.REFUSE_RELOAD):
             log.info(
                 "%s signal while %s: %s",
@@ -789,7 +764,7 @@ async def serve_in_process(
         notifier.remove_stored(name)
         worker.adopt(sock)
     if link is not None:
-        worker.link = Link(link, worker.adopt_fds, on_restarting=worker.restart_follows)
+        worker.link = Link(link, worker.adopt_fds, on_restarting=worker.note_restart)
     control = None
     if not supervised:  # `sdserve reload` hears why there is no reload here
         control = ControlServer(lambda waiter: waiter.finish("refused", NO_RELOAD))
@@ -803,7 +778,8 @@ async def serve_in_process(
         worker.close_unserved()
         if worker.link is not None:
             worker.link.flush_blocking(timeout=1.0)  # connections handed over, bounded
-            if lost := worker.link.close():
+            worker.link.close()
+            if lost := worker.link.lost:
                 log.error(
                     "%d connection(s) handed over were lost: the supervisor did not "
                     "take them in time",
