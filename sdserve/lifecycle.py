@@ -93,8 +93,8 @@ from typing import Any
 
 from .appload import StartFailure
 from .config import Config
+from .exitcodes import ExitCode
 from .log import fields as _fields
-from .worker import ExitCode
 
 #: extra time the supervisor gives workers past their own budget before SIGKILL
 KILL_MARGIN = 2.0
@@ -463,6 +463,35 @@ class Lifecycle:
     def serving(self) -> bool:
         return any(w.state is WState.READY for w in self.workers.values())
 
+    def snapshot(self) -> dict[str, Any]:
+        """The service as ``sdserve status`` shows it (JSON-ready; ages in seconds)."""
+        now = self.clock()
+        cur = self.generations[self.current]
+        workers = [
+            {
+                "id": w.id,
+                "pid": w.pid,
+                "generation": w.generation,
+                "state": w.state.value,
+                "age": round(now - w.spawned, 3),
+                "ready_for": None if w.ready_at is None else round(now - w.ready_at, 3),
+                "status": w.status,
+            }
+            for w in sorted(self.workers.values(), key=lambda w: w.id)
+        ]
+        return {
+            "phase": self.phase.value,
+            "generation": cur.number,
+            "incoming": self.incoming,
+            "workers_wanted": cur.config.workers,
+            "workers_ready": self.ready_count(cur.number),
+            "failed_starts": cur.failed_starts,
+            "last_failure": cur.last_failure,
+            "last_reload": self.last_reload,
+            "status": self.status_line(),
+            "workers": workers,
+        }
+
     def status_line(self) -> str:
         cur = self.generations[self.current]
         parts = [
@@ -629,9 +658,14 @@ class Lifecycle:
             more = {"app_file": failure.file, "app_line": failure.line} if failure.file else {}
             self._log(logging.ERROR, text, "start-failed", worker=w.id, **more)
         else:
+            first = next(
+                (o.failure for o in self.workers.values() if o is not w and o.failure), None
+            )
+            same = first is not None and first.reason == failure.reason
             self._log(
                 logging.INFO,
-                f"{w.describe()} failed to start too: {failure.reason}",
+                f"{w.describe()} failed to start too"
+                + (" (the same reason)" if same else f": {failure.reason}"),
                 "start-failed",
                 worker=w.id,
             )
@@ -677,12 +711,16 @@ class Lifecycle:
         gen = self.generations[w.generation]
         young = w.ready_at is None or now - w.ready_at < gen.config.crash_window
         last = f"; last status: {w.status}" if w.status and w.failure is None else ""
-        if w.ready_at is None:
+        reported = w.failure is not None and self.generations[w.generation].failure_logged
+        if reported:
+            # its reason is in the journal once already (StartFailedReport)
+            text = f"{w.describe()} exited after its failed start ({how})"
+        elif w.ready_at is None:
             text = f"{w.describe()} exited before it was ready ({how}){last}"
         else:
             text = f"{w.describe()} died unexpectedly ({how}){last}"
         self._log(
-            logging.ERROR,
+            logging.INFO if reported else logging.ERROR,
             text,
             "worker-died",
             worker=w.id,
@@ -707,7 +745,7 @@ class Lifecycle:
         over = gen.failed_starts >= gen.config.crash_limit
         if self.phase is Phase.STARTING:
             if deterministic or over:
-                self._fail(ExitCode.STARTUP, f"start failed: {reason}")
+                self._fail(ExitCode.STARTUP, f"start failed: {reason}", logged=reported)
                 return
         elif w.generation == self.incoming:
             if deterministic or over:
@@ -1059,10 +1097,16 @@ class Lifecycle:
         if self.phase is Phase.STOPPING:
             self._force(event.signal)
 
-    def _fail(self, code: ExitCode, reason: str) -> None:
+    def _fail(self, code: ExitCode, reason: str, *, logged: bool = False) -> None:
+        """Stop the service with exit status ``code``; ``logged``: the reason is in the
+        journal already (a worker's reported start failure), so it is not repeated."""
         if self.fatal is None:
             self.fatal = (code, reason)
-            self._log(logging.ERROR, reason, "fatal", exit=int(code))
+            if logged:
+                text = f"giving up: the start failed (exit status {int(code)}; reason above)"
+                self._log(logging.INFO, text, "fatal", exit=int(code))
+            else:
+                self._log(logging.ERROR, reason, "fatal", exit=int(code))
         if not self.phase.stopping:
             self._begin_stop(reason)
 
