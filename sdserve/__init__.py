@@ -52,8 +52,8 @@ if TYPE_CHECKING:
     from .config import load_config as load_config
     from .drain import add_drain_hook as add_drain_hook
     from .drain import draining as draining
+    from .exitcodes import ExitCode as ExitCode
     from .notify import Notifier as Notifier
-    from .worker import ExitCode as ExitCode
     from .worker import Worker as Worker
 
 _EXPORTS = {
@@ -65,7 +65,7 @@ _EXPORTS = {
     "CheckResult": ".checks",
     "Config": ".config",
     "ConfigError": ".config",
-    "ExitCode": ".worker",
+    "ExitCode": ".exitcodes",
     "HealthConfig": ".config",
     "Listener": ".activation",
     "Notifier": ".notify",

@@ -369,8 +369,12 @@ async def wait_until_ready(
     deadline: float,
     retry_initial: float,
     retry_max: float,
+    record: Callable[[list[CheckResult]], object] | None = None,
 ) -> list[CheckResult]:
     """The start-up gate: run every check, retry the failing critical ones until they pass.
+
+    ``record`` gets the results of each round as it ends (the health endpoints show
+    them while the start waits).
 
     ``deadline`` is a ``time.monotonic()`` value. While critical checks are being
     retried, STATUS= names them and EXTEND_TIMEOUT_USEC= keeps systemd waiting,
@@ -390,6 +394,8 @@ async def wait_until_ready(
         for result in runs:
             results[result.name] = result
             _log_result(result, attempt)
+        if record is not None:
+            record(list(runs))
         # optional checks are tried once at start; the background monitor takes them on
         pending = [c for c, r in zip(pending, runs, strict=True) if not r.ok and c.critical]
         if not pending:

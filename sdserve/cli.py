@@ -25,12 +25,15 @@ from typing import Any, NoReturn
 
 from .activation import Activated, ActivationError, activation_from_environ
 from .binding import BindError, bind_all
-from .checks import CheckRegistry, checks_from_config, run_bounded
 from .config import Config, ConfigError, config_from_json, dump_toml, load_config
+from .exitcodes import ExitCode
 from .handover import store_capacity
 from .log import configure_logging, stop_logging
 from .notify import Notifier
-from .worker import ExitCode, serve_in_process
+from .probes import start_probes
+
+# aiohttp and what imports it (checks, worker, supervisor) are imported once the sockets
+# are taken and the admin socket answers: importing them takes a few hundred milliseconds
 
 log = logging.getLogger("sdserve")
 
@@ -102,9 +105,15 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _load(args: argparse.Namespace) -> Config:
     cfg = load_config(toml_path=args.config, overrides=_overrides(args))
-    # [checks.NAME] tables are checked now, so that their problems stop the start early
-    checks_from_config(CheckRegistry(), cfg.checks)
+    _check_checks(cfg)
     return cfg
+
+
+def _check_checks(cfg: Config) -> None:
+    """[checks.NAME] tables are checked now, so that their problems stop the start early."""
+    from .checks import CheckRegistry, checks_from_config
+
+    checks_from_config(CheckRegistry(), cfg.checks)
 
 
 def take_sockets(cfg: Config) -> Activated:
@@ -120,7 +129,7 @@ def take_sockets(cfg: Config) -> Activated:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = load_config(toml_path=args.config, overrides=_overrides(args))
     if not cfg.app:
         raise ConfigError(
             [
@@ -137,6 +146,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         notifier.status(f"start failed: {exc}")
         return ExitCode.CONFIG
     listeners, connections = activated.listeners, activated.connections
+    # the admin socket answers from now on (503 naming what the start waits for)
+    probes = start_probes(listeners, cfg.health)
+    _check_checks(cfg)
+    from .checks import run_bounded
+    from .worker import serve_in_process
+
     store = store_capacity(os.environ, cfg.fd_store_max) if cfg.handover else 0
     describe_handover(cfg, store, activated)
     log.info(
@@ -153,7 +168,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.warning("max_requests is ignored without workers (workers = 0)")
         # a check run that ignores cancellation must not keep the process from exiting
         serving = serve_in_process(
-            cfg, listeners, notifier, connections=connections, store_capacity=store
+            cfg, listeners, notifier, connections=connections, store_capacity=store, probes=probes
         )
         return run_bounded(serving, grace=cfg.cleanup_timeout)
     from .supervisor import supervise
@@ -166,6 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         lambda: _load(args),
         connections=[(name, sock.detach()) for name, sock in connections],
         store_capacity=store,
+        probes=probes,
     )
 
 
@@ -226,6 +242,7 @@ LAZY_COMMANDS = {
     "units": (".units", "render systemd unit files for an application"),
     "drill": (".drill.cli", "load a service through restarts and reloads, count every failure"),
     "reload": (".control", "reload a running service and wait for the outcome (ExecReload=)"),
+    "status": (".status", "show a running service: workers, generation, readiness, each check"),
     "stopping": (".intent", "tell a stopping service whether a restart follows (ExecStop=+)"),
 }
 

@@ -13,7 +13,9 @@ and the command talks only to the process whose PID it was given.
 
 The protocol, one line each way: the client sends ``reload``; the service sends
 ``progress TEXT`` lines while it works, then one verdict, ``ok TEXT``,
-``failed TEXT`` or ``refused TEXT``, and closes. A reload asked while another is
+``failed TEXT`` or ``refused TEXT``, and closes. Or the client sends ``status`` and
+the service answers ``status JSON`` (its phase, generation, workers and sockets: what
+``sdserve status`` shows) and closes. A reload asked while another is
 running waits for the next one (it may carry newer code), and requests that
 arrive meanwhile share that next one.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -31,6 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger("sdserve.control")
 
@@ -76,8 +80,13 @@ class ReloadWaiter:
 class ControlServer:
     """Accepts ``reload`` requests; ``on_reload`` gets each one as a :class:`ReloadWaiter`."""
 
-    def __init__(self, on_reload: Callable[[ReloadWaiter], None]) -> None:
+    def __init__(
+        self,
+        on_reload: Callable[[ReloadWaiter], None],
+        on_status: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self._on_reload = on_reload
+        self._on_status = on_status
         self._server: asyncio.Server | None = None
         self._next = 1
         self.waiters: dict[int, ReloadWaiter] = {}
@@ -106,8 +115,15 @@ class ControlServer:
             async with asyncio.timeout(10):
                 line = await reader.readline()
             request = line[:MAX_REQUEST].decode(errors="replace").strip()
+            if request == "status" and self._on_status is not None:
+                report = json.dumps(self._on_status(), separators=(",", ":"))
+                writer.write(f"status {report}\n".encode())
+                await writer.drain()
+                return
             if request != "reload":
-                writer.write(f"refused unknown request {request!r} (expected: reload)\n".encode())
+                writer.write(
+                    f"refused unknown request {request!r} (expected: reload, status)\n".encode()
+                )
                 return
             waiter = ReloadWaiter(self._next, writer)
             self._next += 1
@@ -155,21 +171,47 @@ class ReloadError(Exception):
     """The service could not be reached, or it is not the process that was named."""
 
 
+def connect(pid: int, timeout: float | None) -> socket.socket:
+    """A connection to the control socket of the sdserve process ``pid`` (checked to be
+    held by that process); :class:`ReloadError` if there is none."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(control_address(pid))
+    except OSError as exc:
+        sock.close()
+        raise ReloadError(
+            f"cannot reach the control socket of pid {pid} ({exc.strerror or exc}): "
+            "is it an sdserve service that is running?"
+        ) from exc
+    peer, _uid, _gid = peer_credentials(sock)
+    if peer != pid:
+        sock.close()
+        raise ReloadError(f"the control socket of pid {pid} is held by pid {peer}")
+    return sock
+
+
+def request_status(pid: int, *, timeout: float = 5.0) -> dict[str, Any]:
+    """What the sdserve process ``pid`` says of itself (see :meth:`ControlServer`)."""
+    sock = connect(pid, timeout)
+    try:
+        sock.sendall(b"status\n")
+        line = sock.makefile("r", encoding="utf-8", errors="replace").readline()
+    except TimeoutError as exc:
+        raise ReloadError(f"no status from pid {pid} within {timeout:g}s") from exc
+    finally:
+        sock.close()
+    verdict, _, text = line.rstrip("\n").partition(" ")
+    if verdict != "status":
+        raise ReloadError(f"pid {pid} did not give its status: {line.strip() or 'no answer'}")
+    report: dict[str, Any] = json.loads(text)
+    return report
+
+
 def request_reload(pid: int, *, timeout: float | None, out: Callable[[str], None]) -> bool:
     """Ask the sdserve process ``pid`` to reload; True if it reloaded. ``out`` gets each line."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = connect(pid, timeout)
     try:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(control_address(pid))
-        except OSError as exc:
-            raise ReloadError(
-                f"cannot reach the control socket of pid {pid} ({exc.strerror or exc}): "
-                "is it an sdserve service that is running?"
-            ) from exc
-        peer, _uid, _gid = peer_credentials(sock)
-        if peer != pid:
-            raise ReloadError(f"the control socket of pid {pid} is held by pid {peer}")
         sock.sendall(b"reload\n")
         stream = sock.makefile("r", encoding="utf-8", errors="replace")
         for line in stream:

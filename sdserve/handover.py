@@ -27,7 +27,6 @@ own copy without ``shutdown()``, which the client never sees.
 from __future__ import annotations
 
 import array
-import asyncio
 import contextlib
 import fcntl
 import logging
@@ -122,6 +121,8 @@ class Link:
         self.sock = sock
         self._on_connections = on_connections
         self._on_restarting = on_restarting
+        import asyncio  # here: the sockets are taken before asyncio is imported
+
         self._loop = asyncio.get_running_loop()
         self._outbox: deque[list[int]] = deque()
         self._writing = False

@@ -36,45 +36,38 @@ Probes never run a check: they read the results kept in :class:`WorkerState`.
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Literal
 
 from aiohttp import web
 
 from .config import ConfigError, HealthConfig
+from .healthreport import (
+    HEALTH_JSON,
+    NOT_EXCLUDABLE,
+    Entry,
+    ProbeQuery,
+    Status,
+    overall,
+    render_json,
+    render_text,
+    respond,
+)
 from .monitor import tick_period
-from .state import WorkerState
+from .state import Phase, WorkerState
 
-Status = Literal["pass", "warn", "fail"]
-
-HEALTH_JSON = "application/health+json"
-#: checks of /readyz that ``?exclude=`` cannot remove
-NOT_EXCLUDABLE = frozenset({"phase"})
-_RANK: dict[Status, int] = {"pass": 0, "warn": 1, "fail": 2}
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One line of a health report."""
-
-    name: str
-    status: Status
-    output: str = ""
-    component_type: str = "component"
-    #: milliseconds (latency, or loop lag), None when there is nothing measured
-    observed: float | None = None
-    measurement: str = "responseTime"
-    #: wall-clock time of the observation
-    time: float | None = None
-
-
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
+__all__ = [
+    "HEALTH_JSON",
+    "NOT_EXCLUDABLE",
+    "Entry",
+    "Status",
+    "install",
+    "liveness",
+    "overall",
+    "readiness",
+    "render_json",
+    "render_text",
+    "startup",
+]
 
 # -- what each endpoint checks ---------------------------------------------------------------
 
@@ -148,6 +141,9 @@ def readiness(state: WorkerState, config: HealthConfig) -> list[Entry]:
         if result.ok:
             status: Status = "pass"
             output = result.output
+        elif check.critical and state.phase is Phase.STARTING:
+            status = "fail"
+            output = f"{result.output or 'failed'} (the start waits for it: {-streak} attempt(s))"
         elif check.critical and name in state.unready:
             status = "fail"
             output = f"{result.output or 'failed'} ({-streak} failure(s) in a row)"
@@ -183,100 +179,6 @@ def startup(state: WorkerState) -> list[Entry]:
     return [Entry("started", "fail", state.phase.value, "system", measurement="state")]
 
 
-# -- rendering -------------------------------------------------------------------------------
-
-
-def overall(entries: Iterable[Entry]) -> Status:
-    worst: Status = "pass"
-    for e in entries:
-        if _RANK[e.status] > _RANK[worst]:
-            worst = e.status
-    return worst
-
-
-def _excluded(request: web.Request) -> set[str]:
-    names: set[str] = set()
-    for value in request.query.getall("exclude", []):
-        names.update(n.strip() for n in value.split(",") if n.strip())
-    return names
-
-
-def _flag(request: web.Request, name: str) -> bool:
-    if name not in request.query:
-        return False
-    return request.query.get(name, "").lower() not in ("0", "false", "no")
-
-
-def wants_json(request: web.Request) -> bool:
-    """``?format=json``, or an Accept header that names application/health+json."""
-    fmt = request.query.get("format")
-    if fmt is not None:
-        return fmt.lower() == "json"
-    return HEALTH_JSON in request.headers.get("Accept", "")
-
-
-def render_text(
-    endpoint: str,
-    entries: list[Entry],
-    excluded: set[str],
-    unknown: set[str],
-    *,
-    verbose: bool,
-    details: bool,
-) -> str:
-    status = overall(entries)
-    if status != "fail" and not verbose:
-        return "ok\n"
-    lines = []
-    for e in entries:
-        if e.status == "pass":
-            line = f"[+]{e.name} ok"
-            if details and e.observed is not None and e.measurement == "responseTime":
-                line += f" ({e.observed:.1f}ms)"
-        elif not details:
-            line = f"[-]{e.name} failed: reason withheld"
-            if e.status == "warn":
-                line = f"[!]{e.name} warn: reason withheld"
-        else:
-            mark, word = ("[-]", "failed") if e.status == "fail" else ("[!]", "warn")
-            line = f"{mark}{e.name} {word}: {e.output or 'no output'}"
-        lines.append(line)
-    lines.extend(f"[+]{name} excluded: ok" for name in sorted(excluded))
-    if unknown:
-        lines.append(
-            "warn: some health checks cannot be excluded: no matches for "
-            + ", ".join(f'"{n}"' for n in sorted(unknown))
-        )
-    lines.append(f"{endpoint} check {'failed' if status == 'fail' else 'passed'}")
-    return "\n".join(lines) + "\n"
-
-
-def render_json(endpoint: str, entries: list[Entry], *, details: bool) -> str:
-    status = overall(entries)
-    body: dict[str, Any] = {"status": status, "description": f"sdserve {endpoint}"}
-    checks: dict[str, list[dict[str, Any]]] = {}
-    for e in entries:
-        item: dict[str, Any] = {
-            "componentId": e.name,
-            "componentType": e.component_type,
-            "status": e.status,
-        }
-        if details:
-            if e.observed is not None:
-                item["observedValue"] = round(e.observed, 3)
-                item["observedUnit"] = "ms"
-            if e.time is not None:
-                item["time"] = _iso(e.time)
-            if e.output:
-                item["output"] = e.output
-        checks[f"{e.name}:{e.measurement}"] = [item]
-    body["checks"] = checks
-    if status == "fail":
-        failing = [e.name for e in entries if e.status == "fail"]
-        body["output"] = "failing: " + ", ".join(failing)
-    return json.dumps(body, separators=(",", ":")) + "\n"
-
-
 def _has_route(app: web.Application, path: str) -> bool:
     """Whether ``app`` answers GET ``path`` with a route of its own (a plain path)."""
     for route in app.router.routes():
@@ -296,37 +198,25 @@ def install(
     """
     details = admin or config.details_on_main
 
-    def respond(request: web.Request, endpoint: str, entries: list[Entry]) -> web.Response:
-        excluded_req = _excluded(request)
-        known = {e.name for e in entries}
-        excluded = (excluded_req & known) - NOT_EXCLUDABLE
-        unknown = excluded_req - excluded
-        kept = [e for e in entries if e.name not in excluded]
-        status = overall(kept)
-        code = 503 if status == "fail" else 200
-        if wants_json(request):
-            body, ctype = render_json(endpoint, kept, details=details), HEALTH_JSON
-        else:
-            verbose = _flag(request, "verbose")
-            body = render_text(endpoint, kept, excluded, unknown, verbose=verbose, details=details)
-            ctype = "text/plain"
+    def answer(request: web.Request, endpoint: str, entries: list[Entry]) -> web.Response:
+        query = ProbeQuery.parse(
+            lambda name: request.query.getall(name, []), request.headers.get("Accept", "")
+        )
+        code, body, ctype = respond(endpoint, entries, query, details=details)
         if state.registry is not None and state.registry.secrets:
             body = state.registry.redact(body)
         return web.Response(
-            status=code,
-            text=body,
-            content_type=ctype,
-            headers={"Cache-Control": "no-store"},
+            status=code, text=body, content_type=ctype, headers={"Cache-Control": "no-store"}
         )
 
     async def livez(request: web.Request) -> web.Response:
-        return respond(request, "livez", liveness(state, config))
+        return answer(request, "livez", liveness(state, config))
 
     async def readyz(request: web.Request) -> web.Response:
-        return respond(request, "readyz", readiness(state, config))
+        return answer(request, "readyz", readiness(state, config))
 
     async def startupz(request: web.Request) -> web.Response:
-        return respond(request, "startupz", startup(state))
+        return answer(request, "startupz", startup(state))
 
     taken = [
         f"health.{key}: the application already has a route GET {path}; set health.{key} "

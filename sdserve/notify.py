@@ -23,7 +23,6 @@ imports, the pure-Python ``sdnotify`` otherwise.
 from __future__ import annotations
 
 import array
-import asyncio
 import errno
 import logging
 import os
@@ -32,7 +31,10 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import asyncio
 
 from .handover import close_fds
 
@@ -109,6 +111,8 @@ class Notifier:
         self._writing: asyncio.AbstractEventLoop | None = None
         #: messages given up (a coalesced ping or status, or a send that failed)
         self.dropped = 0
+        #: the latest STATUS= said (even without a notify socket): for `sdserve status`
+        self.last_status = ""
         if self.socket_path is None:
             return
         candidates: list[tuple[str, Callable[[], Callable[[str], None] | None]]] = []
@@ -139,10 +143,15 @@ class Notifier:
         Within a running event loop this never blocks: a message the socket cannot take
         now waits in the outbox (True: it will be sent).
         """
+        for line in assignments:
+            if line.startswith("STATUS="):
+                self.last_status = line[len("STATUS=") :]
         if self._send is None:
             return False
         message = "\n".join(assignments)
         try:
+            import asyncio  # imported late: sdserve answers probes before it
+
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return self._send_blocking(message)
@@ -156,6 +165,8 @@ class Notifier:
         running event loop; False, and the fds closed, otherwise.
         """
         try:
+            import asyncio  # imported late: sdserve answers probes before it
+
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None

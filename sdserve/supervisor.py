@@ -53,6 +53,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import lifecycle as lc
 from .activation import Listener, listeners_from_fds
@@ -60,12 +61,14 @@ from .appload import StartFailure
 from .checks import run_bounded
 from .config import Config, ConfigError, config_to_json
 from .control import ControlServer, ReloadWaiter
+from .exitcodes import ExitCode
 from .handover import Link, close_fds, connection_name, link_pair
 from .intent import RESTART_HINT, hand_over_on_this_stop
 from .launcher import NotifyMessage, NotifySink
 from .log import fields as _fields
 from .notify import Notifier
-from .worker import ExitCode, serve_in_process
+from .probes import START_CHECKS, StartupProbes, start_check_entries
+from .worker import serve_in_process, service_facts
 
 log = logging.getLogger("sdserve.supervisor")
 
@@ -122,9 +125,15 @@ class Supervisor:
         *,
         connections: Sequence[tuple[str, int]] = (),
         store_capacity: int = 0,
+        probes: StartupProbes | None = None,
     ) -> None:
         """``connections``: (FDNAME, fd) of connections found in systemd's fd store;
-        ``store_capacity``: how many it takes (0: none)."""
+        ``store_capacity``: how many it takes (0: none); ``probes``: the admin socket's
+        answers while no worker is ready (:mod:`sdserve.probes`)."""
+        self._probes = probes
+        self._probes_on = probes is not None
+        #: each starting worker's latest round of start-up checks (JSON), for the probes
+        self._start_checks: dict[int, str] = {}
         self.listeners = list(listeners)
         self.notifier = notifier
         self.reload_config = reload_config
@@ -158,7 +167,7 @@ class Supervisor:
         self._restart_hinted = False
         #: the stop under way is part of a restart (idle connections go to the store)
         self._stop_is_restart = False
-        self._control = ControlServer(self._on_reload_request)
+        self._control = ControlServer(self._on_reload_request, on_status=self.snapshot)
 
     # -- events in -----------------------------------------------------------------------
 
@@ -174,7 +183,11 @@ class Supervisor:
         while self._events and not self._done.done():
             event = self._events.popleft()
             try:
-                for action in self.core.handle(event):
+                actions = list(self.core.handle(event))
+                if self._probes is not None:
+                    # before the actions: a STATUS= sent is never newer than the probes
+                    self._update_probes(self._probes)
+                for action in actions:
                     self._execute(action)
             except Exception as exc:
                 # a bug: exit; the workers get SIGTERM from the kernel and drain on their own
@@ -184,6 +197,48 @@ class Supervisor:
                 self._done.set_result(int(ExitCode.FAILURE))
         if self._pool:
             self._route()
+
+    def _update_probes(self, probes: StartupProbes) -> None:
+        """The supervisor answers the admin socket while no worker can: before the first
+        is ready, and when none is left ready (the workers answer otherwise)."""
+        core = self.core
+        answer = not core.phase.stopping and not any(
+            w.state is lc.WState.READY for w in core.workers.values()
+        )
+        if answer:
+            live = {w.id for w in core.workers.values() if w.state.live}
+            for gone in set(self._start_checks) - live:
+                del self._start_checks[gone]
+            probes.checks = start_check_entries(self._start_checks)
+            probes.status = self.waiting_for()
+        if answer != self._probes_on:
+            self._probes_on = answer
+            if answer:
+                probes.resume()
+            else:
+                probes.pause()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The service as ``sdserve status`` shows it."""
+        return (
+            service_facts(self.listeners)
+            | {"mode": "supervisor"}
+            | self.core.snapshot()
+            | {"connections_moved": dict(self.moved)}
+        )
+
+    def waiting_for(self) -> str:
+        """What the service waits for, worker by worker (the same words said once)."""
+        core = self.core
+        said: dict[str, list[int]] = {}
+        for w in sorted(core.workers.values(), key=lambda w: w.id):
+            if w.state.live:
+                said.setdefault(w.status or "starting", []).append(w.id)
+        parts = [core.status_line()]
+        for text, ids in said.items():
+            who = "worker" if len(ids) == 1 else "workers"
+            parts.append(f"{who} {', '.join(map(str, ids))}: {text}")
+        return "; ".join(parts)
 
     # -- connections handed over ---------------------------------------------------------
 
@@ -311,6 +366,8 @@ class Supervisor:
             self.feed(lc.Ready(worker))
         if fields.get("X_SDSERVE_RECYCLE") == "1":
             self.feed(lc.RecycleAsked(worker))
+        if (checks := fields.get(START_CHECKS)) is not None:
+            self._start_checks[worker] = checks
         if report := fields.get("X_SDSERVE_START_FAILED"):
             try:
                 failure = StartFailure.from_json(report)
@@ -467,6 +524,8 @@ class Supervisor:
                     self.moved["closed"],
                     extra=_fields("handover", **self.moved),
                 )
+            if self._probes is not None:
+                self._probes.stop()
             self._control.close()
             self._channel.close()
             for sig in handled:
@@ -488,6 +547,7 @@ def supervise(
     *,
     connections: Sequence[tuple[str, int]] = (),
     store_capacity: int = 0,
+    probes: StartupProbes | None = None,
 ) -> int:
     async def main() -> int:
         supervisor = Supervisor(
@@ -497,6 +557,7 @@ def supervise(
             reload_config,
             connections=connections,
             store_capacity=store_capacity,
+            probes=probes,
         )
         return await supervisor.run()
 

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import os
 import random
@@ -65,7 +66,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Sequence
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 from typing import Any
 
 from aiohttp import web
@@ -74,42 +75,27 @@ from . import health
 from .acceptor import Acceptor, serve_connection
 from .activation import ActivationError, Listener, connection_from_fd
 from .appload import AppLoadError, StartFailure, build_app, start_failure
-from .checks import StartupFailed, checks_from_config, registry, wait_until_ready
+from .checks import CheckResult, StartupFailed, checks_from_config, registry, wait_until_ready
 from .config import Config, ConfigError
 from .control import ControlServer
 from .drain import Limits, TrackedRequestHandler, Tracker, announce_drain, prepare_app
+from .exitcodes import ExitCode
 from .handover import Link, close_fds, connection_name
 from .intent import RESTART_HINT, hand_over_on_this_stop
 from .log import fields as _fields
 from .log import stop_logging
 from .monitor import CheckMonitor
 from .notify import Notifier
+from .probes import ADMIN_SOCKET, START_CHECKS, StartupProbes, start_checks_to_json
 from .state import Phase, WorkerState
 
 log = logging.getLogger("sdserve.worker")
 
-ADMIN_SOCKET = "admin"
 #: why a single process does not reload (SIGHUP and `sdserve reload` say so)
 NO_RELOAD = (
     "sdserve serves in a single process (workers = 0), which cannot reload; restart the "
     "service instead, or run with workers >= 1 for zero-gap reloads"
 )
-
-
-class ExitCode(IntEnum):
-    OK = 0
-    FAILURE = 1
-    #: bad configuration or usage
-    CONFIG = 2
-    #: the application did not load, or its checks / warm-up did not pass in time
-    STARTUP = 3
-    #: the drain did not finish cleanly: requests were cancelled at the shutdown deadline,
-    #: or a draining worker had to be killed
-    DRAIN_TIMEOUT = 4
-    #: a second stop signal: exited at once, without draining
-    FORCED = 5
-    #: the supervisor gave up: replacement workers kept failing and none was left serving
-    CRASH_LOOP = 6
 
 
 class Stage(StrEnum):
@@ -216,11 +202,14 @@ class Worker:
         before_ready: Callable[[], None] | None = None,
         supervised: bool = False,
         store_capacity: int = 0,
+        probes: StartupProbes | None = None,
     ) -> None:
         """``store_capacity``: systemd's fd store takes this many connections from this
         process on a restart (single-process mode)."""
         self.config = config
         self._before_ready = before_ready
+        #: answering the admin socket until the admin application is served (single process)
+        self._probes = probes
         self.supervised = supervised
         self.store_capacity = store_capacity if config.handover else 0
         #: the stop to come is part of a restart: said by the supervisor (over the link),
@@ -320,26 +309,33 @@ class Worker:
         cfg = self.config
         started = time.monotonic()
         deadline = started + cfg.start_timeout
-        self.notifier.status("loading the application")
+        self._say("loading the application")
         app = self._app if self._app is not None else await build_app(cfg.app)
         reg = registry(app)
         checks_from_config(reg, cfg.checks)
         self.state.registry = reg
-        self.notifier.status("running the application's start-up hooks")
+        self._say("running the application's start-up hooks")
         async with asyncio.timeout(cfg.start_timeout):
             await self._prepare(app, admin=False)
             if any(ls.name == ADMIN_SOCKET for ls in self.listeners):
                 await self._prepare(web.Application(), admin=True)
+        if not self.supervised:
+            # the admin socket answers from here on with every check's latest result
+            # (under a supervisor, a worker serves it only once ready)
+            for acceptor in self._acceptors:
+                if acceptor.listener.name == ADMIN_SOCKET:
+                    acceptor.start()
+            self._stop_probes()
         names = ", ".join(reg.checks) or "none"
         self.notifier.status(f"checking dependencies: {names}")
-        results = await wait_until_ready(
+        await wait_until_ready(
             reg,
             self.notifier,
             deadline=deadline,
             retry_initial=cfg.retry_initial,
             retry_max=cfg.retry_max,
+            record=self._record_start_checks,
         )
-        self.state.record(results)
         checks_done = time.monotonic()
         self.monitor = CheckMonitor(self.state, reg, cfg.health, self.notifier)
         self.monitor.start()
@@ -366,6 +362,37 @@ class Worker:
                 ready_lag_ms=round((self.state.ready_at - checks_done) * 1000, 3),
             ),
         )
+
+    def snapshot(self) -> dict[str, Any]:
+        """This process as ``sdserve status`` shows it (single-process mode)."""
+        now = time.monotonic()
+        st = self.state
+        return service_facts(self.listeners) | {
+            "mode": "single process",
+            "phase": st.phase.value,
+            "status": self.notifier.last_status,
+            "age": round(now - st.started_at, 3),
+            "ready_for": None if st.ready_at is None else round(now - st.ready_at, 3),
+            "connections": len(self.tracker.connections),
+        }
+
+    def _record_start_checks(self, results: list[CheckResult]) -> None:
+        """One round of the start-up gate: kept for the health endpoints, and under a
+        supervisor sent up (its admin socket shows them until a worker is ready)."""
+        self.state.record(results)
+        if self.supervised:
+            self.notifier.send(f"{START_CHECKS}={start_checks_to_json(results)}")
+
+    def _say(self, text: str) -> None:
+        """STATUS=, and the start-up probes' answer while they answer."""
+        self.notifier.status(text)
+        if self._probes is not None:
+            self._probes.status = text
+
+    def _stop_probes(self) -> None:
+        if self._probes is not None:
+            self._probes.stop()
+            self._probes = None
 
     # -- connections handed to this process ---------------------------------------------
 
@@ -565,6 +592,7 @@ class Worker:
         """The apps' cleanup: after a drain only ``on_cleanup`` is left (``on_shutdown`` ran
         as the drain began); otherwise aiohttp's own shutdown and cleanup."""
         self.stage = Stage.CLEANING
+        self._stop_probes()
         for acceptor in self._acceptors:
             acceptor.stop()
         started = {runner.app for runner in self._runners}
@@ -724,6 +752,19 @@ def install_signals(loop: asyncio.AbstractEventLoop, worker: Worker) -> None:
         loop.add_signal_handler(signum, worker.on_signal, sig)
 
 
+def service_facts(listeners: Sequence[Listener]) -> dict[str, Any]:
+    """What ``sdserve status`` shows of any sdserve process: who, which version, where."""
+    try:
+        version = importlib.metadata.version("sdserve")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return {
+        "pid": os.getpid(),
+        "version": version,
+        "sockets": [{"name": ls.name, "address": ls.address} for ls in listeners],
+    }
+
+
 def close_listeners(listeners: Sequence[Listener]) -> None:
     """Close our copies of the sockets; remove unix socket files that we created."""
     for listener in listeners:
@@ -744,11 +785,13 @@ async def serve_in_process(
     connections: Sequence[tuple[str, socket.socket]] = (),
     store_capacity: int = 0,
     link: socket.socket | None = None,
+    probes: StartupProbes | None = None,
 ) -> int:
     """Serve in this process until a stop signal (single-process mode, and each worker).
 
     ``connections`` came from systemd's fd store: they are taken out of it at once and
-    served once ready. ``link`` is the supervisor's (a worker)."""
+    served once ready. ``link`` is the supervisor's (a worker). ``probes`` answer the
+    admin socket until the admin application takes over (single-process mode)."""
     loop = asyncio.get_running_loop()
     worker = Worker(
         config,
@@ -757,6 +800,7 @@ async def serve_in_process(
         before_ready=before_ready,
         supervised=supervised,
         store_capacity=store_capacity,
+        probes=probes,
     )
     install_signals(loop, worker)
     for name, sock in connections:
@@ -767,7 +811,9 @@ async def serve_in_process(
         worker.link = Link(link, worker.adopt_fds, on_restarting=worker.note_restart)
     control = None
     if not supervised:  # `sdserve reload` hears why there is no reload here
-        control = ControlServer(lambda waiter: waiter.finish("refused", NO_RELOAD))
+        control = ControlServer(
+            lambda waiter: waiter.finish("refused", NO_RELOAD), on_status=worker.snapshot
+        )
         await control.start()
     try:
         code = await worker.run()

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sdserve.worker import ExitCode
+from sdserve.exitcodes import ExitCode
 from tests.conftest import LauncherFactory
 from tests.helpers import Gate, ProtocolError, get, load, read_response, request_bytes
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from sdserve.exitcodes import ExitCode
 from sdserve.launcher import Instance, Launcher
-from sdserve.worker import ExitCode
 from tests.conftest import LauncherFactory
 from tests.helpers import Gate, ProtocolError, read_response, request_bytes
 

@@ -15,7 +15,7 @@ import pytest
 
 from sdserve import lifecycle as lc
 from sdserve.appload import StartFailure
-from sdserve.worker import ExitCode
+from sdserve.exitcodes import ExitCode
 from tests.lifecycle_driver import Driver, config
 
 TERM, USR2, QUIT, KILL = signal.SIGTERM, signal.SIGUSR2, signal.SIGQUIT, signal.SIGKILL

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from sdserve.exitcodes import ExitCode
 from sdserve.launcher import Instance, Launcher, NotifyMessage
-from sdserve.worker import ExitCode
 from tests.apps.release import BAD_RELEASES
 from tests.conftest import LauncherFactory, MakeSupervised
 from tests.helpers import (

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sdserve.worker import ExitCode
+from sdserve.exitcodes import ExitCode
 from tests.conftest import LauncherFactory
 from tests.helpers import Gate, get, read_response, request_bytes
 

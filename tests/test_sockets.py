@@ -13,8 +13,8 @@ import pytest
 
 from sdserve.activation import ActivationError, listeners_from_environ
 from sdserve.binding import BindError, bind_address, parse_address
+from sdserve.exitcodes import ExitCode
 from sdserve.launcher import LaunchError
-from sdserve.worker import ExitCode
 from tests.conftest import ROOT, LauncherFactory
 from tests.helpers import get, read_response, request_bytes
 

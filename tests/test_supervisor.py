@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sdserve.worker import ExitCode
+from sdserve.exitcodes import ExitCode
 from tests.apps.release import BAD_RELEASES
 from tests.conftest import MakeSupervised
 from tests.helpers import (
