@@ -396,14 +396,14 @@ def render_markdown() -> str:
             title = f"`[{where}]`" if where else "Top level"
             if out[-1] != "":
                 out.append("")
-            out += [f"#### {title}", "", head, rule]
+            out += [f"### {title}", "", head, rule]
         out.append(
             f"| `{name}` | {_cell(key.type)} | {_md_default(key)} | {_md_flag(key.flag)} "
             f"| `{key.env}` | {_cell(key.doc)} |"
         )
     for kind, check in check_keys().items():
         title = f'`[checks.NAME]`, `type = "{kind}"`' if kind else "`[checks.NAME]`, every type"
-        out += ["", f"#### {title}", ""]
+        out += ["", f"### {title}", ""]
         if not kind:
             out += [
                 "Check tables are read from the config file only (no flags, no environment",
