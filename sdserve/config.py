@@ -338,13 +338,17 @@ class Config:
         default=False, metadata={"doc": "log one line per request (logger sdserve.access)"}
     )
     health: HealthConfig = field(
-        default_factory=HealthConfig, metadata={"doc": "the health endpoints"}
+        default_factory=HealthConfig,
+        metadata={
+            "doc": "the health endpoints (/livez, /readyz, /startupz): where they are served, "
+            "and how checks and the event loop turn them"
+        },
     )
     checks: Mapping[str, Mapping[str, Any]] = field(
         default_factory=dict,
         metadata={
-            "doc": "dependency checks, one `[checks.NAME]` table each (see the keys of "
-            "each type below), validated by sdserve.checks"
+            "doc": "dependency checks, one `[checks.NAME]` table each, validated at start "
+            "with the rest of the configuration"
         },
     )
 

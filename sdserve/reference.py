@@ -3,7 +3,8 @@
 Every key of :class:`sdserve.config.Config` and its sections carries its meaning in
 its field's ``metadata["doc"]``; the keys of the ``[checks.NAME]`` tables are listed
 here, in the order and with the requirements that :mod:`sdserve.builtin_checks`
-declares (``COMMON_KEYS``, ``TYPE_KEYS``, ``REQUIRED``). From these, this module
+declares (``COMMON_KEYS``, ``TYPE_KEYS``, ``REQUIRED``; a test checks that they agree).
+From these, this module
 renders:
 
 - the text of ``sdserve config --help-keys``;
@@ -19,15 +20,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import textwrap
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .builtin_checks import COMMON_KEYS, COMPONENT_TYPES, REQUIRED, TYPE_KEYS
 from .config import ENV_PREFIX, Config
 
 START = "<!-- config-reference:start -->"
@@ -102,9 +103,7 @@ def _type_name(tp: Any) -> str:
         return " | ".join(map(str, typing.get_args(tp)))
     if origin is tuple:
         return "list of strings"
-    if _is_section(tp):
-        return "table"
-    return "tables"
+    raise TypeError(f"no name for the config type {tp!r}")
 
 
 def render_value(value: Any) -> str:
@@ -119,17 +118,13 @@ def render_value(value: Any) -> str:
         return value or "none"
     if isinstance(value, tuple):
         return ", ".join(map(str, value)) or "none"
-    if isinstance(value, Mapping):
-        return "none" if not value else ", ".join(value)
     raise TypeError(f"no rendering for {value!r}")
 
 
 def _field_default(f: dataclasses.Field[Any]) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    raise TypeError(f"config key {f.name} has no default")
+    if f.default is dataclasses.MISSING:
+        raise TypeError(f"config key {f.name} has no plain default")
+    return f.default
 
 
 def _doc(f: dataclasses.Field[Any], where: str) -> str:
@@ -153,10 +148,12 @@ def _key(f: dataclasses.Field[Any], tp: Any, where: str, *, flag: str, env: str)
     )
 
 
-def config_keys() -> list[Key]:
+@functools.cache
+def config_keys() -> tuple[Key, ...]:
     """Every key of :class:`Config` and of its sections, top level first, in field order.
 
-    The ``checks`` tables are not among them: see :func:`check_keys`.
+    The ``checks`` tables are not among them: see :func:`check_keys`. Computed once: every
+    process that parses its command line (workers too) renders the flags' help.
     """
     top: list[Key] = []
     sections: list[Key] = []
@@ -172,14 +169,22 @@ def config_keys() -> list[Key]:
         elif typing.get_origin(tp) in (None, tuple, typing.Literal):
             env = f"{ENV_PREFIX}{f.name.upper()}"
             top.append(_key(f, tp, f.name, flag=_flag_shown(f.name, tp), env=env))
-    return top + sections
+    return (*top, *sections)
+
+
+def section_docs() -> dict[str, str]:
+    """The meaning of each table of :class:`Config`: ``health``, ``checks``."""
+    hints = typing.get_type_hints(Config)
+    return {
+        f.name: _doc(f, f.name)
+        for f in dataclasses.fields(Config)
+        if typing.get_origin(hints[f.name]) not in (None, tuple, typing.Literal)
+        or _is_section(hints[f.name])
+    }
 
 
 def _top_key(name: str) -> Key:
-    for key in config_keys():
-        if key.name == name:
-            return key
-    raise KeyError(name)
+    return next(key for key in config_keys() if key.name == name)
 
 
 def flag_help(name: str, *, default: bool = True) -> str:
@@ -195,9 +200,12 @@ def flag_help(name: str, *, default: bool = True) -> str:
 
 # -- the [checks.NAME] tables ----------------------------------------------------------------
 
+# builtin_checks imports aiohttp's client, which the command line does not need: it is
+# imported when the check tables are rendered ({types} and {components} come from it).
+
 #: type, default (None: see REQUIRED) and meaning of the keys every check table takes
 _COMMON_DOCS: dict[str, tuple[str, str | None, str]] = {
-    "type": ("string", None, "the kind of check: " + ", ".join(TYPE_KEYS)),
+    "type": ("string", None, "the kind of check: {types}"),
     "timeout": ("duration", "5s", "a run that takes longer has failed"),
     "critical": (
         "boolean",
@@ -213,11 +221,7 @@ _COMMON_DOCS: dict[str, tuple[str, str | None, str]] = {
     "component_type": (
         "string",
         "by type",
-        "`componentType` in the health+json output; by default "
-        + "; ".join(
-            f"{c} for {', '.join(t for t in COMPONENT_TYPES if COMPONENT_TYPES[t] == c)}"
-            for c in dict.fromkeys(COMPONENT_TYPES.values())
-        ),
+        "`componentType` in the health+json output; by default {components}",
     ),
 }
 
@@ -291,22 +295,37 @@ _TYPE_DOCS: dict[str, dict[str, tuple[str, str | None, str]]] = {
 }
 
 
-def _check_key(name: str, spec: tuple[str, str | None, str], required: bool) -> Key:
+def _check_key(name: str, spec: tuple[str, str | None, str], required: bool, **fill: str) -> Key:
     tp, default, doc = spec
     if required != (default is None):
         raise TypeError(f"check key {name}: required is {required}, default {default!r}")
-    return Key(name, tp, "required" if default is None else default, doc)
+    return Key(name, tp, "required" if default is None else default, doc.format(**fill))
 
 
 def check_keys() -> dict[str, list[Key]]:
     """The keys of every ``[checks.NAME]`` table (``""``), then those of each type."""
-    tables = {"": [_check_key(k, _COMMON_DOCS[k], k == "type") for k in COMMON_KEYS]}
+    from .builtin_checks import COMMON_KEYS, COMPONENT_TYPES, REQUIRED, TYPE_KEYS
+
+    by_component: dict[str, list[str]] = {}
+    for kind, component in COMPONENT_TYPES.items():
+        by_component.setdefault(component, []).append(kind)
+    fill = {
+        "types": ", ".join(TYPE_KEYS),
+        "components": "; ".join(f"{c} for {', '.join(k)}" for c, k in by_component.items()),
+    }
+    tables = {"": [_check_key(k, _COMMON_DOCS[k], k == "type", **fill) for k in COMMON_KEYS]}
     for kind, keys in TYPE_KEYS.items():
         docs = _TYPE_DOCS[kind]
         if set(docs) != set(keys):
             raise TypeError(f"{kind} check: documented {sorted(docs)}, declared {sorted(keys)}")
         tables[kind] = [_check_key(k, docs[k], k in REQUIRED[kind]) for k in keys]
     return tables
+
+
+_CHECKS_ONLY_IN_FILE = (
+    "read from the config file only (no flags, no environment variables); each type adds "
+    "its own keys"
+)
 
 
 # -- text ------------------------------------------------------------------------------------
@@ -322,9 +341,11 @@ def _text_key(key: Key, label: str) -> Iterator[str]:
     where = [w for w in (key.flag, key.env) if w]
     if where:
         yield f"    {', '.join(where)}"
-    yield from textwrap.wrap(
-        _plain(key.doc), width=88, initial_indent="    ", subsequent_indent="    "
-    )
+    yield from _wrap(key.doc, "    ")
+
+
+def _wrap(text: str, indent: str) -> list[str]:
+    return textwrap.wrap(_plain(text), width=88, initial_indent=indent, subsequent_indent=indent)
 
 
 def render_text() -> str:
@@ -335,18 +356,19 @@ def render_text() -> str:
         "seconds or a number with a unit (250ms, 2s, 1min); lists in the environment are",
         "comma-separated; a repeated flag gives a list.",
     ]
+    tables = section_docs()
     section = ""
     for key in config_keys():
         head, _, name = key.name.rpartition(".")
         if head != section:
             section = head
-            lines += ["", f"[{section}]"]
+            lines += ["", f"[{section}]", *_wrap(tables[section], "  ")]
         lines.append("")
         lines.extend(_text_key(key, name))
     for kind, keys in check_keys().items():
         lines += ["", "[checks.NAME]" + (f'  type = "{kind}"' if kind else "  (every type)")]
         if not kind:
-            lines.append("    (the config file only: no flags, no environment variables)")
+            lines += _wrap(f"{tables['checks']}; {_CHECKS_ONLY_IN_FILE}", "  ")
         for key in keys:
             lines.append("")
             lines.extend(_text_key(key, key.name))
@@ -358,6 +380,10 @@ def render_text() -> str:
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
 
 
 #: defaults that are words, not values
@@ -378,6 +404,7 @@ def _md_flag(flag: str) -> str:
 def render_markdown() -> str:
     """The reference as README.md holds it, between :data:`START` and :data:`END`."""
     keys = config_keys()
+    tables = section_docs()
     out = [
         f"<!-- generated from the config dataclasses by `{REGENERATE}`: do not edit -->",
         "",
@@ -396,7 +423,10 @@ def render_markdown() -> str:
             title = f"`[{where}]`" if where else "Top level"
             if out[-1] != "":
                 out.append("")
-            out += [f"### {title}", "", head, rule]
+            out += [f"### {title}", ""]
+            if where:
+                out += [_sentence(tables[where]), ""]
+            out += [head, rule]
         out.append(
             f"| `{name}` | {_cell(key.type)} | {_md_default(key)} | {_md_flag(key.flag)} "
             f"| `{key.env}` | {_cell(key.doc)} |"
@@ -405,11 +435,7 @@ def render_markdown() -> str:
         title = f'`[checks.NAME]`, `type = "{kind}"`' if kind else "`[checks.NAME]`, every type"
         out += ["", f"### {title}", ""]
         if not kind:
-            out += [
-                "Check tables are read from the config file only (no flags, no environment",
-                "variables); each type adds its own keys, listed next.",
-                "",
-            ]
+            out += [_sentence(f"{tables['checks']}; {_CHECKS_ONLY_IN_FILE}"), ""]
         out += ["| key | type | default | meaning |", "|---|---|---|---|"]
         for key in check:
             out.append(

@@ -315,3 +315,13 @@ def test_run_help_gives_each_flag_its_meaning_and_default() -> None:
     assert f"default one per usable CPU (here {Config().workers})" in text
     assert "--shutdown-timeout DURATION" in text
     assert "default 25s" in text
+
+
+def test_the_reference_is_light_to_import() -> None:
+    """The command line renders the flags' help from it in every process (workers too):
+    importing it must not import aiohttp (builtin_checks is imported for the check tables)."""
+    code = "import sys, sdserve.reference; print('aiohttp' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert out.stdout.strip() == "False"
