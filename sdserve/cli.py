@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from . import reference
 from .activation import Activated, ActivationError, activation_from_environ
 from .binding import BindError, bind_all
 from .config import Config, ConfigError, config_from_json, dump_toml, load_config
@@ -37,41 +38,30 @@ from .probes import start_probes
 
 log = logging.getLogger("sdserve")
 
-_HELP = {
-    "bind": "address to bind when not socket-activated (repeatable): "
-    "HOST:PORT, [V6]:PORT, unix:PATH",
-    "admin_bind": "address of the admin socket when not socket-activated (repeatable)",
-    "workers": "worker processes (default: one per usable CPU; 0: serve in the main process)",
-    "start_timeout": "deadline for the dependency checks and warm-up at start",
-    "shutdown_timeout": "deadline for in-flight requests once the drain starts",
-    "idle_grace": "time an idle keep-alive connection gets to send one more request in a drain",
-    "drain_delay": "keep serving, reporting not ready, this long before the drain",
-    "log": "where logs go: auto (journal under journald), journal, stderr",
-    "max_concurrency": "answer 503 + Retry-After past this many requests in flight (0: no limit)",
-}
-
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("app", nargs="?", help="the application, MODULE:FACTORY")
+    app_help = reference.flag_help("app", default=False) + " (or app in the config file)"
+    parser.add_argument("app", nargs="?", help=app_help)
     parser.add_argument("-c", "--config", type=Path, help="TOML configuration file")
     hints = typing.get_type_hints(Config)
-    group = parser.add_argument_group("configuration (each flag overrides the key of that name)")
+    group = parser.add_argument_group(
+        "configuration (each flag overrides the key of that name; "
+        "every key: sdserve config --help-keys)"
+    )
     for f in dataclasses.fields(Config):
         tp = hints[f.name]
-        if (
-            f.name == "app"
-            or dataclasses.is_dataclass(tp)
-            or (
-                typing.get_origin(tp) is not None
-                and typing.get_origin(tp) not in (tuple, typing.Literal)
-            )
-        ):
+        if not reference.has_flag(f.name, tp):
             continue
-        flag = "--" + f.name.replace("_", "-")
-        help_text = _HELP.get(f.name, f"config key {f.name}")
+        flag = reference.flag_name(f.name)
+        help_text = reference.flag_help(f.name)
         if typing.get_origin(tp) is tuple:
             group.add_argument(
-                flag, dest=f.name, action="append", default=argparse.SUPPRESS, help=help_text
+                flag,
+                dest=f.name,
+                action="append",
+                default=argparse.SUPPRESS,
+                metavar="ADDRESS",
+                help=help_text + " (repeatable: the flags replace the default)",
             )
         elif tp is bool:
             group.add_argument(
@@ -90,8 +80,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 help=help_text,
             )
         else:
+            metavar = {int: "N", float: "DURATION"}.get(tp, "TEXT")
             group.add_argument(
-                flag, dest=f.name, default=argparse.SUPPRESS, metavar="VALUE", help=help_text
+                flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar, help=help_text
             )
 
 
@@ -122,7 +113,9 @@ def take_sockets(cfg: Config) -> Activated:
     activated = activation_from_environ(os.environ, os.getpid())
     if activated is not None:
         return activated
-    names = {"http": cfg.bind or ("127.0.0.1:8080",)}
+    if not cfg.bind:
+        raise BindError("bind: no address to bind (give --bind, or let systemd pass the sockets)")
+    names = {"http": cfg.bind}
     if cfg.admin_bind:
         names["admin"] = cfg.admin_bind
     return Activated(listeners=bind_all(names, cfg.backlog))
@@ -232,6 +225,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.help_keys:
+        sys.stdout.write(reference.render_text())
+        return 0
     sys.stdout.write(dump_toml(_load(args)))
     return 0
 
@@ -257,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(run)
     run.set_defaults(func=cmd_run)
     config = sub.add_parser("config", help="print the effective configuration as TOML")
+    config.add_argument(
+        "--help-keys",
+        action="store_true",
+        help="print every configuration key (type, default, flag, environment variable, "
+        "meaning) instead, and the keys of each check type",
+    )
     _add_config_flags(config)
     config.set_defaults(func=cmd_config)
     for name, (_module, text) in LAZY_COMMANDS.items():

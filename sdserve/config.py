@@ -54,112 +54,303 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class HealthConfig:
-    """Health endpoints (``/livez``, ``/readyz``, ``/startupz``)."""
+    """Health endpoints (``/livez``, ``/readyz``, ``/startupz``).
 
-    enabled: bool = True
-    livez_path: str = "/livez"
-    readyz_path: str = "/readyz"
-    startupz_path: str = "/startupz"
-    #: where the endpoints are served: the main socket(s), the admin socket, or both
-    placement: HealthPlacement = "both"
-    #: show per-check details on the main socket too (always shown on the admin socket)
-    details_on_main: bool = False
-    #: consecutive failures before a continuous critical check turns readiness false
-    fail_threshold: int = 3
-    #: consecutive successes before it turns readiness true again
-    pass_threshold: int = 1
-    #: how often continuous checks re-run after start
-    interval: float = 10.0
-    #: liveness fails when the event loop has not turned for this long
-    loop_stall: float = 10.0
-    #: after a stall, liveness keeps failing this long (so the next probe reports it)
-    stall_hold: float = 30.0
+    The meaning of every field is its ``metadata["doc"]``, from which
+    :mod:`sdserve.reference` renders the configuration reference.
+    """
+
+    enabled: bool = field(
+        default=True,
+        metadata={"doc": "serve the health endpoints (false: the application serves its own)"},
+    )
+    livez_path: str = field(default="/livez", metadata={"doc": "path of the liveness endpoint"})
+    readyz_path: str = field(default="/readyz", metadata={"doc": "path of the readiness endpoint"})
+    startupz_path: str = field(
+        default="/startupz", metadata={"doc": "path of the start-up endpoint"}
+    )
+    placement: HealthPlacement = field(
+        default="both",
+        metadata={
+            "doc": "where the endpoints are served: the main socket(s), the admin socket, or both"
+        },
+    )
+    details_on_main: bool = field(
+        default=False,
+        metadata={
+            "doc": "show each check's details on the main socket too (the admin socket "
+            "always shows them)"
+        },
+    )
+    fail_threshold: int = field(
+        default=3,
+        metadata={
+            "doc": "consecutive failures of a continuous critical check before readiness "
+            "turns false"
+        },
+    )
+    pass_threshold: int = field(
+        default=1,
+        metadata={"doc": "consecutive successes before readiness turns true again"},
+    )
+    interval: float = field(
+        default=10.0,
+        metadata={
+            "doc": "how often continuous checks re-run after start (a check's own `interval` wins)"
+        },
+    )
+    loop_stall: float = field(
+        default=10.0,
+        metadata={"doc": "liveness fails when the event loop has not turned for this long"},
+    )
+    stall_hold: float = field(
+        default=30.0,
+        metadata={
+            "doc": "after a stall, liveness keeps failing this long (so that the next probe "
+            "sees it)"
+        },
+    )
 
 
 @dataclass(frozen=True)
 class Config:
-    """The effective configuration of one sdserve process."""
+    """The effective configuration of one sdserve process.
 
-    #: the application, ``MODULE:FACTORY``
-    app: str = ""
-    #: addresses to bind when not socket-activated: ``HOST:PORT``, ``[V6]:PORT``, ``unix:PATH``
-    bind: tuple[str, ...] = ()
-    #: addresses of the admin socket(s) when not socket-activated
-    admin_bind: tuple[str, ...] = ()
-    #: listen backlog of the sockets sdserve binds itself
-    backlog: int = 4096
-    #: worker processes under a supervisor (default: one per CPU); 0 serves in the main process
-    workers: int = DEFAULT_WORKERS
-    #: deadline for the dependency checks and warm-up at start
-    start_timeout: float = 60.0
-    #: first pause between retries of failing checks at start (doubles up to retry_max)
-    retry_initial: float = 0.2
-    retry_max: float = 5.0
-    #: keep serving but report not ready for this long before the drain starts
-    drain_delay: float = 0.0
-    #: in-flight requests may run this long once the drain starts, then are cancelled
-    shutdown_timeout: float = 25.0
-    #: an idle keep-alive connection gets this long to send one more request in a drain
-    #: (one that is handed over instead does not wait for it)
-    idle_grace: float = 1.0
-    #: hand idle keep-alive connections over instead of closing them: to the new workers
-    #: on a reload, and through systemd's fd store on a restart (see sdserve.handover)
-    handover: bool = True
-    #: the unit's FileDescriptorStoreMax=, for systemd before 254, which does not tell the
-    #: service ($FDSTORE); 0: take it from $FDSTORE (no store: restarts drain as before)
-    fd_store_max: int = 0
-    #: the app's on_cleanup hooks get this long (on_shutdown runs as the drain begins,
-    #: within shutdown_timeout; without a drain, both get this long)
-    cleanup_timeout: float = 5.0
-    #: close keep-alive connections idle for this long (below shutdown_timeout, and far below
-    #: nginx's 75 s; not gunicorn's 2 s, which pooled clients and load balancers race)
-    keepalive_timeout: float = 15.0
-    #: a request's line and headers must arrive within this long of its first byte, else
-    #: 408 and the connection closes (slowloris; nginx's client_header_timeout is 60 s)
-    header_timeout: float = 10.0
-    #: the longest request line (method, URL, version), in bytes: 414 past it (gunicorn's
-    #: limit_request_line)
-    max_request_line: int = 4094
-    #: the longest header field (name and value) in bytes, and the most header fields: 431
-    #: past them (gunicorn's limit_request_field_size and limit_request_fields)
-    max_header_size: int = 8190
-    max_headers: int = 100
-    #: the largest request body by its Content-Length, in bytes: 413 past it, before the
-    #: handler runs (nginx's client_max_body_size, and aiohttp's client_max_size); 0: none
-    max_body_size: int = 1_048_576
-    #: connections one process holds at most; past it, it stops accepting and the kernel's
-    #: queue holds the rest for another worker (nginx's worker_connections, 512); the admin
-    #: socket is not limited, so health probes get through
-    max_connections: int = 512
-    #: a request running longer is cancelled: 503 with Retry-After if its response had not
-    #: begun (0: no limit; health probes are never bounded)
-    request_timeout: float = 0.0
-    #: answer 503 (with Retry-After) past this many requests in flight per process; 0 = no limit
-    max_concurrency: int = 0
-    #: on reload, each new worker must be ready within this long of its start
-    reload_timeout: float = 60.0
-    #: recycle a worker after this many requests (0 = never), plus up to jitter more
-    max_requests: int = 0
-    max_requests_jitter: int = 0
-    #: new workers import and warm up this much nicer (lower CPU priority), so that a
-    #: reload does not take CPU from the workers serving; 0 disables it
-    warmup_nice: int = 10
-    #: during a reload, new workers warm up this many at a time (0: all at once); starting
-    #: processes slows the workers serving, so fewer at once is a lower, longer bump
-    warmup_parallel: int = 1
-    #: crash loop: this many failed starts in a row (a worker that exits before it is
-    #: ready, or dies within crash_window of being ready) make the supervisor give up,
-    #: once no worker is left serving
-    crash_limit: int = 5
-    #: a worker that has served this long has started well: deaths after it are replaced
-    #: without counting towards crash_limit
-    crash_window: float = 10.0
-    log: LogTarget = "auto"
-    log_level: LogLevel = "info"
-    access_log: bool = False
-    health: HealthConfig = field(default_factory=HealthConfig)
-    #: ``[checks.NAME]`` tables, validated by :mod:`sdserve.checks`
-    checks: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    The meaning of every field is its ``metadata["doc"]`` (``metadata["default"]``
+    describes a default that depends on the machine), from which
+    :mod:`sdserve.reference` renders the configuration reference, ``sdserve config
+    --help-keys`` and the help of the flags.
+    """
+
+    app: str = field(default="", metadata={"doc": "the application, `MODULE:FACTORY`"})
+    bind: tuple[str, ...] = field(
+        default=("127.0.0.1:8080",),
+        metadata={
+            "doc": "addresses to bind when not socket-activated: HOST:PORT, [V6]:PORT, "
+            "PORT (127.0.0.1), unix:PATH"
+        },
+    )
+    admin_bind: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "doc": "addresses of the admin socket (health endpoints only) when not socket-activated"
+        },
+    )
+    backlog: int = field(
+        default=4096,
+        metadata={
+            "doc": "listen backlog of the sockets sdserve binds itself (the kernel caps it "
+            "at net.core.somaxconn)"
+        },
+    )
+    workers: int = field(
+        default=DEFAULT_WORKERS,
+        metadata={
+            "doc": "worker processes under a supervisor; 0 serves in the main process, "
+            "which cannot reload",
+            "default": "one per usable CPU",
+        },
+    )
+    start_timeout: float = field(
+        default=60.0,
+        metadata={
+            "doc": "deadline for the start-up hooks, the dependency checks and the warm-up at start"
+        },
+    )
+    retry_initial: float = field(
+        default=0.2,
+        metadata={
+            "doc": "first pause between retries of failing critical checks at start; it "
+            "doubles after each retry, up to `retry_max`"
+        },
+    )
+    retry_max: float = field(
+        default=5.0,
+        metadata={
+            "doc": "longest pause between retries of failing checks at start (at least "
+            "`retry_initial`)"
+        },
+    )
+    drain_delay: float = field(
+        default=0.0,
+        metadata={
+            "doc": "on a stop, keep serving but report not ready this long before the "
+            "drain starts (for load balancers to notice)"
+        },
+    )
+    shutdown_timeout: float = field(
+        default=25.0,
+        metadata={
+            "doc": "in-flight requests may run this long once the drain starts; those "
+            "still running then are cancelled (exit status 4)"
+        },
+    )
+    idle_grace: float = field(
+        default=1.0,
+        metadata={
+            "doc": "in a drain, an idle keep-alive connection gets this long from its last "
+            "request to send one more, and a request still arriving this long to "
+            "complete (one handed over does not wait for it)"
+        },
+    )
+    handover: bool = field(
+        default=True,
+        metadata={
+            "doc": "hand idle keep-alive connections over instead of closing them: to the "
+            "new workers on a reload, through systemd's fd store on a restart"
+        },
+    )
+    fd_store_max: int = field(
+        default=0,
+        metadata={
+            "doc": "the unit's FileDescriptorStoreMax=, for systemd before 254, which does "
+            "not tell the service ($FDSTORE); 0 takes it from $FDSTORE (no store: "
+            "restarts drain)"
+        },
+    )
+    cleanup_timeout: float = field(
+        default=5.0,
+        metadata={
+            "doc": "the application's on_cleanup hooks get this long (on_shutdown runs as "
+            "the drain begins, within `shutdown_timeout`)"
+        },
+    )
+    keepalive_timeout: float = field(
+        default=15.0,
+        metadata={
+            "doc": "close a keep-alive connection idle this long (below "
+            "`shutdown_timeout`, far below nginx's 75 s, not gunicorn's 2 s)"
+        },
+    )
+    header_timeout: float = field(
+        default=10.0,
+        metadata={
+            "doc": "a request's line and headers must arrive within this long of its first "
+            "byte, else 408 and the connection closes (slowloris)"
+        },
+    )
+    max_request_line: int = field(
+        default=4094,
+        metadata={
+            "doc": "the longest request line (method, URL, version) in bytes; 414 past it "
+            "(gunicorn's limit_request_line)"
+        },
+    )
+    max_header_size: int = field(
+        default=8190,
+        metadata={
+            "doc": "the longest header field (name and value) in bytes; 431 past it "
+            "(gunicorn's limit_request_field_size)"
+        },
+    )
+    max_headers: int = field(
+        default=100,
+        metadata={
+            "doc": "the most header fields in a request; 431 past it (gunicorn's "
+            "limit_request_fields)"
+        },
+    )
+    max_body_size: int = field(
+        default=1_048_576,
+        metadata={
+            "doc": "the largest request body by its Content-Length, in bytes: 413 before "
+            "the handler runs (nginx's client_max_body_size); 0: no limit"
+        },
+    )
+    max_connections: int = field(
+        default=512,
+        metadata={
+            "doc": "connections one process holds at most; past it, it stops accepting and "
+            "the kernel's queue holds the rest (the admin socket is not limited)"
+        },
+    )
+    request_timeout: float = field(
+        default=0.0,
+        metadata={
+            "doc": "cancel a request running longer: 503 with Retry-After if its response "
+            "had not begun; 0: no limit (health probes are never bounded)"
+        },
+    )
+    max_concurrency: int = field(
+        default=0,
+        metadata={
+            "doc": "answer 503 with Retry-After past this many requests in flight per "
+            "process; 0: no limit (health probes are never shed)"
+        },
+    )
+    reload_timeout: float = field(
+        default=60.0,
+        metadata={
+            "doc": "on a reload, each new worker must be ready within this long of its "
+            "start, else the reload fails"
+        },
+    )
+    max_requests: int = field(
+        default=0,
+        metadata={
+            "doc": "recycle a worker (zero-gap, as a reload) after this many requests; 0: never"
+        },
+    )
+    max_requests_jitter: int = field(
+        default=0,
+        metadata={
+            "doc": "up to this many more requests, chosen at random per worker, so that "
+            "workers do not recycle together"
+        },
+    )
+    warmup_nice: int = field(
+        default=10,
+        metadata={
+            "doc": "new workers import and warm up this much nicer (0 to 19), so that a "
+            "reload takes no CPU from the workers serving; 0 disables it"
+        },
+    )
+    warmup_parallel: int = field(
+        default=1,
+        metadata={
+            "doc": "during a reload, new workers warm up this many at a time; 0: all at once"
+        },
+    )
+    crash_limit: int = field(
+        default=5,
+        metadata={
+            "doc": "failed starts in a row (a worker that exits before it is ready, or dies "
+            "within `crash_window` of it) that fail a start or a reload, or, with no "
+            "worker left serving, stop the service (exit status 6)"
+        },
+    )
+    crash_window: float = field(
+        default=10.0,
+        metadata={
+            "doc": "a worker that has served this long started well: its death is replaced "
+            "without counting towards `crash_limit`"
+        },
+    )
+    log: LogTarget = field(
+        default="auto",
+        metadata={
+            "doc": "where logs go: journal (structured fields), stderr, or auto (the "
+            "journal when stderr is connected to it)"
+        },
+    )
+    log_level: LogLevel = field(default="info", metadata={"doc": "the lowest level logged"})
+    access_log: bool = field(
+        default=False, metadata={"doc": "log one line per request (logger sdserve.access)"}
+    )
+    health: HealthConfig = field(
+        default_factory=HealthConfig,
+        metadata={
+            "doc": "the health endpoints (/livez, /readyz, /startupz): where they are served, "
+            "and how checks and the event loop turn them"
+        },
+    )
+    checks: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=dict,
+        metadata={
+            "doc": "dependency checks, one `[checks.NAME]` table each, validated at start "
+            "with the rest of the configuration"
+        },
+    )
 
     @property
     def stop_budget(self) -> float:

@@ -230,6 +230,13 @@ def request_reload(pid: int, *, timeout: float | None, out: Callable[[str], None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Ask a running sdserve service to reload (new code and configuration, zero-gap), "
+        "print its progress (starting generation N, N/M ready) and its verdict (ok, failed "
+        "or refused, with the reason), and exit with it. systemd runs it as ExecReload=; "
+        "outside systemd, give the PID of `sdserve run`. A plain kill -HUP PID reloads "
+        "too, but reports nothing. A service with workers = 0 refuses every reload."
+    )
     parser.add_argument(
         "pid",
         nargs="?",
@@ -240,11 +247,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--timeout",
         type=float,
         default=None,
-        help="give up after this many seconds (default: wait; systemd bounds ExecReload=)",
+        metavar="SECONDS",
+        help="give up waiting after this long, exit status 2 (default: wait; systemd "
+        "bounds ExecReload= with its own timeout)",
     )
     parser.epilog = (
-        "exit status: 0 reloaded, 1 the reload failed or was refused (the old code keeps "
-        "serving), 2 the service could not be reached"
+        "exit status: 0 reloaded (the new generation serves); 1 the reload failed or was "
+        "refused (the old code keeps serving); 2 no PID, the service could not be reached, "
+        "or no verdict within --timeout"
     )
 
 
