@@ -41,13 +41,13 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import aiohttp
-from aiohttp import web
+from typing import TYPE_CHECKING, Any
 
 from .checks import Check, CheckFailed, CheckFunc, CheckRegistry, CheckThread, registry
 from .config import ConfigError
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 __all__ = [
     "COMPONENT_TYPES",
@@ -173,6 +173,8 @@ def http(
     pattern = re.compile(body) if isinstance(body, str) else body
 
     async def check() -> str:
+        import aiohttp  # here: validating the config tables must not import aiohttp
+
         connector = aiohttp.TCPConnector(force_close=True, limit=1)
         async with (
             aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout()) as session,

@@ -26,14 +26,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from aiohttp import web
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger("sdserve.checks")
 
@@ -81,7 +83,7 @@ class CheckResult:
 
 @dataclass
 class CheckRegistry:
-    """The checks and warm-up steps of one application (kept in ``app[CHECKS]``)."""
+    """The checks and warm-up steps of one application (see :func:`registry`)."""
 
     checks: dict[str, Check] = field(default_factory=dict)
     warmups: list[Warmup] = field(default_factory=list)
@@ -109,15 +111,22 @@ class CheckRegistry:
         return text
 
 
-CHECKS = web.AppKey("sdserve.checks", CheckRegistry)
+@functools.cache
+def _checks_key() -> web.AppKey[CheckRegistry]:
+    """The app key of the registry (``app[key]``), made on first use: this module is
+    imported to validate the config's check tables, before aiohttp is."""
+    from aiohttp import web
+
+    return web.AppKey("sdserve.checks", CheckRegistry)
 
 
 def registry(app: web.Application) -> CheckRegistry:
     """The application's check registry, created on first use."""
-    reg = app.get(CHECKS)
+    key = _checks_key()
+    reg = app.get(key)
     if reg is None:
         reg = CheckRegistry()
-        app[CHECKS] = reg
+        app[key] = reg
     return reg
 
 

@@ -109,10 +109,12 @@ def _check_checks(cfg: Config) -> None:
 
 def take_sockets(cfg: Config) -> Activated:
     """The sockets from systemd when socket-activated (and the connections in its fd store),
-    else the configured addresses bound here."""
+    else the configured addresses bound here (once the whole configuration is checked:
+    nothing is bound for a configuration that cannot start)."""
     activated = activation_from_environ(os.environ, os.getpid())
     if activated is not None:
         return activated
+    _check_checks(cfg)
     if not cfg.bind:
         raise BindError("bind: no address to bind (give --bind, or let systemd pass the sockets)")
     names = {"http": cfg.bind}
@@ -141,7 +143,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     listeners, connections = activated.listeners, activated.connections
     # the admin socket answers from now on (503 naming what the start waits for)
     probes = start_probes(listeners, cfg.health)
-    _check_checks(cfg)
+    if listeners[0].inherited:
+        # the sockets came from systemd: the admin socket answered before this
+        _check_checks(cfg)
     from .checks import run_bounded
     from .worker import serve_in_process
 
