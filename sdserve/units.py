@@ -214,6 +214,11 @@ class UnitSpec:
         }
         return {k: v for k, v in given.items() if v is not None}
 
+    @property
+    def per_instance_config(self) -> bool:
+        """A template's ``config`` that names the instance (``/etc/NAME/%i.toml``)."""
+        return self.template and self.config is not None and bool(_INSTANCE.search(self.config))
+
     def unit(self, suffix: str) -> str:
         return f"{self.name}.{suffix}"
 
@@ -242,12 +247,13 @@ def daemon_config(spec: UnitSpec) -> Config:
         )
     if spec.app is not None:
         overrides["app"] = spec.app
-    path = Path(spec.config) if spec.config is not None else None
+    # a template's per-instance file (/etc/NAME/%i.toml) cannot be read before there is one
+    path = Path(spec.config) if spec.config is not None and not spec.per_instance_config else None
     try:
         cfg = load_config(toml_path=path, environ={}, overrides=overrides)
     except ConfigError as exc:
         raise UnitError("; ".join(exc.problems)) from exc
-    if path is None:
+    if path is None or spec.config is None:
         return cfg
     if spec.app is not None:
         in_file = load_config(toml_path=path, environ={}).app
@@ -322,8 +328,11 @@ def _quote_arg(arg: str) -> str:
     return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _path_value(path: str) -> str:
-    """A path as the value of a setting that expands specifiers (``%`` escaped)."""
+def _path_value(path: str, *, template: bool = False) -> str:
+    """A path as the value of a setting that expands specifiers: ``%`` escaped, except the
+    instance (``%i``, ``%I``) of a template."""
+    if template:
+        return re.sub(r"%(?![iI])", "%%", path)
     return path.replace("%", "%%")
 
 
@@ -395,7 +404,10 @@ def exec_start(spec: UnitSpec) -> str:
         args.append(spec.app)
     words = [_quote_arg(a) for a in args]
     if spec.config is not None:
-        words += ["--config", _quote_arg(spec.config)]
+        config = _quote_arg(spec.config)
+        if spec.template:
+            config = re.sub(r"%%([iI])", r"%\1", config)
+        words += ["--config", config]
     elif spec.app is None:
         config = "/etc/sdserve/%i.toml" if spec.template else f"/etc/sdserve/{spec.name}.toml"
         words += ["--config", config]  # may hold %i: not escaped
@@ -459,8 +471,8 @@ def _user_lines(spec: UnitSpec) -> tuple[bool, list[str]]:
 
 
 def render_service(spec: UnitSpec) -> str:
-    cfg = daemon_config(spec)
     binds = home_binds(spec)
+    cfg = daemon_config(spec)
     what = "%i" if spec.template else (spec.app or spec.name)
     sockets = [spec.ref(spec.unit("socket"))]
     if spec.admin_listen:
@@ -472,14 +484,16 @@ def render_service(spec: UnitSpec) -> str:
     where = []
     if spec.workdir is not None:
         where = [
-            f"WorkingDirectory={_path_value(spec.workdir)}",
+            f"WorkingDirectory={_path_value(spec.workdir, template=spec.template)}",
             "# the application is imported from there (by the workers too)",
-            f"Environment=PYTHONPATH={_path_value(spec.workdir)}",
+            f"Environment=PYTHONPATH={_path_value(spec.workdir, template=spec.template)}",
         ]
     credentials = [f"LoadCredential={n}:{_path_value(p)}" for n, p in spec.credentials]
     if credentials:
         credentials.insert(0, "# the service reads $CREDENTIALS_DIRECTORY/NAME")
-    if spec.config is not None:
+    if spec.per_instance_config:
+        sized = " (if an instance's config file changes it, raise it with a drop-in)"
+    elif spec.config is not None:
         sized = f" (read from {spec.config}: render the units again after changing it)"
     elif spec.app is None:
         sized = " (if the config file changes it, render the units with --config)"
@@ -534,7 +548,7 @@ def render_service(spec: UnitSpec) -> str:
     bind_lines = ""
     if binds:
         bind_lines = "# only these folders of the homes are visible (read-only)\n" + "".join(
-            f"BindReadOnlyPaths={_path_value(b)}\n" for b in binds
+            f"BindReadOnlyPaths={_path_value(b, template=spec.template)}\n" for b in binds
         )
     lines += HARDENING.format(
         dynamic_user="yes" if dynamic else "no",
@@ -777,6 +791,11 @@ def notes(spec: UnitSpec) -> list[str]:
         found.append(
             "no --config: the service runs with sdserve's defaults and the SDSERVE_* "
             "variables of EnvironmentFile=; a config file's keys and [checks] need --config"
+        )
+    if spec.per_instance_config:
+        found.append(
+            f"--config {spec.config} names the instance, so it was not read: the timeouts are "
+            "sized for sdserve's defaults (raise them with a drop-in where an instance needs more)"
         )
     if spec.command != EXECUTABLE and not Path(spec.command).exists():
         found.append(f"{spec.command} does not exist (yet): the service runs it")

@@ -25,7 +25,9 @@ REPO_UNITS = REPO / "units"
 def etc() -> Iterator[Path]:
     """A folder for config files that the rendered service could read: not under /tmp,
     which the units refuse (the service has a private /tmp)."""
-    base = REPO / ".cache" / "test-units"
+    candidates = [REPO / ".cache", Path.home() / ".cache"]
+    base = next(c for c in candidates if not str(c).startswith(("/tmp/", "/var/tmp/")))
+    base = base / "sdserve-test-units"
     base.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(dir=base))
     try:
@@ -547,3 +549,18 @@ def test_write_errors_are_one_line_and_exit_2(
     assert err.count("\n") == 1
     assert err.startswith("sdserve units: --workdir /tmp/x: the service has a private /tmp")
     assert not out.exists()
+
+
+def test_a_template_may_name_the_instance_in_its_paths(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = UnitSpec(name="web@", config="/etc/web/%i.toml", workdir="/srv/web/%i", venv="/srv/v")
+    service = service_of(spec)  # the config file of an instance is not read: none exists yet
+    start = value(service, "Service", "ExecStart")
+    assert start == "/srv/v/bin/sdserve run --config /etc/web/%i.toml --fd-store-max 4096"
+    assert value(service, "Service", "WorkingDirectory") == "/srv/web/%i"
+    assert value(service, "Service", "TimeoutStopSec") == str(units.timeout_stop_sec(Config()))
+    assert any("names the instance, so it was not read" in n for n in units.notes(spec))
+    # elsewhere a % is a % (escaped for systemd)
+    plain = service_of(UnitSpec(name="web", app="m:f", workdir="/srv/100%"))
+    assert value(plain, "Service", "WorkingDirectory") == "/srv/100%%"
+    with pytest.raises(UnitError, match="the service has a private /tmp"):
+        render_units(UnitSpec(app="m:f", config="/tmp/app.toml"))  # before reading it
