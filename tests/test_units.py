@@ -4,6 +4,11 @@ real systemd is in tests/system)."""
 from __future__ import annotations
 
 import argparse
+import shlex
+import shutil
+import tempfile
+import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +17,23 @@ from sdserve import units
 from sdserve.config import Config
 from sdserve.units import UnitError, UnitSpec, render_units
 
-REPO_UNITS = Path(__file__).resolve().parents[1] / "units"
+REPO = Path(__file__).resolve().parents[1]
+REPO_UNITS = REPO / "units"
+
+
+@pytest.fixture
+def etc() -> Iterator[Path]:
+    """A folder for config files that the rendered service could read: not under /tmp,
+    which the units refuse (the service has a private /tmp)."""
+    candidates = [REPO / ".cache", Path.home() / ".cache"]
+    base = next(c for c in candidates if not str(c).startswith(("/tmp/", "/var/tmp/")))
+    base = base / "sdserve-test-units"
+    base.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(dir=base))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
 
 
 def parse(text: str) -> dict[str, list[tuple[str, str]]]:
@@ -175,14 +196,19 @@ def test_templates_use_the_instance() -> None:
     assert value(service, "Service", "EnvironmentFile") == "-/etc/default/sdserve-%i"
     assert value(service, "Service", "SyslogIdentifier") == "sdserve-%i"
     assert values(files["sdserve@.socket"], "Socket", "ListenStream") == ["/run/sdserve/%i.sock"]
+    # a dynamic user per instance
+    assert value(service, "Service", "User") == "sdserve-%i"
+    assert value(service, "Service", "DynamicUser") == "yes"
 
 
-def test_exec_arguments_are_quoted_for_systemd() -> None:
-    files = render_units(
-        UnitSpec(app="m:f", config="/etc/my app/100%.toml", executable="/opt/sds/bin/sdserve")
-    )
+def test_exec_arguments_are_quoted_for_systemd(etc: Path) -> None:
+    config = etc / "my app" / "100%.toml"
+    config.parent.mkdir()
+    config.write_text("")
+    files = render_units(UnitSpec(app="m:f", config=str(config), executable="/opt/sds/bin/sdserve"))
     start = value(files["sdserve.service"], "Service", "ExecStart")
-    assert start.startswith('/opt/sds/bin/sdserve run m:f --config "/etc/my app/100%%.toml" ')
+    quoted = str(config).replace("%", "%%")
+    assert start == f'/opt/sds/bin/sdserve run m:f --config "{quoted}" --fd-store-max 4096'
 
 
 def test_bad_names_are_rejected() -> None:
@@ -257,3 +283,284 @@ def test_an_output_directory_that_cannot_be_made_is_a_clear_error(
     assert "sdserve units: cannot write /dev/null/units" in err
     assert "Not a directory" in err
     assert "Traceback" not in err
+
+
+# ---- the operator's path (issue 13) -------------------------------------------------------
+
+
+def service_of(spec: UnitSpec) -> str:
+    return render_units(spec)[spec.unit("service")]
+
+
+def test_a_venv_runs_its_own_sdserve_for_start_reload_and_stop() -> None:
+    service = service_of(UnitSpec(app="myapp:create_app", venv="/srv/myapp/venv"))
+    exe = "/srv/myapp/venv/bin/sdserve"
+    assert value(service, "Service", "ExecStart").startswith(f"{exe} run myapp:create_app ")
+    assert value(service, "Service", "ExecReload") == f"{exe} reload $MAINPID"
+    assert value(service, "Service", "ExecStop") == f"+{exe} stopping $MAINPID"
+    args = cli("--app", "m:f", "--venv", "/srv/v", "--out", "/x")
+    assert units.spec_from_args(args).command == "/srv/v/bin/sdserve"
+    with pytest.raises(UnitError, match=r"--venv DIR .* or --executable, not both"):
+        render_units(UnitSpec(app="m:f", venv="/srv/v", executable="/usr/bin/sdserve"))
+    with pytest.raises(UnitError, match="--venv 'venv': give an absolute path"):
+        render_units(UnitSpec(app="m:f", venv="venv"))
+
+
+def test_the_workdir_is_where_the_app_is_imported_from() -> None:
+    service = service_of(UnitSpec(app="myapp:create_app", workdir="/srv/myapp"))
+    assert value(service, "Service", "WorkingDirectory") == "/srv/myapp"
+    assert value(service, "Service", "Environment") == "PYTHONPATH=/srv/myapp"
+    # /srv is read-only under ProtectSystem=strict, and nothing else needs relaxing
+    assert value(service, "Service", "ProtectSystem") == "strict"
+    assert value(service, "Service", "ProtectHome") == "yes"
+    assert values(service, "Service", "BindReadOnlyPaths") == []
+    with pytest.raises(UnitError, match="--workdir 'srv/app': give an absolute path"):
+        render_units(UnitSpec(app="m:f", workdir="srv/app"))
+    with pytest.raises(UnitError, match="cannot hold spaces"):
+        render_units(UnitSpec(app="m:f", workdir="/srv/my app"))
+
+
+def test_a_home_folder_is_shown_alone_and_read_only() -> None:
+    service = service_of(
+        UnitSpec(app="m:f", workdir="/home/deploy/myapp", venv="/root/venvs/myapp")
+    )
+    # the homes are an empty tmpfs, with only these two folders mounted into it
+    assert value(service, "Service", "ProtectHome") == "tmpfs"
+    assert values(service, "Service", "BindReadOnlyPaths") == [
+        "/home/deploy/myapp",
+        "/root/venvs/myapp",
+    ]
+    assert value(service, "Service", "ProtectSystem") == "strict"
+    with pytest.raises(UnitError, match="give the venv with --venv DIR instead"):
+        render_units(UnitSpec(app="m:f", executable="/home/deploy/venv/bin/sdserve"))
+
+
+@pytest.mark.parametrize(
+    ("option", "path"), [("workdir", "/tmp/myapp"), ("venv", "/var/tmp/venv"), ("workdir", "/tmp")]
+)
+def test_a_temporary_folder_is_refused(option: str, path: str) -> None:
+    spec = UnitSpec(app="m:f", **{option: path})  # type: ignore[arg-type]
+    with pytest.raises(UnitError) as err:
+        render_units(spec)
+    assert f"--{option} {path}: the service has a private" in str(err.value)
+    assert "put the application under /srv or /opt" in str(err.value)
+
+
+CONFIG = """\
+app = "myapp:create_app"
+start_timeout = 30
+drain_delay = 2
+shutdown_timeout = 50
+workers = 3
+
+[checks.disk]
+type = "disk"
+path = "/srv"
+"""
+
+
+def sdserve_config(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
+    """What `sdserve config ARGV` prints, as TOML."""
+    from sdserve import cli as sdserve_cli
+
+    capsys.readouterr()
+    assert sdserve_cli.main(["config", *argv]) == 0
+    return tomllib.loads(capsys.readouterr().out)
+
+
+def test_the_config_file_sizes_the_unit_and_nothing_overrides_it(
+    etc: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = etc / "myapp.toml"
+    config.write_text(CONFIG)
+    service = service_of(UnitSpec(name="myapp", app="myapp:create_app", config=str(config)))
+    start = shlex.split(value(service, "Service", "ExecStart"))
+    assert start[:5] == ["/usr/bin/sdserve", "run", "myapp:create_app", "--config", str(config)]
+    # what the service runs with is what `sdserve config --config FILE` shows
+    runs_with = sdserve_config(start[2:], capsys)
+    shown = sdserve_config(["--config", str(config)], capsys)
+    for key in ("app", "start_timeout", "drain_delay", "shutdown_timeout", "workers", "checks"):
+        assert runs_with[key] == shown[key], key
+    assert shown["shutdown_timeout"] == 50.0
+    assert runs_with["checks"] == {"disk": {"type": "disk", "path": "/srv"}}
+    # the unit's deadlines come from the file: 2 + 50 + 5 cleanup + 5 margin, 30 + 10
+    assert value(service, "Service", "TimeoutStopSec") == "62"
+    assert value(service, "Service", "TimeoutStartSec") == "40"
+
+
+def test_setting_flags_next_to_a_config_file_are_refused(etc: Path) -> None:
+    config = etc / "myapp.toml"
+    config.write_text(CONFIG)
+    with pytest.raises(UnitError) as err:
+        render_units(UnitSpec(app="myapp:create_app", config=str(config), shutdown_timeout=9))
+    assert str(err.value).startswith(
+        f"--shutdown-timeout with --config: set shutdown_timeout in {config}"
+    )
+    with pytest.raises(UnitError, match="--app other:app differs from app = 'myapp:create_app'"):
+        render_units(UnitSpec(app="other:app", config=str(config)))
+    config.write_text("workers = 2\n")
+    with pytest.raises(UnitError, match="sets no app"):
+        render_units(UnitSpec(config=str(config)))
+    config.write_text("shutdown_timeout = 0\nbogus = 1\n")
+    with pytest.raises(UnitError) as err:
+        render_units(UnitSpec(app="m:f", config=str(config)))
+    assert "bogus" in str(err.value)
+    assert "shutdown_timeout" in str(err.value)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UnitError, match="No such file"):
+        render_units(UnitSpec(app="m:f", config=str(etc / "missing.toml")))
+
+
+def test_without_a_config_file_the_cli_says_what_that_means(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert units.run(cli("--name", "shop", "--app", "m:f", "--out", str(tmp_path))) == 0
+    err = capsys.readouterr().err
+    assert "note: no --config:" in err
+    assert "[checks] need --config" in err
+    start = value((tmp_path / "shop.service").read_text(), "Service", "ExecStart")
+    assert start == "/usr/bin/sdserve run m:f --fd-store-max 4096"  # no settings behind its back
+
+
+def test_credentials_are_loaded_and_checks_find_theirs(etc: Path) -> None:
+    service = service_of(
+        UnitSpec(app="m:f", credentials=(("dbpass", "/etc/myapp/dbpass"), ("redis", "/etc/r")))
+    )
+    assert values(service, "Service", "LoadCredential") == [
+        "dbpass:/etc/myapp/dbpass",
+        "redis:/etc/r",
+    ]
+    for bad in ["a/b", "..", "a b", ""]:
+        with pytest.raises(UnitError, match="the name must be"):
+            render_units(UnitSpec(app="m:f", credentials=((bad, "/etc/x"),)))
+    with pytest.raises(UnitError, match="given twice"):
+        render_units(UnitSpec(app="m:f", credentials=(("a", "/x"), ("a", "/y"))))
+    with pytest.raises(UnitError, match="give an absolute path"):
+        render_units(UnitSpec(app="m:f", credentials=(("a", "x"),)))
+    with pytest.raises(SystemExit):
+        cli("--credential", "nopath", "--out", "/x")
+    assert cli("--credential", "pg:/etc/pg", "--out", "/x").credential == [("pg", "/etc/pg")]
+    # a check of the config that reads a credential nobody loads fails now, not at start
+    config = etc / "app.toml"
+    config.write_text(
+        'app = "m:f"\n[checks.db]\ntype = "postgres"\ndsn = "postgresql://db/x"\n'
+        'password_credential = "pg"\n'
+    )
+    with pytest.raises(
+        UnitError, match=r"\[checks.db\] password_credential = 'pg'.*--credential pg"
+    ):
+        render_units(UnitSpec(config=str(config)))
+    spec = UnitSpec(config=str(config), credentials=(("pg", "/etc/pg"),))
+    assert values(service_of(spec), "Service", "LoadCredential") == ["pg:/etc/pg"]
+
+
+def test_each_instance_of_a_template_listens_on_its_own_address() -> None:
+    files = render_units(UnitSpec(name="web@", app="m:f"))
+    socket = files["web@.socket"]
+    # by default the instance is the port, on loopback: web@8081.socket is 127.0.0.1:8081
+    assert values(socket, "Socket", "ListenStream") == ["127.0.0.1:%i"]
+    assert "`systemctl enable --now web@8081.socket`" in socket
+    assert "# listens on 127.0.0.1:8081" in socket
+    assert value(files["web@.service"], "Service", "User") == "web-%i"
+    # elsewhere in the address
+    files = render_units(
+        UnitSpec(name="web@", app="m:f", listen=("unix:/run/web/%i.sock", "[::1]:%i"))
+    )
+    assert values(files["web@.socket"], "Socket", "ListenStream") == [
+        "/run/web/%i.sock",
+        "[::1]:%i",
+    ]
+    assert units.listen_stream("%i", template=True) == "%i"
+    for same in [("8080",), ("127.0.0.1:8080", "unix:/run/web.sock")]:
+        with pytest.raises(UnitError, match="every instance would listen on it; use %i"):
+            render_units(UnitSpec(name="web@", app="m:f", listen=same))
+    with pytest.raises(UnitError, match="only a template"):
+        render_units(UnitSpec(name="web", app="m:f", listen=("127.0.0.1:%i",)))
+    with pytest.raises(UnitError, match="only specifiers allowed"):
+        render_units(UnitSpec(name="web@", app="m:f", listen=("127.0.0.1:%i", "/run/%n.sock")))
+    with pytest.raises(UnitError, match="not a valid user name; give --user"):
+        render_units(UnitSpec(name="my.web@", app="m:f"))
+    fixed = render_units(UnitSpec(name="my.web@", app="m:f", user="web"))["my.web@.service"]
+    assert value(fixed, "Service", "User") == "web"
+
+
+def test_unix_sockets_get_the_socket_group() -> None:
+    files = render_units(
+        UnitSpec(name="web@", app="m:f", listen=("unix:/run/web/%i.sock",), socket_group="www-data")
+    )
+    assert value(files["web@.socket"], "Socket", "SocketGroup") == "www-data"
+    assert value(files["web@.socket"], "Socket", "SocketMode") == "0660"
+    tcp = render_units(UnitSpec(app="m:f", socket_group="www-data"))["sdserve.socket"]
+    assert "SocketGroup" not in dict(parse(tcp)["Socket"])
+    with pytest.raises(UnitError, match="--socket-group"):
+        render_units(UnitSpec(app="m:f", socket_group="Bad Group"))
+
+
+def test_a_configuration_error_is_not_restarted() -> None:
+    from sdserve.worker import ExitCode
+
+    service = service_of(UnitSpec(app="m:f"))
+    assert value(service, "Service", "RestartPreventExitStatus") == str(int(ExitCode.CONFIG))
+    assert value(service, "Service", "Restart") == "on-failure"
+
+
+def test_help_lists_every_option_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    from sdserve import cli as sdserve_cli
+
+    with pytest.raises(SystemExit) as done:
+        sdserve_cli.main(["units", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    usage = text.split("\n\n")[0]
+    parser = argparse.ArgumentParser()
+    units.add_arguments(parser)
+    flags = [a.option_strings[-1] for a in parser._actions if a.option_strings]
+    assert {"--venv", "--workdir", "--executable", "--credential", "--config"} <= set(flags)
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "out"):
+            continue
+        assert action.option_strings[-1] in usage, action.dest
+        assert action.help, action.dest
+        assert "default" in action.help, action.dest
+    assert "(default: 15)" in text  # --watchdog
+    assert "(default: 127.0.0.1:8080; for a template 127.0.0.1:%i)" in " ".join(text.split())
+
+
+def test_write_errors_are_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sdserve import cli as sdserve_cli
+
+    # the folder cannot be made: /dev/null is not a directory (NotADirectoryError)
+    assert sdserve_cli.main(["units", "--app", "m:f", "--out", "/dev/null/x"]) == 2
+    err = capsys.readouterr().err
+    assert err == "sdserve units: cannot write /dev/null/x: Not a directory\n"
+    # a file cannot be written: a folder is in its place (IsADirectoryError)
+    (tmp_path / "sdserve.service").mkdir()
+    assert sdserve_cli.main(["units", "--app", "m:f", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"sdserve units: cannot write {tmp_path}/sdserve.service: Is a directory\n"
+    # a bad setting: one line, nothing written
+    out = tmp_path / "new"
+    assert (
+        sdserve_cli.main(["units", "--app", "m:f", "--workdir", "/tmp/x", "--out", str(out)]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("sdserve units: --workdir /tmp/x: the service has a private /tmp")
+    assert not out.exists()
+
+
+def test_a_template_may_name_the_instance_in_its_paths(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = UnitSpec(name="web@", config="/etc/web/%i.toml", workdir="/srv/web/%i", venv="/srv/v")
+    service = service_of(spec)  # the config file of an instance is not read: none exists yet
+    start = value(service, "Service", "ExecStart")
+    assert start == "/srv/v/bin/sdserve run --config /etc/web/%i.toml --fd-store-max 4096"
+    assert value(service, "Service", "WorkingDirectory") == "/srv/web/%i"
+    assert value(service, "Service", "TimeoutStopSec") == str(units.timeout_stop_sec(Config()))
+    assert any("names the instance, so it was not read" in n for n in units.notes(spec))
+    # elsewhere a % is a % (escaped for systemd)
+    plain = service_of(UnitSpec(name="web", app="m:f", workdir="/srv/100%"))
+    assert value(plain, "Service", "WorkingDirectory") == "/srv/100%%"
+    with pytest.raises(UnitError, match="the service has a private /tmp"):
+        render_units(UnitSpec(app="m:f", config="/tmp/app.toml"))  # before reading it
