@@ -497,7 +497,7 @@ def test_unix_sockets_get_the_socket_group() -> None:
 
 
 def test_a_configuration_error_is_not_restarted() -> None:
-    from sdserve.worker import ExitCode
+    from sdserve.exitcodes import ExitCode
 
     service = service_of(UnitSpec(app="m:f"))
     assert value(service, "Service", "RestartPreventExitStatus") == str(int(ExitCode.CONFIG))
