@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from . import hostservices
+from .test_shipped_units import documented_exposure, exposure
 from .testbed import Box, message
 
 # The first test of a session may build the packages (about 2 minutes when the sources
@@ -258,7 +259,7 @@ def user_processes(box: Box, user: str) -> int:
 
 
 def test_install_serves_nothing_until_an_app_is_configured(
-    box: Box, flavour: str, packages: Packages
+    box: Box, flavour: str, packages: Packages, record: Record
 ) -> None:
     forget_testbed_command(box)
     res = install(box, packages.deb)
@@ -283,6 +284,10 @@ def test_install_serves_nothing_until_an_app_is_configured(
     tmpl = box.show("sdserve@x.service", "DropInPaths")["DropInPaths"]
     assert "40-package.conf" not in tmpl, tmpl
     assert box.run(["systemd-analyze", "verify", SOCKET, SERVICE]).stderr.strip() == ""
+    # the package's drop-in (a static user) keeps the exposure that units/README.md states
+    score = exposure(box, SERVICE)
+    record("exposure of the packaged sdserve.service (loaded)", score)
+    assert score == documented_exposure()[flavour, SERVICE][0]
     conffiles = box.run(["dpkg-query", "-W", "-f=${Conffiles}", "sdserve"]).stdout
     assert CONFFILE in conffiles
     assert box.run([PKG_SDSERVE, "config", "-c", CONFFILE]).stdout.startswith('app = ""')
