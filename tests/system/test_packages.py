@@ -94,13 +94,14 @@ class Packages:
     example: Path
 
 
-def build(*args: str) -> Path:
+def build(*args: str, script: Path = BUILD, env: dict[str, str] | None = None) -> Path:
     res = subprocess.run(
-        [sys.executable, str(BUILD), *args],
+        [sys.executable, str(script), *args],
         capture_output=True,
         text=True,
         timeout=900,
         check=False,
+        env=env,
     )
     if res.returncode != 0:
         raise RuntimeError(f"build.py {shlex.join(args)} failed:\n{res.stderr[-5000:]}")
@@ -118,6 +119,41 @@ def packages(testbed: None) -> Packages:
         rpm=build("rpm", "--out", out, "--no-lint"),
         example=build("example", "--out", out, "--no-lint"),
     )
+
+
+# The commit whose packaging/ is 0.1.0-1, the first package: it enabled and started
+# sdserve.socket on install, and its conffile served the demo application.
+PREVIOUS_PACKAGING = "9ecaf44"
+
+
+@pytest.fixture(scope="session")
+def previous_deb(packages: Packages) -> Path:
+    """0.1.0-1 as an upgrade starts from it: its packaging/ (maintainer scripts, conffile,
+    drop-ins, enablement) from git, around the venv of today's build (today's build.py, so
+    the cached venv is shared). What the upgrade test depends on is the packaging."""
+    tree = packages.deb.parent.parent / "previous"
+    # extracted again over the last one (the same files of a fixed commit), so that
+    # build.py finds its deb current when nothing changed
+    tree.mkdir(exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(CHECKOUT), "archive", PREVIOUS_PACKAGING, "packaging", "units"],
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    if archive.returncode != 0:
+        pytest.fail(
+            f"the previous package's sources (git commit {PREVIOUS_PACKAGING}) are not in "
+            f"{CHECKOUT}: {archive.stderr.decode(errors='replace').strip()}",
+            pytrace=False,
+        )
+    subprocess.run(["tar", "-C", str(tree), "-x"], input=archive.stdout, check=True, timeout=60)
+    script = tree / "packaging" / "build.py"
+    script.write_bytes(BUILD.read_bytes())
+    env = dict(os.environ, SDS_TEST_SOURCE=os.environ.get("SDS_TEST_SOURCE") or str(CHECKOUT))
+    deb = build("deb", "--out", str(tree / "out"), "--no-lint", script=script, env=env)
+    assert deb.name.startswith("sdserve_0.1.0-1_"), deb
+    return deb
 
 
 @pytest.fixture
@@ -422,6 +458,48 @@ def test_upgrade_under_load_loses_nothing(
     assert all(e.get("SDSERVE_CANCELLED") == "0" for e in drains), [message(e) for e in drains]
     assert "# edited by the operator" in box.run(["cat", CONFFILE]).stdout
     assert not exists(box, CONFFILE + ".dpkg-dist")
+
+
+def test_upgrade_from_the_demo_default_stops_the_socket(
+    box: Box, flavour: str, packages: Packages, previous_deb: Path
+) -> None:
+    """0.1.0-1 served the demo from an enabled socket. Upgraded with its conffile untouched,
+    dpkg installs the new one, which names no application: the socket that 0.1.0-1 enabled
+    is stopped and disabled, with a line saying so, instead of starting a failing service
+    for every connection. With the operator's own conffile (an `app`), nothing changes."""
+    forget_testbed_command(box)
+    # the operator's conffile: kept (--force-confold), and the socket keeps serving
+    install(box, previous_deb)
+    assert curl(box).stdout.startswith("hello from sdserve demo")
+    box.run(["sh", "-c", f"echo '# edited by the operator' >> {CONFFILE}"])
+    upload(box, packages.deb, "/root/new.deb")
+    res = dpkg(box, "--force-confold", "-i", "/root/new.deb")
+    assert "sdserve.socket was stopped" not in res.stderr, res.stderr
+    assert box.show(SOCKET, "ActiveState", "UnitFileState") == {
+        "ActiveState": "active",
+        "UnitFileState": "enabled",
+    }
+    assert curl(box).stdout.startswith("hello from sdserve demo")
+    dpkg(box, "--purge", "sdserve")
+
+    # the untouched conffile: replaced, and what 0.1.0-1 enabled is undone
+    install(box, previous_deb)
+    assert curl(box).stdout.startswith("hello from sdserve demo")
+    res = dpkg(box, "-i", "/root/new.deb")
+    assert "sdserve.socket was stopped and disabled" in res.stderr, res.stderr
+    assert "sdserve: no application configured: set app = " in res.stderr, res.stderr
+    assert box.run([PKG_SDSERVE, "config", "-c", CONFFILE]).stdout.startswith('app = ""')
+    assert box.show(SOCKET, "ActiveState", "UnitFileState") == {
+        "ActiveState": "inactive",
+        "UnitFileState": "disabled",
+    }
+    # stopped, not failed in a restart: the new service never ran without an app
+    svc = box.show(SERVICE, "ActiveState", "NRestarts")
+    assert svc == {"ActiveState": "inactive", "NRestarts": "0"}, svc
+    assert listening(box) == ""
+    # and the operator's path from there is the fresh install's
+    configure(box)
+    assert curl(box).stdout.startswith("hello from sdserve demo")
 
 
 def test_remove_then_purge_leaves_nothing(box: Box, flavour: str, packages: Packages) -> None:
