@@ -5,9 +5,10 @@ Steps, each cached under ``<cache>/packaging`` (``$SDS_PKG_CACHE``, default ``.c
 1. ``buildroot``: a Debian 12 (bookworm) chroot made with ``debootstrap``, holding the
    target's own ``/usr/bin/python3`` (3.11.2), ``libsystemd-dev`` and a C compiler. Built once.
 2. ``venv``: inside that chroot, ``python3 -m venv /opt/sdserve`` and ``pip install`` of this
-   checkout (sdserve, aiohttp, systemd-python compiled against bookworm's libsystemd). The
-   result is copied out and keyed by a hash of the sources, so it is rebuilt only when they
-   change.
+   checkout with its ``postgres`` and ``redis`` extras (sdserve, aiohttp, asyncpg, redis-py,
+   systemd-python compiled against bookworm's libsystemd), so that every built-in check
+   works from the package. The result is copied out and keyed by a hash of the sources, so
+   it is rebuilt only when they change.
 3. ``deb``: ``dpkg-buildpackage`` on a build tree made of ``packaging/debian`` + the venv +
    the units of ``units/``, then ``lintian``. ``rpm``: ``rpmbuild -bb`` of
    ``packaging/rpm/sdserve.spec`` on the same venv, then ``rpmlint``.
@@ -41,7 +42,13 @@ SUITE = "bookworm"
 # Bump to rebuild the build root after changing how it is made.
 BUILDROOT_VERSION = 1
 # Bump to rebuild the venv after changing how it is made.
-VENV_VERSION = 2
+VENV_VERSION = 4
+# The extras of pyproject.toml that the packages install: the built-in checks of type
+# postgres (asyncpg) and redis (redis-py) must work from the package.
+EXTRAS = ("postgres", "redis")
+# What the venv must import, or the build fails (a missing extra would otherwise surface as
+# ModuleNotFoundError in the operator's first check).
+IMPORTS = ("sdserve", "aiohttp", "systemd.daemon", "asyncpg", "redis.asyncio")
 BUILDROOT_PACKAGES = (
     "python3",
     "python3-venv",
@@ -257,12 +264,15 @@ def ensure_venv(cache: Path) -> Path:
     in_chroot(
         root,
         f"rm -rf {PREFIX}; python3 -m venv {PREFIX}; "
-        f"{PREFIX}/bin/pip install -q --use-pep517 /build/src; "
+        f"{PREFIX}/bin/pip install -q --use-pep517 '/build/src[{','.join(EXTRAS)}]'; "
         # the package ships a closed runtime: no installer, no activation scripts, no byte code
         # (byte code is compiled by the postinst script, against the installed files)
         f"{PREFIX}/bin/sdserve --help >/dev/null; "
+        f"{PREFIX}/bin/python3 -c 'import {', '.join(IMPORTS)}'; "
         f"{PREFIX}/bin/pip uninstall -q -y pip setuptools; "
         f"rm -f {PREFIX}/bin/activate* {PREFIX}/bin/Activate.ps1; "
+        # modules are imported, not run: some wheels (redis) install them executable
+        f"find {PREFIX}/lib -type f -name '*.py' -perm /111 -exec chmod a-x {{}} +; "
         f"find {PREFIX} -name __pycache__ -type d -prune -exec rm -rf {{}} +",
     )
     shutil.rmtree(out, ignore_errors=True)

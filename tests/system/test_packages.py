@@ -13,6 +13,7 @@ load client reports its totals when told to stop.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from . import hostservices
+from .test_shipped_units import documented_exposure, exposure
 from .testbed import Box, message
 
 # The first test of a session may build the packages (about 2 minutes when the sources
@@ -36,7 +39,26 @@ BUILD = CHECKOUT / "packaging" / "build.py"
 SOCKET = "sdserve.socket"
 SERVICE = "sdserve.service"
 CONFFILE = "/etc/sdserve/sdserve.toml"
+# the package's command (the box's PATH starts with the test bed's own venv)
+PKG_SDSERVE = "/usr/bin/sdserve"
 Record = Callable[[str, str], None]
+# What an operator writes into the packaged conffile, which names no application.
+DEMO_CONFIG = 'app = "sdserve.demo:create_app"\nlog = "auto"\n'
+# Where the box finds the machine's PostgreSQL (its socket folder) and Redis (a forwarder's
+# socket), bind-mounted by the fixture `services_box`.
+BOX_PG_DIR = "/srv/host/postgresql"
+BOX_REDIS_DIR = "/srv/host/redis"
+CHECKS_CONFIG = f"""app = "sdserve.demo:create_app"
+log = "auto"
+
+[checks.pg]
+type = "postgres"
+dsn = "postgresql://postgres@/test?host={BOX_PG_DIR}"
+
+[checks.redis]
+type = "redis"
+url = "unix://{BOX_REDIS_DIR}/redis.sock"
+"""
 
 # What remove + purge must leave behind: nothing of the package. Besides every path that
 # `dpkg -L sdserve` listed, these are checked by name (created by the maintainer scripts,
@@ -72,13 +94,14 @@ class Packages:
     example: Path
 
 
-def build(*args: str) -> Path:
+def build(*args: str, script: Path = BUILD, env: dict[str, str] | None = None) -> Path:
     res = subprocess.run(
-        [sys.executable, str(BUILD), *args],
+        [sys.executable, str(script), *args],
         capture_output=True,
         text=True,
         timeout=900,
         check=False,
+        env=env,
     )
     if res.returncode != 0:
         raise RuntimeError(f"build.py {shlex.join(args)} failed:\n{res.stderr[-5000:]}")
@@ -98,7 +121,90 @@ def packages(testbed: None) -> Packages:
     )
 
 
+# packaging/ and units/ of 0.1.0-1, the first package (git archive of commit 9ecaf44, kept
+# here so that a checkout without history can build it): it enabled and started
+# sdserve.socket on install, and its conffile served the demo application.
+PREVIOUS_PACKAGING = Path(__file__).parent / "data" / "packaging-0.1.0-1.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def previous_deb(packages: Packages) -> Path:
+    """0.1.0-1 as an upgrade starts from it: its packaging/ (maintainer scripts, conffile,
+    drop-ins, enablement) around the venv of today's build (today's build.py, so the
+    cached venv is shared). What the upgrade test depends on is the packaging."""
+    tree = packages.deb.parent.parent / "previous"
+    # extracted again over the last one (the same files), so that build.py finds its deb
+    # current when nothing changed
+    tree.mkdir(exist_ok=True)
+    subprocess.run(
+        ["tar", "-C", str(tree), "-xzf", str(PREVIOUS_PACKAGING)], check=True, timeout=60
+    )
+    script = tree / "packaging" / "build.py"
+    script.write_bytes(BUILD.read_bytes())
+    env = dict(os.environ, SDS_TEST_SOURCE=os.environ.get("SDS_TEST_SOURCE") or str(CHECKOUT))
+    deb = build("deb", "--out", str(tree / "out"), "--no-lint", script=script, env=env)
+    assert deb.name.startswith("sdserve_0.1.0-1_"), deb
+    return deb
+
+
+@pytest.fixture
+def services_box(testbed: None, flavour: str) -> Iterator[Box]:
+    """A box that reaches the machine's PostgreSQL (its socket folder, bind-mounted) and
+    Redis (through a forwarder on the host, from a unix socket in a bind-mounted folder)."""
+    problems = hostservices.missing()
+    if problems:
+        pytest.fail("the machine's servers: " + "; ".join(problems), pytrace=False)
+    forwarder = hostservices.UnixForwarder(hostservices.REDIS, "redis.sock")
+    workdir = Path(tempfile.mkdtemp(prefix="sds-box-"))
+    try:
+        binds = [
+            (hostservices.PG_SOCKET_DIR.resolve(), BOX_PG_DIR),
+            (forwarder.folder, BOX_REDIS_DIR),
+        ]
+        b = Box.boot(flavour, workdir=workdir, binds=binds)
+        try:
+            yield b
+        finally:
+            b.stop()
+    finally:
+        forwarder.close()
+        subprocess.run(["rm", "-rf", str(workdir)], check=False)
+
+
 # ---- helpers -------------------------------------------------------------------------------
+
+
+def configure(box: Box, config: str = DEMO_CONFIG) -> None:
+    """What the operator does after the install: name the application, enable the socket."""
+    box.write(CONFFILE, config)
+    box.systemctl("enable", "--now", SOCKET)
+
+
+def assert_checks_pass(box: Box) -> dict[str, dict[str, str]]:
+    """`sdserve check` of the conffile (CHECKS_CONFIG) with the package's own sdserve: both
+    built-in checks pass against the machine's servers."""
+    target = box.run(["readlink", "-f", PKG_SDSERVE]).stdout.strip()
+    assert target == "/opt/sdserve/bin/sdserve", target
+    res = box.run([PKG_SDSERVE, "check", "--config", CONFFILE, "--format", "json"], check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
+    assert set(checks) == {"pg", "redis"}, checks
+    assert checks["pg"]["status"] == "pass", checks["pg"]
+    assert checks["pg"]["output"].startswith("PostgreSQL "), checks["pg"]
+    assert checks["redis"]["status"] == "pass", checks["redis"]
+    assert checks["redis"]["output"] == "PONG", checks["redis"]
+    return checks
+
+
+def assert_service_ready_with_checks(box: Box) -> None:
+    """The service, started by the socket, became ready (READY=1 waits for the critical
+    checks) and its /readyz lists both checks as passing."""
+    box.systemctl("start", SERVICE)  # returns once READY=1 came
+    assert box.show(SERVICE, "ActiveState")["ActiveState"] == "active"
+    res = curl(box, "http://127.0.0.1:8080/readyz?verbose")
+    assert res.returncode == 0, res.stderr
+    assert "[+]pg ok" in res.stdout, res.stdout
+    assert "[+]redis ok" in res.stdout, res.stdout
 
 
 def upload(box: Box, source: Path, dest: str) -> None:
@@ -179,17 +285,20 @@ def user_processes(box: Box, user: str) -> int:
 # ---- the deb ---------------------------------------------------------------------------------
 
 
-def test_install_listens_and_first_request_activates(
-    box: Box, flavour: str, packages: Packages
+def test_install_serves_nothing_until_an_app_is_configured(
+    box: Box, flavour: str, packages: Packages, record: Record
 ) -> None:
     forget_testbed_command(box)
     res = install(box, packages.deb)
     assert "Setting up sdserve (" in res.stdout
+    # the one line that tells the operator what to do
+    assert "sdserve: no application configured: set app = " in res.stderr, res.stderr
+    assert "systemctl enable --now sdserve.socket" in res.stderr
 
-    # the socket is enabled and listening, owned by systemd; the service did not start
-    sock = box.show(SOCKET, "ActiveState", "SubState", "UnitFileState")
-    assert sock == {"ActiveState": "active", "SubState": "listening", "UnitFileState": "enabled"}
-    assert 'users:(("systemd",pid=1,' in listening(box)
+    # nothing is enabled, started or listening
+    sock = box.show(SOCKET, "ActiveState", "UnitFileState")
+    assert sock == {"ActiveState": "inactive", "UnitFileState": "disabled"}
+    assert listening(box) == ""
     svc = box.show(SERVICE, "ActiveState", "UnitFileState", "User", "Type", "DropInPaths")
     assert svc["ActiveState"] == "inactive"
     assert svc["UnitFileState"] == "disabled"
@@ -198,9 +307,52 @@ def test_install_listens_and_first_request_activates(
     assert svc["Type"] == "notify"
     dropins = [path.split("/")[-2:] for path in svc["DropInPaths"].split()]
     assert dropins == [["sdserve.service.d", "40-package.conf"]], svc["DropInPaths"]
+    # the template's instances are not made to share the user sdserve
+    tmpl = box.show("sdserve@x.service", "DropInPaths")["DropInPaths"]
+    assert "40-package.conf" not in tmpl, tmpl
     assert box.run(["systemd-analyze", "verify", SOCKET, SERVICE]).stderr.strip() == ""
+    # the package's drop-in (a static user) keeps the exposure that units/README.md states
+    score = exposure(box, SERVICE)
+    record("exposure of the packaged sdserve.service (loaded)", score)
+    assert score == documented_exposure()[flavour, SERVICE][0]
+    conffiles = box.run(["dpkg-query", "-W", "-f=${Conffiles}", "sdserve"]).stdout
+    assert CONFFILE in conffiles
+    assert box.run([PKG_SDSERVE, "config", "-c", CONFFILE]).stdout.startswith('app = ""')
 
-    # the first request starts the service, which answers it
+    # started by hand without an app: it fails once, with the line that names the key, and
+    # exit status 2 is not restarted (the unit is "failed", not waiting to restart)
+    cursor = box.cursor()
+    res = box.systemctl("start", SERVICE, check=False)
+    assert res.returncode != 0
+    svc = box.show(SERVICE, "ActiveState", "SubState", "Result", "ExecMainStatus", "NRestarts")
+    assert svc == {
+        "ActiveState": "failed",
+        "SubState": "failed",
+        "Result": "exit-code",
+        "ExecMainStatus": "2",
+        "NRestarts": "0",
+    }, svc
+    box.wait_journal(
+        lambda e: "app: no application given" in message(e),
+        cursor=cursor,
+        unit=SERVICE,
+        what="sdserve's line about the missing app",
+    )
+    # (the start pulled in the socket through Requires=: stop it before configuring)
+    box.systemctl("stop", SOCKET)
+    box.systemctl("reset-failed", SERVICE)
+
+    # the operator names the application and enables the socket: it listens (loopback
+    # only), owned by PID 1, and the first request starts the service, which answers it
+    configure(box)
+    assert box.show(SOCKET, "ActiveState", "SubState", "UnitFileState") == {
+        "ActiveState": "active",
+        "SubState": "listening",
+        "UnitFileState": "enabled",
+    }
+    ss = listening(box)
+    assert 'users:(("systemd",pid=1,' in ss
+    assert " 127.0.0.1:8080 " in ss, ss
     res = curl(box)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("hello from sdserve demo")
@@ -212,21 +364,38 @@ def test_install_listens_and_first_request_activates(
     owner = box.run(["ps", "-o", "user=,args=", "-p", str(pid)]).stdout
     assert owner.startswith("sdserve ")
     assert "/opt/sdserve/bin/python3 /usr/bin/sdserve run" in owner
+    # the demo's /block (which stalls the event loop) is not served
+    block = box.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:8080/block"]
+    )
+    assert block.stdout == "404"
 
-    # the static user of sysusers.d, the folder of tmpfiles.d, the conffile
+    # the static user of sysusers.d, the folder of tmpfiles.d
     passwd = box.run(["getent", "passwd", "sdserve"]).stdout.strip().split(":")
     assert passwd[0] == "sdserve"
     assert int(passwd[2]) < 1000  # a system user
     assert passwd[6] == "/usr/sbin/nologin"
     assert box.run(["stat", "-c", "%a %U", "/run/sdserve"]).stdout.split() == ["755", "root"]
-    conffiles = box.run(["dpkg-query", "-W", "-f=${Conffiles}", "sdserve"]).stdout
-    assert CONFFILE in conffiles
-    assert box.run(["sdserve", "config", "-c", CONFFILE]).stdout.startswith("app = ")
 
     # reload (the zero-gap SIGHUP path) works with the packaged units
     box.systemctl("reload", SERVICE)
     assert main_pid(box) == pid
     assert curl(box).stdout.startswith("hello from sdserve demo")
+
+
+def test_deb_checks_reach_postgres_and_redis(
+    services_box: Box, flavour: str, packages: Packages, record: Record
+) -> None:
+    """The package's own PostgreSQL and Redis checks (asyncpg, redis-py) pass against the
+    machine's servers, from `sdserve check` and in the running service."""
+    box = services_box
+    forget_testbed_command(box)
+    install(box, packages.deb)
+    box.write(CONFFILE, CHECKS_CONFIG)
+    checks = assert_checks_pass(box)
+    record("deb: sdserve check", ", ".join(f"{n} {c['output']}" for n, c in checks.items()))
+    box.systemctl("enable", "--now", SOCKET)
+    assert_service_ready_with_checks(box)
 
 
 @pytest.mark.slow
@@ -235,6 +404,7 @@ def test_upgrade_under_load_loses_nothing(
 ) -> None:
     forget_testbed_command(box)
     install(box, packages.deb)
+    configure(box)
     assert curl(box).returncode == 0
     box.systemctl("start", SERVICE)  # joins the start job: returns once READY=1 came
     old_pid = main_pid(box)
@@ -281,6 +451,48 @@ def test_upgrade_under_load_loses_nothing(
     assert not exists(box, CONFFILE + ".dpkg-dist")
 
 
+def test_upgrade_from_the_demo_default_stops_the_socket(
+    box: Box, flavour: str, packages: Packages, previous_deb: Path
+) -> None:
+    """0.1.0-1 served the demo from an enabled socket. Upgraded with its conffile untouched,
+    dpkg installs the new one, which names no application: the socket that 0.1.0-1 enabled
+    is stopped and disabled, with a line saying so, instead of starting a failing service
+    for every connection. With the operator's own conffile (an `app`), nothing changes."""
+    forget_testbed_command(box)
+    # the operator's conffile: kept (--force-confold), and the socket keeps serving
+    install(box, previous_deb)
+    assert curl(box).stdout.startswith("hello from sdserve demo")
+    box.run(["sh", "-c", f"echo '# edited by the operator' >> {CONFFILE}"])
+    upload(box, packages.deb, "/root/new.deb")
+    res = dpkg(box, "--force-confold", "-i", "/root/new.deb")
+    assert "sdserve.socket was stopped" not in res.stderr, res.stderr
+    assert box.show(SOCKET, "ActiveState", "UnitFileState") == {
+        "ActiveState": "active",
+        "UnitFileState": "enabled",
+    }
+    assert curl(box).stdout.startswith("hello from sdserve demo")
+    dpkg(box, "--purge", "sdserve")
+
+    # the untouched conffile: replaced, and what 0.1.0-1 enabled is undone
+    install(box, previous_deb)
+    assert curl(box).stdout.startswith("hello from sdserve demo")
+    res = dpkg(box, "-i", "/root/new.deb")
+    assert "sdserve.socket was stopped and disabled" in res.stderr, res.stderr
+    assert "sdserve: no application configured: set app = " in res.stderr, res.stderr
+    assert box.run([PKG_SDSERVE, "config", "-c", CONFFILE]).stdout.startswith('app = ""')
+    assert box.show(SOCKET, "ActiveState", "UnitFileState") == {
+        "ActiveState": "inactive",
+        "UnitFileState": "disabled",
+    }
+    # stopped, not failed in a restart: the new service never ran without an app
+    svc = box.show(SERVICE, "ActiveState", "NRestarts")
+    assert svc == {"ActiveState": "inactive", "NRestarts": "0"}, svc
+    assert listening(box) == ""
+    # and the operator's path from there is the fresh install's
+    configure(box)
+    assert curl(box).stdout.startswith("hello from sdserve demo")
+
+
 def test_remove_then_purge_leaves_nothing(box: Box, flavour: str, packages: Packages) -> None:
     forget_testbed_command(box)
     before = snapshot(box)
@@ -288,6 +500,7 @@ def test_remove_then_purge_leaves_nothing(box: Box, flavour: str, packages: Pack
     existed = existing(box, checked)  # shared folders: /etc, /lib/systemd/system...
     assert not existed & set(LEFTOVERS)
     install(box, packages.deb)
+    configure(box)  # the operator enabled the socket: purge must remove that link too
     assert curl(box).returncode == 0  # the service runs: remove must stop it
     # the byte code of postinst exists, so its removal is tested too
     assert box.run(["find", "/opt/sdserve", "-name", "*.pyc"]).stdout.count("\n") > 100
@@ -308,13 +521,16 @@ def test_remove_then_purge_leaves_nothing(box: Box, flavour: str, packages: Pack
     status = box.run(["dpkg-query", "-W", "-f=${db:Status-Abbrev}", "sdserve"]).stdout
     assert status.strip() == "rc"
 
-    # purge: nothing is left
+    uid = box.run(["getent", "passwd", "sdserve"]).stdout.split(":")[2]
+
+    # purge: nothing of the package is left, but the system user and group (Debian does not
+    # remove system users: what they own would go to the next user of the uid)
     dpkg(box, "--purge", "sdserve")
     after = snapshot(box)
     box.systemctl("daemon-reload")
     assert box.run(["dpkg-query", "-W", "sdserve"], check=False).returncode != 0
-    assert box.run(["getent", "passwd", "sdserve"], check=False).returncode == 2
-    assert box.run(["getent", "group", "sdserve"], check=False).returncode == 2
+    assert box.run(["getent", "passwd", "sdserve"]).stdout.split(":")[2] == uid
+    assert box.run(["getent", "group", "sdserve"], check=False).returncode == 0
     # (list-unit-files exits 1 when nothing matches)
     units = box.systemctl("list-unit-files", "--no-legend", "sdserve*", check=False).stdout
     assert units.strip() == ""
@@ -329,12 +545,22 @@ def test_remove_then_purge_leaves_nothing(box: Box, flavour: str, packages: Pack
     runtime = box.run(["find", "/run/systemd", "-name", "*sdserve*"]).stdout
     assert runtime.strip() == ""
 
+    # a reinstall finds the user of the first install and serves as it again
+    install(box, packages.deb)
+    assert box.run(["getent", "passwd", "sdserve"]).stdout.split(":")[2] == uid
+    configure(box)
+    assert curl(box).returncode == 0
+    box.systemctl("start", SERVICE)
+    owner = box.run(["ps", "-o", "user=", "-p", str(main_pid(box))]).stdout.strip()
+    assert owner == "sdserve"
+
 
 @pytest.mark.parametrize("flavour", ["252"])
 def test_example_app_package_runs_as_an_instance(
     box: Box, flavour: str, packages: Packages
 ) -> None:
-    """packaging/example: a user's application packaged on top of sdserve (sdserve@hello)."""
+    """packaging/example: a user's application packaged on top of sdserve (sdserve@hello),
+    with its own user; sdserve itself, not configured, serves nothing meanwhile."""
     forget_testbed_command(box)
     install(box, packages.deb)
     install(box, packages.example)
@@ -348,13 +574,17 @@ def test_example_app_package_runs_as_an_instance(
     assert res.returncode == 0, res.stderr
     assert res.stdout == "hello from sdserve-hello\n"
     box.systemctl("start", instance)  # joins the start job the socket queued
-    props = box.show(instance, "ActiveState", "User", "DropInPaths")
+    props = box.show(instance, "ActiveState", "User", "DropInPaths", "MainPID")
     assert props["ActiveState"] == "active"
-    assert props["User"] == "sdserve"
-    assert "/lib/systemd/system/sdserve@hello.service.d/50-app.conf" in props["DropInPaths"]
-    # sdserve's own service is untouched by the instance
+    assert props["User"] == "sdserve-hello"
+    dropins = [path.split("/")[-2:] for path in props["DropInPaths"].split()]
+    assert dropins == [["sdserve@hello.service.d", "50-app.conf"]], props["DropInPaths"]
+    owner = box.run(["ps", "-o", "user:32=", "-p", props["MainPID"]]).stdout.strip()
+    assert owner == "sdserve-hello"
+    # sdserve's own units are untouched by the instance (and, not configured, serve nothing)
     assert box.show(SERVICE, "ActiveState")["ActiveState"] == "inactive"
-    assert curl(box).stdout.startswith("hello from sdserve demo")
+    assert box.show(SOCKET, "ActiveState")["ActiveState"] == "inactive"
+    assert listening(box) == ""
 
     dpkg(box, "--purge", "sdserve-hello")
     assert listening(box, 8090) == ""
@@ -363,7 +593,11 @@ def test_example_app_package_runs_as_an_instance(
     gone = ["/etc/sdserve/hello.toml", "/usr/lib/sdserve-hello"]
     gone.append("/etc/systemd/system/sockets.target.wants/sdserve@hello.socket")
     assert existing(box, gone) == set()
-    assert curl(box).returncode == 0  # sdserve itself still serves
+    # the instance's system user stays, as sdserve's does
+    assert box.run(["getent", "passwd", "sdserve-hello"], check=False).returncode == 0
+    # sdserve itself still works once configured
+    configure(box)
+    assert curl(box).stdout.startswith("hello from sdserve demo")
 
 
 # ---- the rpm ---------------------------------------------------------------------------------
@@ -390,8 +624,9 @@ def rpm_root() -> Iterator[Path]:
 
 @pytest.mark.parametrize("flavour", ["254"])
 def test_rpm_payload_and_scriptlets(
-    box: Box, flavour: str, packages: Packages, rpm_root: Path, record: Record
+    services_box: Box, flavour: str, packages: Packages, rpm_root: Path, record: Record
 ) -> None:
+    box = services_box
     rpm = packages.rpm
     scripts = rpm_query(rpm, "--scripts")
     files = rpm_query(rpm, "--qf", r"[%{FILEFLAGS:fflags} %{FILEMODES:perms} %{FILENAMES}\n]")
@@ -413,8 +648,13 @@ def test_rpm_payload_and_scriptlets(
         "/usr/lib/systemd/system-preset/50-sdserve.preset",
         "/usr/lib/sysusers.d/sdserve.conf",
         "/usr/lib/tmpfiles.d/sdserve.conf",
+        # the postgres and redis extras, for the built-in checks
+        "/opt/sdserve/lib/python3.11/site-packages/asyncpg/__init__.py",
+        "/opt/sdserve/lib/python3.11/site-packages/redis/asyncio/__init__.py",
     ):
         assert path in listed, path
+    # the template's instances are not made to share the user sdserve
+    assert not [p for p in listed if p.startswith("/usr/lib/systemd/system/sdserve@.service.d")]
     requires = rpm_query(rpm, "--requires")
     assert "python(abi) = 3.11" in requires
     assert "libsystemd.so.0()(64bit)" in requires
@@ -472,21 +712,23 @@ def test_rpm_payload_and_scriptlets(
     def scriptlet(tag: str, arg: int) -> None:
         box.run(["sh", f"/root/{tag.lower()}.sh", str(arg)], timeout=120)
 
-    # install: %post 1 enables (preset) and starts the socket, not the service
+    # install: %post 1 makes the user and applies the presets, which enable nothing
     scriptlet("POSTIN", 1)
-    assert box.show(SOCKET, "ActiveState", "UnitFileState") == {
-        "ActiveState": "active",
-        "UnitFileState": "enabled",
-    }
-    assert box.show(SERVICE, "ActiveState", "UnitFileState") == {
-        "ActiveState": "inactive",
-        "UnitFileState": "disabled",
-    }
+    for unit in (SOCKET, SERVICE):
+        props = box.show(unit, "ActiveState", "UnitFileState")
+        assert props == {"ActiveState": "inactive", "UnitFileState": "disabled"}, (unit, props)
+    assert listening(box) == ""
     assert box.run(["getent", "passwd", "sdserve"], check=False).returncode == 0
+    # the operator configures an app with both built-in checks: they pass from the payload's
+    # sdserve, and the service that the socket starts is ready with them
+    box.write(CONFFILE, CHECKS_CONFIG)
+    checks = assert_checks_pass(box)
+    record("rpm: sdserve check", ", ".join(f"{n} {c['output']}" for n, c in checks.items()))
+    box.systemctl("enable", "--now", SOCKET)
     res = curl(box)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("hello from sdserve demo")
-    box.systemctl("start", SERVICE)  # joins the start job: returns once READY=1 came
+    assert_service_ready_with_checks(box)
     old_pid = main_pid(box)
     sock_before = box.show(SOCKET, "InvocationID")
 

@@ -217,7 +217,9 @@ class Box:
         root: Path | None = None,
         workdir: Path | None = None,
         timeout: float = 60.0,
+        binds: Sequence[tuple[Path, str]] = (),
     ) -> Box:
+        """``binds``: host folders mounted read-only into the box (host path, box path)."""
         root = root or rootfs.rootfs_path(flavour)
         if not rootfs.is_current(flavour, root.parent):
             raise BoxError(f"rootfs {root} is missing or stale: run `make test` or rootfs.py")
@@ -251,11 +253,20 @@ class Box:
             f"--bind-ro={sdserve_source()}:{rootfs.SRC_MOUNT}/sdserve",
             f"--bind-ro={Path(__file__).parent / 'box'}:{BOX_TOOLS}",
         ]
+        # A bind's host folder may be under /run, which the box's mount namespace covers with
+        # a fresh tmpfs: mount each on a stage in the workdir first (in that namespace only).
+        stages = ""
+        for i, (host, inside) in enumerate(binds):
+            stage = workdir / f"bind{i}"
+            stage.mkdir()
+            stages += f"mount --bind {shlex.quote(str(host))} {shlex.quote(str(stage))} && "
+            nspawn.append(f"--bind-ro={stage}:{inside}")
+        inner = f'{stages}mount -t tmpfs -o mode=0755 tmpfs /run && exec "$@"'
         moves = "".join(f"echo $$ > {shlex.quote(str(cg / 'cgroup.procs'))}; " for cg in cgroups)
         launcher = (
             f"set -e; {moves}"
-            "exec unshare --mount --propagation private "
-            "sh -c 'mount -t tmpfs -o mode=0755 tmpfs /run && exec \"$@\"' sh " + shlex.join(nspawn)
+            f"exec unshare --mount --propagation private sh -c {shlex.quote(inner)} sh "
+            + shlex.join(nspawn)
         )
         env = {
             "PATH": BOX_PATH,
