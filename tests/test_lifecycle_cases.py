@@ -423,6 +423,6 @@ async def test_factory_error_names_the_file_and_line(
     log = instance.log_text()
     assert log.count("Traceback (most recent call last)") == 1, log
     where = f"relapp.py, line {line})"
-    assert f"the factory raised KeyError('DATABASE_URL') (at {tmp_path}/app/{where}" in log, log
+    assert f"the factory raised KeyError: 'DATABASE_URL' (at {tmp_path}/app/{where}" in log, log
     stopping = [m for m in launcher.sink.messages if m.has("STOPPING", "1")]
     assert where in stopping[-1].fields["STATUS"]
