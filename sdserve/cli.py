@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 
 from .activation import Activated, ActivationError, activation_from_environ
 from .binding import BindError, bind_all
-from .checks import CheckRegistry, checks_from_config, run_bounded
+from .checks import run_bounded, table_problems
 from .config import Config, ConfigError, config_from_json, dump_toml, load_config
 from .handover import store_capacity
 from .log import configure_logging, stop_logging
@@ -35,8 +35,9 @@ from .worker import ExitCode, serve_in_process
 log = logging.getLogger("sdserve")
 
 _HELP = {
-    "bind": "address to bind when not socket-activated (repeatable): "
-    "HOST:PORT, [V6]:PORT, unix:PATH",
+    "bind": "address to bind when not socket-activated (repeatable; default 127.0.0.1:8080): "
+    "HOST:PORT (a host name binds every address it resolves to), [V6]:PORT, "
+    "PORT (127.0.0.1:PORT), unix:PATH",
     "admin_bind": "address of the admin socket when not socket-activated (repeatable)",
     "workers": "worker processes (default: one per usable CPU; 0: serve in the main process)",
     "start_timeout": "deadline for the dependency checks and warm-up at start",
@@ -101,10 +102,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    cfg = load_config(toml_path=args.config, overrides=_overrides(args))
-    # [checks.NAME] tables are checked now, so that their problems stop the start early
-    checks_from_config(CheckRegistry(), cfg.checks)
-    return cfg
+    # the [checks.NAME] tables are checked with the rest: every problem of the file at once
+    return load_config(
+        toml_path=args.config, overrides=_overrides(args), check_tables=table_problems
+    )
 
 
 def take_sockets(cfg: Config) -> Activated:
