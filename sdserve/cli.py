@@ -221,6 +221,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the extra of pyproject.toml that a subcommand needs, when it needs one
+EXTRAS = {"drill": "drill"}
+
 #: subcommands whose modules are imported only when that subcommand runs
 LAZY_COMMANDS = {
     "check": (".checkcli", "run every dependency check once and print a table"),
@@ -253,7 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _lazy_command(name: str, argv: Sequence[str]) -> int:
     module, text = LAZY_COMMANDS[name]
-    mod = importlib.import_module(module, __package__)
+    try:
+        mod = importlib.import_module(module, __package__)
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get(name)
+        missing = (exc.name or "").partition(".")[0]
+        if extra is None or not missing or missing == __package__:
+            raise
+        print(
+            f"sdserve {name}: needs the {extra!r} extra ({missing} is not installed): "
+            f"pip install 'sdserve[{extra}]'",
+            file=sys.stderr,
+        )
+        return ExitCode.CONFIG
     parser = argparse.ArgumentParser(prog=f"sdserve {name}", description=text)
     mod.add_arguments(parser)
     return int(mod.run(parser.parse_args(argv)))
