@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 import socket
@@ -11,6 +12,8 @@ import stat
 from dataclasses import dataclass
 
 from .activation import Listener
+
+log = logging.getLogger("sdserve.binding")
 
 
 class BindError(Exception):
@@ -69,7 +72,10 @@ def parse_address(text: str) -> Address:
     try:
         socket.inet_pton(family, host)
     except OSError:
-        if family == socket.AF_INET6 or not _HOST_NAME.fullmatch(host):
+        # a last label of digits only is an IPv4 address inet_pton refuses ("10.1"), which
+        # getaddrinfo would read as inet_aton does (10.0.0.1): neither is a name
+        numeric = host.rstrip(".").rpartition(".")[2].isdigit()
+        if family == socket.AF_INET6 or numeric or not _HOST_NAME.fullmatch(host):
             what = "an IPv6 address" if family == socket.AF_INET6 else "an IP address or host name"
             raise BindError(f"{text!r}: {host!r} is not {what}") from None
         family = socket.AF_UNSPEC  # a host name: resolved when bound
@@ -163,13 +169,32 @@ def _close(listeners: list[Listener]) -> None:
 def bind_addresses(text: str, name: str, backlog: int, *, key: str = "bind") -> list[Listener]:
     """Bind and listen on ``text``: one address, or every address a host name resolves
     to. Errors name the address (and ``key``, the setting it came from) and the reason."""
+    parsed = parse_address(text)
+    addrs = resolve(parsed, key)
     bound: list[Listener] = []
+    absent: list[str] = []
     try:
-        for addr in resolve(parse_address(text), key):
-            bound.append(_bind_one(addr, name, backlog))
+        for addr in addrs:
+            try:
+                bound.append(_bind_one(addr, name, backlog))
+            except BindError as exc:
+                # a name may resolve to an address this host does not have (::1 from
+                # /etc/hosts with IPv6 off): bound without it, if another one is bound
+                cause = exc.__cause__
+                if parsed.family != socket.AF_UNSPEC or not isinstance(cause, OSError):
+                    raise
+                if cause.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    raise
+                absent.append(str(exc))
+        if not bound:
+            raise BindError(
+                f"{key} {parsed}: none of its addresses can be bound: " + "; ".join(absent)
+            )
     except BaseException:
         _close(bound)
         raise
+    for problem in absent:
+        log.warning("%s %s: left out, this host does not have it: %s", key, parsed, problem)
     return bound
 
 

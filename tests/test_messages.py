@@ -69,6 +69,13 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _bound(log: str) -> list[str]:
+    """The addresses of the "sockets bound" line, sorted."""
+    bound = re.search(r"sockets bound: (.*?) SDSERVE_PHASE", log)
+    assert bound is not None, log
+    return sorted(item.split("=")[1].split(" ")[0] for item in bound.group(1).split(", "))
+
+
 def _problems(stderr: str) -> list[str]:
     """The problems of a ConfigError as printed: one line each."""
     return [line[4:] for line in stderr.splitlines() if line.startswith("  - ")]
@@ -88,10 +95,7 @@ def test_a_bare_port_binds_the_loopback_and_host_names_resolve() -> None:
     expected = sorted(
         {f"[{a[0]}]:{port}" if fam == socket.AF_INET6 else f"{a[0]}:{port}" for fam, *_, a in infos}
     )
-    bound = re.search(r"sockets bound: (.*?) SDSERVE_PHASE", log)
-    assert bound is not None, log
-    got = sorted(item.split("=")[1].split(" ")[0] for item in bound.group(1).split(", "))
-    assert got == expected, log  # every address localhost resolves to, each once
+    assert _bound(log) == expected, log  # every address localhost resolves to, each once
 
     done = _run("run", "sdserve.demo:create_app", "--bind", f"{UNRESOLVABLE}:{port}")
     assert done.returncode == ExitCode.CONFIG, done.stderr
@@ -100,6 +104,48 @@ def test_a_bare_port_binds_the_loopback_and_host_names_resolve() -> None:
     assert (
         f"bind {UNRESOLVABLE}:{port}: the host name {UNRESOLVABLE!r} does not resolve" in (lines[0])
     )
+
+
+HOSTS = "127.0.0.1 both.test\n::1 both.test\n"
+
+
+@pytest.mark.parametrize("ipv6", [True, False])
+def test_a_host_name_binds_each_address_it_has(tmp_path: Path, ipv6: bool) -> None:
+    """In network and mount namespaces of its own: a name with an IPv4 and an IPv6 address
+    (its own /etc/hosts), on a loopback with IPv6, then without (as in many containers)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text(HOSTS)
+    port = _free_port()
+    setup = f"mount --bind {hosts} /etc/hosts && ip link set lo up"
+    if not ipv6:
+        setup += " && echo 1 > /proc/sys/net/ipv6/conf/lo/disable_ipv6"
+    argv = ["unshare", "-mn", "/bin/sh", "-c", setup + ' && exec "$0" "$@"', sys.executable]
+    argv += ["-m", "sdserve", "run", "sdserve.demo:create_app", "--bind", f"both.test:{port}"]
+    argv += ["--workers", "0", "--log", "stderr"]
+    env = _env(PATH="/usr/sbin:/usr/bin:/sbin:/bin")
+    with subprocess.Popen(argv, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stderr is not None
+        lines = []
+        try:
+            for line in proc.stderr:  # bounded: "ready", or the process exits
+                lines.append(line)
+                if "ready after" in line:
+                    break
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    log = "".join(lines)
+    if log.startswith("unshare:"):  # not root, or no user namespaces in this sandbox
+        pytest.skip(f"no namespaces here: {log.strip()}")
+    if ipv6:
+        assert _bound(log) == [f"127.0.0.1:{port}", f"[::1]:{port}"], log
+        assert "left out" not in log
+    else:
+        assert _bound(log) == [f"127.0.0.1:{port}"], log
+        assert (
+            f"bind both.test:{port}: left out, this host does not have it: cannot bind "
+            f"[::1]:{port}: cannot assign requested address (EADDRNOTAVAIL)"
+        ) in log, log
 
 
 def test_help_says_what_a_bare_port_means() -> None:

@@ -32,6 +32,7 @@ def test_parse_addresses() -> None:
         ("127.0.0.1:http", "port 'http' is not a number"),
         ("::1:80", "put an IPv6 address in brackets"),
         ("bad host!:80", "'bad host!' is not an IP address or host name"),
+        ("10.1:80", "'10.1' is not an IP address or host name"),
         ("[localhost]:80", "'localhost' is not an IPv6 address"),
         ("127.0.0.1:99999", "out of range"),
         ("unix:", "needs a path"),
