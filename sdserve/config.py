@@ -48,6 +48,9 @@ class ConfigError(Exception):
 
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems = tuple(problems)
+        if len(self.problems) == 1:  # one line
+            super().__init__(f"invalid configuration: {self.problems[0]}")
+            return
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
 
