@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -461,3 +462,40 @@ def test_health_paths_the_application_takes_are_named(
     assert len(failed) == 1, done.stderr  # one line, which says it all
     assert "RuntimeError" not in done.stderr
     assert "Traceback" not in done.stderr
+
+
+CATCH_ALL = """\
+import os
+from aiohttp import web
+
+async def page(request):
+    return web.Response(text="the application's")
+
+def create_app():
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", page)
+    app.router.add_static("/", os.path.dirname(__file__))
+    return app
+"""
+
+
+def test_routes_that_do_not_answer_the_health_paths_are_no_error(tmp_path: Path) -> None:
+    """A catch-all pattern or static files registered before sdserve's routes: aiohttp
+    resolves the plain health paths first, so sdserve's answer, and the start goes on."""
+    (tmp_path / "catchall.py").write_text(CATCH_ALL)
+    port = _free_port()
+    argv = [sys.executable, "-m", "sdserve", "run", "catchall:create_app", "--workers", "0"]
+    argv += ["--log", "stderr", "--bind", f"127.0.0.1:{port}"]
+    with subprocess.Popen(argv, cwd=tmp_path, env=_env(), stderr=subprocess.PIPE, text=True) as p:
+        assert p.stderr is not None
+        try:
+            for line in p.stderr:  # bounded: "ready", or the process exits
+                if "ready after" in line:
+                    break
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=10) as r:
+                assert r.read() == b"ok\n"
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10) as r:
+                assert r.read() == b"the application's"
+        finally:
+            p.terminate()
+            assert p.wait(timeout=30) == ExitCode.OK
