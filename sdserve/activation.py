@@ -182,10 +182,9 @@ def activation_from_environ(
             extra={"SDSERVE_PHASE": "sockets"},
         )
         return None
-    try:
-        count = int(fds_text)
-    except ValueError:
-        raise ActivationError(f"LISTEN_FDS={fds_text!r} is not a number") from None
+    if not fds_text.isascii() or not fds_text.isdigit():  # int() takes "1_0" and " 1"
+        raise ActivationError(f"LISTEN_FDS={fds_text!r} is not a number")
+    count = int(fds_text)
     if count < 1:
         raise ActivationError(f"LISTEN_FDS={count}: no sockets were passed")
     most = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - SD_LISTEN_FDS_START

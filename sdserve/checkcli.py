@@ -25,7 +25,7 @@ from typing import TextIO
 
 from aiohttp import web
 
-from .appload import AppLoadError, build_app
+from .appload import AppLoadError, build_app, format_app_traceback
 from .checks import (
     CheckRegistry,
     CheckResult,
@@ -33,6 +33,7 @@ from .checks import (
     registry,
     run_bounded,
     run_check,
+    table_problems,
 )
 from .config import Config, ConfigError, load_config
 
@@ -120,6 +121,8 @@ async def check_app(
         app = await build_app(cfg.app)
     except AppLoadError as exc:
         err.write(f"sdserve check: {exc}\n")
+        if exc.__cause__ is not None:  # the application's own error: its traceback
+            err.write(format_app_traceback(exc.__cause__) + "\n")
         return EXIT_STARTUP
     reg = registry(app)
     checks_from_config(reg, cfg.checks)
@@ -153,7 +156,7 @@ async def check_app(
 
 def run(args: argparse.Namespace) -> int:
     overrides = {"app": args.app} if args.app else {}
-    cfg = load_config(toml_path=args.config, overrides=overrides)
+    cfg = load_config(toml_path=args.config, overrides=overrides, check_tables=table_problems)
     if not cfg.app:
         raise ConfigError(["app: no application given (sdserve check MODULE:FACTORY)"])
     # Not asyncio.run(): it would wait forever for a check run that ignores cancellation.

@@ -323,6 +323,23 @@ def checks_from_config(
     register_tables(reg, tables, environ)
 
 
+def table_problems(
+    tables: Mapping[str, Mapping[str, Any]], environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """Every problem of the ``[checks.NAME]`` tables (none: they are valid), each naming
+    ``checks.NAME.key``: the validation of :func:`checks_from_config`, registering nothing.
+
+    :func:`sdserve.config.load_config` takes it (``check_tables=``), so that a config
+    file's problems, top-level and of its checks, are reported together."""
+    from .config import ConfigError
+
+    try:
+        checks_from_config(CheckRegistry(), tables, environ)
+    except ConfigError as exc:
+        return list(exc.problems)
+    return []
+
+
 class StartupFailed(Exception):
     """Critical checks did not pass, or a warm-up step failed, before the start deadline."""
 

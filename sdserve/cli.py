@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -95,36 +95,43 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    cfg = load_config(toml_path=args.config, overrides=_overrides(args))
-    _check_checks(cfg)
-    return cfg
+    # the [checks.NAME] tables are checked with the rest: every problem of the file at once
+    from .checks import table_problems
+
+    return load_config(
+        toml_path=args.config, overrides=_overrides(args), check_tables=table_problems
+    )
 
 
-def _check_checks(cfg: Config) -> None:
-    """[checks.NAME] tables are checked now, so that their problems stop the start early."""
-    from .checks import CheckRegistry, checks_from_config
+def _load_light(args: argparse.Namespace) -> Config:
+    """The configuration without its [checks.NAME] tables checked (that imports the
+    checks, and asyncio): enough to take the sockets and answer the admin socket. When it
+    has problems, every problem is listed, the tables' included."""
+    try:
+        return load_config(toml_path=args.config, overrides=_overrides(args))
+    except ConfigError:
+        _load(args)
+        raise
 
-    checks_from_config(CheckRegistry(), cfg.checks)
 
-
-def take_sockets(cfg: Config) -> Activated:
+def take_sockets(cfg: Config, whole: Callable[[], Config]) -> tuple[Config, Activated]:
     """The sockets from systemd when socket-activated (and the connections in its fd store),
-    else the configured addresses bound here (once the whole configuration is checked:
-    nothing is bound for a configuration that cannot start)."""
+    else the configured addresses bound here, once the whole configuration is checked
+    (``whole``: nothing is bound for a configuration that cannot start)."""
     activated = activation_from_environ(os.environ, os.getpid())
     if activated is not None:
-        return activated
-    _check_checks(cfg)
+        return cfg, activated
+    cfg = whole()
     if not cfg.bind:
         raise BindError("bind: no address to bind (give --bind, or let systemd pass the sockets)")
     names = {"http": cfg.bind}
     if cfg.admin_bind:
         names["admin"] = cfg.admin_bind
-    return Activated(listeners=bind_all(names, cfg.backlog))
+    return cfg, Activated(listeners=bind_all(names, cfg.backlog))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(toml_path=args.config, overrides=_overrides(args))
+    cfg = _load_light(args)
     if not cfg.app:
         raise ConfigError(
             [
@@ -135,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_logging(cfg.log, cfg.log_level)
     notifier = Notifier()
     try:
-        activated = take_sockets(cfg)
+        cfg, activated = take_sockets(cfg, lambda: _load(args))
     except (ActivationError, BindError) as exc:
         log.error("%s", exc, extra={"SDSERVE_PHASE": "sockets"})
         notifier.status(f"start failed: {exc}")
@@ -144,8 +151,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # the admin socket answers from now on (503 naming what the start waits for)
     probes = start_probes(listeners, cfg.health)
     if listeners[0].inherited:
-        # the sockets came from systemd: the admin socket answered before this
-        _check_checks(cfg)
+        # the sockets came from systemd: the admin socket answers before this
+        cfg = _load(args)
     from .checks import run_bounded
     from .worker import serve_in_process
 
@@ -236,6 +243,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the extra of pyproject.toml that a subcommand needs, when it needs one
+EXTRAS = {"drill": "drill"}
+
 #: subcommands whose modules are imported only when that subcommand runs
 LAZY_COMMANDS = {
     "check": (".checkcli", "run every dependency check once and print a table"),
@@ -275,7 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _lazy_command(name: str, argv: Sequence[str]) -> int:
     module, text = LAZY_COMMANDS[name]
-    mod = importlib.import_module(module, __package__)
+    try:
+        mod = importlib.import_module(module, __package__)
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get(name)
+        missing = (exc.name or "").partition(".")[0]
+        if extra is None or not missing or missing == __package__:
+            raise
+        print(
+            f"sdserve {name}: needs the {extra!r} extra ({missing} is not installed): "
+            f"pip install 'sdserve[{extra}]'",
+            file=sys.stderr,
+        )
+        return ExitCode.CONFIG
     parser = argparse.ArgumentParser(prog=f"sdserve {name}", description=text)
     mod.add_arguments(parser)
     return int(mod.run(parser.parse_args(argv)))

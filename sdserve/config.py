@@ -27,7 +27,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +48,9 @@ class ConfigError(Exception):
 
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems = tuple(problems)
+        if len(self.problems) == 1:  # one line
+            super().__init__(f"invalid configuration: {self.problems[0]}")
+            return
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
 
@@ -394,6 +397,12 @@ def _is_dataclass_type(tp: Any) -> bool:
 #: whole numbers in the config are 64-bit, as TOML's are
 _INT64 = 1 << 63
 _C_INT_MAX = (1 << 31) - 1
+#: more workers than this is a typo (each is a process of its own, tens of MB at least)
+MAX_WORKERS = 1024
+
+#: validates the ``[checks.NAME]`` tables of a config file (given the environment, for
+#: the secrets); returns every problem, each naming ``checks.NAME.key``
+CheckTablesValidator = Callable[[Mapping[str, Mapping[str, Any]], Mapping[str, str]], Sequence[str]]
 
 
 def _convert(value: Any, tp: Any, where: str, problems: _Problems, from_text: bool) -> Any:
@@ -464,23 +473,37 @@ def _apply(
     *,
     prefix: str = "",
     from_text: bool = False,
+    label: Callable[[str], str] = str,
 ) -> None:
-    """Check ``raw`` against ``cls`` and merge the converted values into ``target``."""
+    """Check ``raw`` against ``cls`` and merge the converted values into ``target``.
+
+    ``label`` turns a key's dotted name into the name the user wrote (the variable of
+    the environment, the flag of the command line), for the problems."""
     fields = _fields(cls)
     for key, value in raw.items():
         name = f"{prefix}{key}"
+        where = f"{source}: {label(name)}"
         if key not in fields:
-            problems.add(f"{source}: {name}", _unknown(key, fields))
+            problems.add(where, _unknown(key, fields))
             continue
         tp = fields[key]
         if _is_dataclass_type(tp):
             if not isinstance(value, Mapping):
-                problems.add(f"{source}: {name}", "expected a table")
+                problems.add(where, "expected a table")
                 continue
             sub = target.setdefault(key, {})
-            _apply(sub, tp, value, source, problems, prefix=f"{name}.", from_text=from_text)
+            _apply(
+                sub,
+                tp,
+                value,
+                source,
+                problems,
+                prefix=f"{name}.",
+                from_text=from_text,
+                label=label,
+            )
             continue
-        converted = _convert(value, tp, f"{source}: {name}", problems, from_text)
+        converted = _convert(value, tp, where, problems, from_text)
         if converted is not _INVALID:
             target[key] = converted
 
@@ -489,6 +512,16 @@ def _unknown(key: str, fields: Mapping[str, Any]) -> str:
     close = difflib.get_close_matches(key.replace("-", "_"), list(fields), n=1, cutoff=0.75)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown key{hint}"
+
+
+def _env_name(name: str) -> str:
+    """``health.readyz_path`` -> ``SDSERVE_HEALTH__READYZ_PATH``."""
+    return ENV_PREFIX + name.upper().replace(".", "__")
+
+
+def _flag_name(name: str) -> str:
+    """``shutdown_timeout`` -> ``--shutdown-timeout``."""
+    return "--" + name.replace("_", "-")
 
 
 def _env_layer(environ: Mapping[str, str], problems: _Problems) -> dict[str, Any]:
@@ -557,6 +590,8 @@ def _validate(cfg: Config, problems: _Problems) -> None:
         problems.add("retry_max", f"must be at least retry_initial ({cfg.retry_initial})")
     if cfg.workers < 0:
         problems.add("workers", f"must not be negative, got {cfg.workers}")
+    elif cfg.workers > MAX_WORKERS:
+        problems.add("workers", f"must be at most {MAX_WORKERS}, got {cfg.workers}")
     if cfg.crash_limit < 1:
         problems.add("crash_limit", f"must be at least 1, got {cfg.crash_limit}")
     if cfg.backlog < 1:
@@ -573,11 +608,39 @@ def _validate(cfg: Config, problems: _Problems) -> None:
     for t in ("fail_threshold", "pass_threshold"):
         if getattr(cfg.health, t) < 1:
             problems.add(f"health.{t}", "must be at least 1")
+    seen: dict[str, str] = {}
     for p in ("livez_path", "readyz_path", "startupz_path"):
-        if not getattr(cfg.health, p).startswith("/"):
-            problems.add(f"health.{p}", "must start with '/'")
+        path = getattr(cfg.health, p)
+        if not path.startswith("/"):
+            problems.add(f"health.{p}", f"must start with '/', got {path!r}")
+        elif _NOT_PLAIN.search(path):
+            problems.add(
+                f"health.{p}", f"must be a plain path (no {{}}, ?, # or spaces), got {path!r}"
+            )
+        elif path in seen:
+            problems.add(
+                f"health.{p}", f"is {path!r}, as health.{seen[path]} is: give each its own"
+            )
+        seen.setdefault(path, p)
+    _validate_addresses(cfg, problems)
     if cfg.app and ":" not in cfg.app:
         problems.add("app", f"expected MODULE:FACTORY, got {cfg.app!r}")
+
+
+#: what makes a path more than a plain path for aiohttp's router (or for a URL)
+_NOT_PLAIN = re.compile(r"[{}?#\s]")
+
+
+def _validate_addresses(cfg: Config, problems: _Problems) -> None:
+    """The addresses must parse (host names are resolved when they are bound)."""
+    from .binding import BindError, parse_address
+
+    for key in ("bind", "admin_bind"):
+        for text in getattr(cfg, key):
+            try:
+                parse_address(text)
+            except BindError as exc:
+                problems.add(key, str(exc))
 
 
 def load_config(
@@ -585,12 +648,16 @@ def load_config(
     toml_path: Path | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    check_tables: CheckTablesValidator | None = None,
 ) -> Config:
     """Load the effective configuration from every layer; raise ConfigError listing all problems.
 
     ``environ`` defaults to ``os.environ``; ``overrides`` are the command-line values
-    (only those the user gave), already typed or as text.
+    (only those the user gave), already typed or as text. ``check_tables`` validates the
+    file's ``[checks.NAME]`` tables (:func:`sdserve.checks.table_problems`), so that
+    their problems come in the same error as the rest, each naming the file.
     """
+    environ = os.environ if environ is None else environ
     problems = _Problems()
     values: dict[str, Any] = {}
     if toml_path is not None:
@@ -603,10 +670,17 @@ def load_config(
             problems.add(f"config file {toml_path}", f"not valid TOML: {exc}")
         else:
             _apply(values, Config, data, f"{toml_path}", problems)
-    env = _env_layer(os.environ if environ is None else environ, problems)
-    _apply(values, Config, env, "environment", problems, from_text=True)
+            tables = data.get("checks")
+            if check_tables is not None and isinstance(tables, Mapping):
+                tables = {k: v for k, v in tables.items() if isinstance(v, Mapping)}
+                for problem in check_tables(tables, environ) if tables else ():
+                    problems.items.append(f"{toml_path}: {problem}")
+    env = _env_layer(environ, problems)
+    _apply(values, Config, env, "environment", problems, from_text=True, label=_env_name)
     if overrides:
-        _apply(values, Config, overrides, "command line", problems, from_text=True)
+        _apply(
+            values, Config, overrides, "command line", problems, from_text=True, label=_flag_name
+        )
     # The values that did convert are checked too, so that one run lists every problem.
     cfg: Config = _build(Config, values)
     rules = _Problems()

@@ -36,9 +36,14 @@ Probes never run a check: they read the results kept in :class:`WorkerState`.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, cast
 
 from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
 
 from .config import ConfigError, HealthConfig
 from .healthreport import (
@@ -230,7 +235,54 @@ def install(
     ]
     if taken:
         raise ConfigError(taken)
-    app.router.add_get(config.livez_path, livez)
-    app.router.add_get(config.readyz_path, readyz)
-    app.router.add_get(config.startupz_path, startupz)
+    ours = {
+        "livez_path": (config.livez_path, livez),
+        "readyz_path": (config.readyz_path, readyz),
+        "startupz_path": (config.startupz_path, startupz),
+    }
+    for path, handler in ours.values():
+        app.router.add_get(path, handler)
+    # routes that match more than their own path (a pattern, static files, a
+    # sub-application) can answer a health path before sdserve's: checked first thing
+    # at start, with the router as it will serve
+    app.on_startup.insert(0, lambda app: _check_answered_by_us(app, ours))
     return {config.livez_path, config.readyz_path, config.startupz_path}
+
+
+class _Probe(NamedTuple):
+    method: str
+    rel_url: URL
+    headers: CIMultiDict[str]
+    host: str
+
+
+async def _check_answered_by_us(
+    app: web.Application, ours: Mapping[str, tuple[str, Callable[[web.Request], Any]]]
+) -> None:
+    """A :class:`ConfigError` naming each ``health.*_path`` that the application's own
+    routes answer, as aiohttp's router resolves a GET of it."""
+    taken = []
+    for key, (path, handler) in ours.items():
+        # what the router reads of a request: its method, path, and headers (domains)
+        request = cast(web.Request, _Probe("GET", URL.build(path=path), CIMultiDict(), ""))
+        try:
+            if (await app.router.resolve(request)).handler is handler:
+                continue
+        except AttributeError:  # a custom routing rule that reads more: cannot tell
+            continue
+        claims = "its routes"
+        for resource in app.router.resources():
+            found = None
+            with contextlib.suppress(AttributeError):
+                found, _allowed = await resource.resolve(request)
+            if found is not None:
+                kind = type(resource).__name__.removesuffix("Resource")
+                claims = f"its route {resource.canonical or '/'} ({kind})"
+                break
+        taken.append(
+            f"health.{key}: the application answers GET {path} with {claims}, before "
+            f"sdserve's; set health.{key} to a path it does not route, or "
+            "health.enabled = false to serve your own"
+        )
+    if taken:
+        raise ConfigError(taken)

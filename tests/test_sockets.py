@@ -22,12 +22,18 @@ from tests.helpers import get, read_response, request_bytes
 def test_parse_addresses() -> None:
     assert str(parse_address("127.0.0.1:8080")) == "127.0.0.1:8080"
     assert str(parse_address("[::1]:8080")) == "[::1]:8080"
-    assert str(parse_address(":8080")) == "0.0.0.0:8080"
+    # a bare port is the default host's, as the default 127.0.0.1:8080 is
+    assert str(parse_address(":8080")) == "127.0.0.1:8080"
+    assert str(parse_address("8080")) == "127.0.0.1:8080"
+    assert str(parse_address("0.0.0.0:8080")) == "0.0.0.0:8080"
+    assert parse_address("localhost:8080").family == socket.AF_UNSPEC  # resolved at bind
     assert str(parse_address("unix:/run/x.sock")) == "unix:/run/x.sock"
     for bad, why in [
         ("127.0.0.1:http", "port 'http' is not a number"),
         ("::1:80", "put an IPv6 address in brackets"),
-        ("localhost:80", "'localhost' is not an IP address"),
+        ("bad host!:80", "'bad host!' is not an IP address or host name"),
+        ("10.1:80", "'10.1' is not an IP address or host name"),
+        ("[localhost]:80", "'localhost' is not an IPv6 address"),
         ("127.0.0.1:99999", "out of range"),
         ("unix:", "needs a path"),
     ]:

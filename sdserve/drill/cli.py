@@ -1,7 +1,9 @@
 """``sdserve drill``: the command line.
 
 Exit status: 0 when failures <= ``--max-failures``; 1 when there were more; 2 for bad
-arguments; 3 when an action failed or the drill itself could not run.
+arguments, or without the ``drill`` extra (``pip install 'sdserve[drill]'``; said by
+``sdserve.cli``, since this package does not import without it); 3 when an action failed
+or the drill itself could not run.
 """
 
 from __future__ import annotations
