@@ -129,8 +129,8 @@ class Config:
     bind: tuple[str, ...] = field(
         default=("127.0.0.1:8080",),
         metadata={
-            "doc": "addresses to bind when not socket-activated: HOST:PORT, [V6]:PORT, "
-            "PORT (127.0.0.1), unix:PATH"
+            "doc": "addresses to bind when not socket-activated: HOST:PORT (a host name "
+            "binds every address it resolves to), [V6]:PORT, PORT (127.0.0.1:PORT), unix:PATH"
         },
     )
     admin_bind: tuple[str, ...] = field(

@@ -310,7 +310,8 @@ def test_run_help_gives_each_flag_its_meaning_and_default() -> None:
         assert f"default {key.default}" in text
     assert (
         "--bind ADDRESS addresses to bind when not socket-activated: "
-        "HOST:PORT, [V6]:PORT, PORT (127.0.0.1), unix:PATH; default 127.0.0.1:8080"
+        "HOST:PORT (a host name binds every address it resolves to), [V6]:PORT, PORT "
+        "(127.0.0.1:PORT), unix:PATH; default 127.0.0.1:8080"
     ) in text
     assert f"default one per usable CPU (here {Config().workers})" in text
     assert "--shutdown-timeout DURATION" in text
