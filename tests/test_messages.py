@@ -47,10 +47,13 @@ def _run(
     )
 
 
-def _serve(*args: str, cwd: Path = ROOT) -> str:
-    """``sdserve run ARGS`` until it is ready (or exits); returns its log, stopped after."""
-    argv = [sys.executable, "-m", "sdserve", "run", *args, "--workers", "0", "--log", "stderr"]
-    with subprocess.Popen(argv, cwd=cwd, env=_env(), stderr=subprocess.PIPE, text=True) as proc:
+def _until_ready(
+    argv: list[str], *, cwd: Path = ROOT, env: dict[str, str] | None = None
+) -> tuple[str, int]:
+    """Run ``argv`` until it logs that it is ready (or exits), then stop it: its log up to
+    there, and its pid."""
+    env = env if env is not None else _env()
+    with subprocess.Popen(argv, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True) as proc:
         assert proc.stderr is not None
         lines = []
         try:
@@ -61,7 +64,13 @@ def _serve(*args: str, cwd: Path = ROOT) -> str:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    return "".join(lines)
+    return "".join(lines), proc.pid
+
+
+def _serve(*args: str, cwd: Path = ROOT) -> str:
+    """``sdserve run ARGS`` until it is ready (or exits); returns its log, stopped after."""
+    argv = [sys.executable, "-m", "sdserve", "run", *args, "--workers", "0", "--log", "stderr"]
+    return _until_ready(argv, cwd=cwd)[0]
 
 
 def _free_port() -> int:
@@ -124,18 +133,7 @@ def test_a_host_name_binds_each_address_it_has(tmp_path: Path, ipv6: bool) -> No
     argv += ["-m", "sdserve", "run", "sdserve.demo:create_app", "--bind", f"both.test:{port}"]
     argv += ["--workers", "0", "--log", "stderr"]
     env = _env(PATH="/usr/sbin:/usr/bin:/sbin:/bin")
-    with subprocess.Popen(argv, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True) as proc:
-        assert proc.stderr is not None
-        lines = []
-        try:
-            for line in proc.stderr:  # bounded: "ready", or the process exits
-                lines.append(line)
-                if "ready after" in line:
-                    break
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-    log = "".join(lines)
+    log, _ = _until_ready(argv, env=env)
     if log.startswith("unshare:"):  # not root, or no user namespaces in this sandbox
         pytest.skip(f"no namespaces here: {log.strip()}")
     if ipv6:
@@ -261,19 +259,8 @@ def test_a_foreign_listen_pid_is_an_error_under_systemd_only(tmp_path: Path) -> 
     env = _env(LISTEN_FDS="1", LISTEN_PID="1")
     argv = [sys.executable, "-m", "sdserve", "run", "sdserve.demo:create_app", "--workers", "0"]
     argv += ["--log", "stderr", "--bind", f"127.0.0.1:{port}"]
-    with subprocess.Popen(argv, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True) as proc:
-        assert proc.stderr is not None
-        lines = []
-        try:
-            for line in proc.stderr:  # bounded: "ready", or the process exits
-                lines.append(line)
-                if "ready after" in line:
-                    break
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-    log = "".join(lines)
-    assert f"ignoring LISTEN_FDS=1: LISTEN_PID=1 is not this process (pid {proc.pid})" in log
+    log, pid = _until_ready(argv, env=env)
+    assert f"ignoring LISTEN_FDS=1: LISTEN_PID=1 is not this process (pid {pid})" in log
     assert f"sockets bound: http=127.0.0.1:{port}" in log
 
 
