@@ -306,7 +306,9 @@ def copy_payload(dest: Path, venv: Path) -> None:
     for name in ("sdserve.toml", "sdserve.1", "sysusers.conf", "tmpfiles.conf", "LICENSE"):
         shutil.copy2(HERE / "files" / name, dest / name)
     shutil.copy2(HERE / "README.md", dest / "README.packaging.md")
-    shutil.copy2(HERE / "systemd" / "40-package.conf", dest / "40-package.conf")
+    # 40-package.conf (both packages), 40-www-data.conf (the deb's sdserve@.socket)
+    for dropin in sorted((HERE / "systemd").glob("*.conf")):
+        shutil.copy2(dropin, dest / dropin.name)
 
 
 # ---- 3a. the deb ---------------------------------------------------------------------------

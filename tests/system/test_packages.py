@@ -600,6 +600,32 @@ def test_example_app_package_runs_as_an_instance(
     assert curl(box).stdout.startswith("hello from sdserve demo")
 
 
+def test_the_web_servers_group_reaches_a_template_instance(
+    box: Box, flavour: str, packages: Packages
+) -> None:
+    """An sdserve@ instance's unix socket: root:www-data 0660 (the package's drop-in), so
+    Debian's web servers, as reverse proxies, may connect; other users get EACCES."""
+    forget_testbed_command(box)
+    install(box, packages.deb)
+    box.write("/etc/sdserve/demo.toml", DEMO_CONFIG)
+    box.systemctl("start", "sdserve@demo.socket")
+    path = "/run/sdserve/demo.sock"
+    assert box.run(["stat", "-c", "%U:%G %a", path]).stdout.strip() == "root:www-data 660"
+
+    def get(user: str) -> subprocess.CompletedProcess[str]:
+        argv = ["runuser", "-u", user, "--", "curl", "-sS", "--max-time", "30"]
+        return box.run([*argv, "--unix-socket", path, "http://localhost/"], check=False)
+
+    proxy = get("www-data")
+    assert proxy.returncode == 0, proxy.stderr
+    assert proxy.stdout.startswith("hello from sdserve demo"), proxy.stdout
+    connect = f"import socket; socket.socket(socket.AF_UNIX).connect({path!r})"
+    other = box.run(["runuser", "-u", "nobody", "--", "python3", "-c", connect], check=False)
+    assert other.returncode == 1, (other.stdout, other.stderr)
+    assert "PermissionError: [Errno 13] Permission denied" in other.stderr, other.stderr
+    box.systemctl("stop", "sdserve@demo.socket", "sdserve@demo.service")
+
+
 # ---- the rpm ---------------------------------------------------------------------------------
 
 
