@@ -27,9 +27,9 @@ each checked by :func:`deadline_problems` and written once here:
   needed (and none is rendered): sdserve keeps serving during the delay itself, which the
   usual ``preStop: sleep`` only emulates for servers that stop on SIGTERM.
 - startup ``periodSeconds`` x ``failureThreshold`` >= ``start_timeout`` +
-  :data:`sdserve.units.START_MARGIN`: the startup probe must not give up (and restart the
-  container) while sdserve is still inside its own start deadline; sdserve exits by
-  itself when it misses it.
+  :data:`sdserve.units.START_MARGIN`, the rule of systemd's ``TimeoutStartSec=``
+  (:func:`sdserve.units.timeout_start_sec`): the startup probe must not give up (and
+  restart the container) while sdserve is still inside its own start deadline.
 - liveness ``periodSeconds`` <= ``health.stall_hold``: a stalled event loop keeps
   ``/livez`` failing that long, so at least one probe sees it.
 - ``progressDeadlineSeconds`` > the startup window: a slow but healthy start is not
@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from sdserve.config import Config, ConfigError, load_config
-from sdserve.units import START_MARGIN, STOP_MARGIN, timeout_stop_sec
+from sdserve.units import START_MARGIN, STOP_MARGIN, timeout_start_sec, timeout_stop_sec
 
 #: where the ConfigMap is mounted in the container, and the file's name there
 CONFIG_DIR = "/etc/sdserve"
@@ -146,7 +146,7 @@ class Deadlines:
 
 def deadlines(spec: K8sSpec, cfg: Config) -> Deadlines:
     """The deadlines of the manifests for ``cfg`` (see the module's docstring)."""
-    startup_failures = math.ceil((cfg.start_timeout + START_MARGIN) / spec.startup_period)
+    startup_failures = math.ceil(timeout_start_sec(cfg) / spec.startup_period)
     startup_window = spec.startup_period * startup_failures
     return Deadlines(
         termination_grace=timeout_stop_sec(cfg),
@@ -352,7 +352,8 @@ def render_deployment(spec: K8sSpec, cfg: Config, text: str, d: Deadlines) -> di
         volumes.append(
             {
                 "name": "credentials",
-                "secret": {"secretName": spec.credentials_secret, "defaultMode": 0o400},
+                # group-readable: the kubelet gives the files the pod's fsGroup
+                "secret": {"secretName": spec.credentials_secret, "defaultMode": 0o440},
             }
         )
     container: dict[str, Any] = {
@@ -405,6 +406,7 @@ def render_deployment(spec: K8sSpec, cfg: Config, text: str, d: Deadlines) -> di
                         "runAsNonRoot": True,
                         "runAsUser": spec.uid,
                         "runAsGroup": spec.uid,
+                        "fsGroup": spec.uid,
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
                     "containers": [container],
