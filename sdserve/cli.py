@@ -250,6 +250,7 @@ EXTRAS = {"drill": "drill"}
 LAZY_COMMANDS = {
     "check": (".checkcli", "run every dependency check once and print a table"),
     "units": (".units", "render systemd unit files for an application"),
+    "k8s": (".k8s", "render Kubernetes manifests (Deployment, Service, PDB) for an application"),
     "drill": (".drill.cli", "load a service through restarts and reloads, count every failure"),
     "reload": (".control", "reload a running service and wait for the outcome (ExecReload=)"),
     "status": (".status", "show a running service: workers, generation, readiness, each check"),
