@@ -75,6 +75,8 @@ from aiohttp import WSCloseCode, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from .canary import RequestStats
+
 log = logging.getLogger("sdserve.drain")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -262,6 +264,8 @@ class Tracker:
         self.pending_accepts = 0
         self.draining = False
         self.requests_total = 0
+        #: responses of the application's routes by status and latency (for a canary)
+        self.stats = RequestStats()
         self.completed_in_drain = 0
         self.idle_closed = 0
         #: paths that are never shed under overload (health probes)
@@ -315,15 +319,29 @@ class Tracker:
         self.requests_total += 1
         if self.requests_total == self.request_limit and self.on_limit is not None:
             self.on_limit()
-        self.inflight[id(request)] = InFlight(request, time.monotonic())
+        began = time.monotonic()
+        self.inflight[id(request)] = InFlight(request, began)
         if isinstance(proto, TrackedRequestHandler):
             self._cancel_timer(proto)
+        #: the response's status for the canary's counts; None: the handler was cancelled
+        status: int | None = None
         try:
             if not limits.request_timeout or request.path in self.exempt_paths:
-                return await handler(request)
-            return await self._bounded(request, handler)
+                response = await handler(request)
+            else:
+                response = await self._bounded(request, handler)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except Exception:
+            status = 500  # aiohttp answers an unhandled exception with 500
+            raise
         finally:
             del self.inflight[id(request)]
+            if status is not None and request.path not in self.exempt_paths:
+                self.stats.record(status, time.monotonic() - began)
             if self.draining:
                 self.completed_in_drain += 1
                 if isinstance(proto, TrackedRequestHandler):

@@ -75,6 +75,7 @@ from . import health
 from .acceptor import Acceptor, serve_connection
 from .activation import ActivationError, Listener, connection_from_fd
 from .appload import AppLoadError, StartFailure, build_app, start_failure
+from .canary import STATS_FIELD
 from .checks import CheckResult, StartupFailed, checks_from_config, registry, wait_until_ready
 from .config import Config, ConfigError
 from .control import ControlServer
@@ -177,6 +178,18 @@ def _reverse_hooks(app: web.Application) -> None:
         hooks.reverse()
 
 
+async def _report_stats(notifier: Notifier, tracker: Tracker) -> None:
+    """Under a supervisor: the responses' counts, every STATS_PERIOD they changed (a canary
+    reload compares them, :mod:`sdserve.canary`)."""
+    said = ""
+    while True:
+        text = tracker.stats.encode()
+        if text != said:
+            notifier.send(f"{STATS_FIELD}={text}")
+            said = text
+        await asyncio.sleep(STATS_PERIOD)  # the report period itself
+
+
 async def _watchdog(notifier: Notifier, interval: float) -> None:
     """WATCHDOG=1 from the event loop: a blocked loop stops the pings, and systemd acts."""
     while True:
@@ -187,6 +200,10 @@ async def _watchdog(notifier: Notifier, interval: float) -> None:
 async def _first(*awaitables: asyncio.Future[Any]) -> None:
     """Wait until the first of these is done (the others keep running)."""
     await asyncio.wait(awaitables, return_when=asyncio.FIRST_COMPLETED)
+
+
+#: seconds between a supervised worker's reports of its responses' counts
+STATS_PERIOD = 0.25
 
 
 class Worker:
@@ -655,6 +672,9 @@ class Worker:
         watchdog: asyncio.Task[None] | None = None
         if (interval := self.notifier.watchdog_interval) is not None:
             watchdog = asyncio.create_task(_watchdog(self.notifier, interval))
+        stats = None
+        if self.supervised:
+            stats = asyncio.create_task(_report_stats(self.notifier, self.tracker))
         life = asyncio.create_task(self._life())
         forced = asyncio.create_task(self._force.wait())
         try:
@@ -668,6 +688,8 @@ class Worker:
             forced.cancel()
             if watchdog is not None:
                 watchdog.cancel()
+            if stats is not None:
+                stats.cancel()
             self.stage = Stage.DONE
 
     async def _life(self) -> ExitCode:
