@@ -329,6 +329,39 @@ class Config:
             "without counting towards `crash_limit`"
         },
     )
+    canary_workers: int = field(
+        default=0,
+        metadata={
+            "doc": "a reload first starts this many new workers beside the serving ones and "
+            "judges them over `canary_watch` before it goes on (0: no canary; `sdserve "
+            "reload --canary N` asks for one reload)"
+        },
+    )
+    canary_watch: float = field(
+        default=30.0,
+        metadata={"doc": "how long a canary serves beside the old generation before it passes"},
+    )
+    canary_min_requests: int = field(
+        default=50,
+        metadata={
+            "doc": "requests the canary must serve to be judged (a failure is decided as "
+            "soon as it has them; with fewer at the end, the reload completes)"
+        },
+    )
+    canary_error_margin: float = field(
+        default=0.02,
+        metadata={
+            "doc": "the canary's 5xx ratio may exceed the old generation's by at most this "
+            "(0.02: two points), else the reload is rolled back"
+        },
+    )
+    canary_latency_factor: float = field(
+        default=3.0,
+        metadata={
+            "doc": "the canary's p99 may be at most this many times the old generation's "
+            "(plus 20 ms), else the reload is rolled back"
+        },
+    )
     log: LogTarget = field(
         default="auto",
         metadata={
@@ -592,6 +625,18 @@ def _validate(cfg: Config, problems: _Problems) -> None:
         problems.add("workers", f"must not be negative, got {cfg.workers}")
     elif cfg.workers > MAX_WORKERS:
         problems.add("workers", f"must be at most {MAX_WORKERS}, got {cfg.workers}")
+    non_negative("canary_workers", cfg.canary_workers)
+    positive("canary_watch", cfg.canary_watch)
+    if cfg.canary_min_requests < 1:
+        problems.add("canary_min_requests", f"must be at least 1, got {cfg.canary_min_requests}")
+    if not 0 <= cfg.canary_error_margin <= 1:
+        problems.add(
+            "canary_error_margin", f"must be between 0 and 1, got {cfg.canary_error_margin}"
+        )
+    if cfg.canary_latency_factor < 1:
+        problems.add(
+            "canary_latency_factor", f"must be at least 1, got {cfg.canary_latency_factor}"
+        )
     if cfg.crash_limit < 1:
         problems.add("crash_limit", f"must be at least 1, got {cfg.crash_limit}")
     if cfg.backlog < 1:

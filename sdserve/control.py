@@ -62,6 +62,9 @@ class ReloadWaiter:
     id: int
     writer: asyncio.StreamWriter
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    #: ``reload canary=N watch=SECONDS``: a canary for this reload (None: the config's)
+    canary: int | None = None
+    watch: float | None = None
 
     def _line(self, text: str) -> None:
         if self.writer.is_closing():
@@ -120,12 +123,18 @@ class ControlServer:
                 writer.write(f"status {report}\n".encode())
                 await writer.drain()
                 return
-            if request != "reload":
+            verb, *options = request.split()
+            if verb != "reload":
                 writer.write(
                     f"refused unknown request {request!r} (expected: reload, status)\n".encode()
                 )
                 return
-            waiter = ReloadWaiter(self._next, writer)
+            try:
+                canary, watch = parse_reload_options(options)
+            except ValueError as exc:
+                writer.write(f"refused {exc}\n".encode())
+                return
+            waiter = ReloadWaiter(self._next, writer, canary=canary, watch=watch)
             self._next += 1
             self.waiters[waiter.id] = waiter
             self._on_reload(waiter)
@@ -162,6 +171,32 @@ class ControlServer:
             waiter.finish("failed", "the service exited before the reload finished")
         if self._server is not None:
             self._server.close()
+
+
+def parse_reload_options(options: list[str]) -> tuple[int | None, float | None]:
+    """``canary=N`` and ``watch=SECONDS`` of a reload request; ValueError names a bad one."""
+    canary: int | None = None
+    watch: float | None = None
+    for option in options:
+        key, _, value = option.partition("=")
+        try:
+            if key == "canary":
+                canary = int(value)
+                if not 0 <= canary <= 1024:
+                    raise ValueError
+            elif key == "watch":
+                watch = float(value)
+                if not 0 < watch <= 86400:
+                    raise ValueError
+            else:
+                raise KeyError(key)
+        except KeyError:
+            raise ValueError(
+                f"unknown reload option {option!r} (canary=N, watch=SECONDS)"
+            ) from None
+        except ValueError:
+            raise ValueError(f"bad reload option {option!r}") from None
+    return canary, watch
 
 
 # -- the client: `sdserve reload` -----------------------------------------------------------
@@ -208,11 +243,24 @@ def request_status(pid: int, *, timeout: float = 5.0) -> dict[str, Any]:
     return report
 
 
-def request_reload(pid: int, *, timeout: float | None, out: Callable[[str], None]) -> bool:
-    """Ask the sdserve process ``pid`` to reload; True if it reloaded. ``out`` gets each line."""
+def request_reload(
+    pid: int,
+    *,
+    timeout: float | None,
+    out: Callable[[str], None],
+    canary: int | None = None,
+    watch: float | None = None,
+) -> bool:
+    """Ask the sdserve process ``pid`` to reload (with a canary of ``canary`` workers
+    watched for ``watch`` seconds, if given); True if it reloaded. ``out`` gets each line."""
+    request = "reload"
+    if canary is not None:
+        request += f" canary={canary}"
+    if watch is not None:
+        request += f" watch={watch:g}"
     sock = connect(pid, timeout)
     try:
-        sock.sendall(b"reload\n")
+        sock.sendall(f"{request}\n".encode())
         stream = sock.makefile("r", encoding="utf-8", errors="replace")
         for line in stream:
             verdict, _, text = line.rstrip("\n").partition(" ")
@@ -244,6 +292,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the service's main PID (default: $MAINPID, which systemd sets for ExecReload=)",
     )
     parser.add_argument(
+        "--canary",
+        type=int,
+        metavar="N",
+        help="start N new workers first, beside the serving ones, and judge them (5xx "
+        "ratio, p99) over --watch before the rest; a canary that does worse is rolled "
+        "back, exit status 1 (default: the config's canary_workers, 0: none)",
+    )
+    parser.add_argument(
+        "--watch",
+        type=float,
+        metavar="SECONDS",
+        help="how long the canary serves before it passes (default: canary_watch, 30)",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=None,
@@ -252,9 +314,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "bounds ExecReload= with its own timeout)",
     )
     parser.epilog = (
-        "exit status: 0 reloaded (the new generation serves); 1 the reload failed or was "
-        "refused (the old code keeps serving); 2 no PID, the service could not be reached, "
-        "or no verdict within --timeout"
+        "exit status: 0 reloaded (the new generation serves); 1 the reload failed, was "
+        "refused or its canary was rolled back (the old code keeps serving); 2 no PID, "
+        "the service could not be reached, or no verdict within --timeout"
     )
 
 
@@ -272,7 +334,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"sdserve reload: {line}", flush=True)
 
     try:
-        ok = request_reload(pid, timeout=args.timeout, out=out)
+        ok = request_reload(
+            pid, timeout=args.timeout, out=out, canary=args.canary, watch=args.watch
+        )
     except ReloadError as exc:
         print(f"sdserve reload: {exc}", file=sys.stderr)
         return 2

@@ -423,8 +423,9 @@ class Launcher:
         await self.wait_for(instance, lambda m: m.has("READY", "1"), timeout=timeout, start=after)
         return time.monotonic() - began
 
-    async def reload_command(self, *, timeout: float = 60.0) -> tuple[int, str]:
-        """``sdserve reload PID``, as ``ExecReload=`` runs it: its exit status and output."""
+    async def reload_command(self, *args: str, timeout: float = 60.0) -> tuple[int, str]:
+        """``sdserve reload PID ARGS``, as ``ExecReload=`` runs it: its exit status and
+        output."""
         instance = self.current
         if instance is None:
             raise LaunchError("nothing to reload")
@@ -434,6 +435,7 @@ class Launcher:
             "sdserve",
             "reload",
             str(instance.pid),
+            *args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,

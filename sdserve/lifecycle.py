@@ -11,7 +11,9 @@ The service goes through these phases (:class:`Phase`):
 - ``starting``: generation 1 warms up; ``READY=1`` once every worker is ready.
 - ``running``: serving. Dead workers are replaced, recycled ones swapped.
 - ``warming`` (reload): the next generation starts beside the serving one, a few
-  workers at a time (``warmup_parallel``).
+  workers at a time (``warmup_parallel``). With a canary (:mod:`sdserve.canary`), its
+  workers start first and serve beside the old generation; the rest start once the
+  shell's verdict passes them (a failed one aborts the reload).
 - ``switching`` (reload): the new generation serves; the old one drains.
   ``READY=1`` once it has exited.
 - ``aborting`` (failed reload): the new generation is stopped; the old one never
@@ -39,7 +41,11 @@ SIGQUIT             force          force          force          force          
 reload (SIGHUP,     queue          begin reload   queue once     queue once     refuse
 ``sdserve reload``)
 config loaded       n/a            n/a            start the new  n/a            n/a
-/ rejected                                        gen / fail
+/ rejected                                        gen (canary
+                                                  first) / fail
+canary verdict      n/a            n/a            pass: start    ignored        ignored
+                                                  the rest;
+                                                  fail: abort
 worker ready        all ready:     (replacement)  start the next retire the     n/a
                     READY=1        retire the one warming; all   worker it
                                    it replaces    ready: switch  replaced
@@ -162,6 +168,19 @@ class ReloadAsked:
     #: an ``sdserve reload`` client waiting for the outcome, or None (a plain SIGHUP)
     waiter: int | None
     source: str
+    #: canary workers and watch (``sdserve reload --canary N --watch S``); None: the
+    #: new configuration's ``canary_workers`` / ``canary_watch``
+    canary: int | None = None
+    watch: float | None = None
+
+
+@dataclass(frozen=True)
+class CanaryVerdict:
+    """The shell's judgement of a canary (:mod:`sdserve.canary`)."""
+
+    generation: int
+    ok: bool
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -239,6 +258,7 @@ Event = (
     | StopAsked
     | ForceAsked
     | ReloadAsked
+    | CanaryVerdict
     | ConfigLoaded
     | ConfigRejected
     | Spawned
@@ -323,7 +343,29 @@ class Exit:
     code: int
 
 
-Action = Spawn | Kill | Notify | LoadConfig | SetTimer | CancelTimer | Log | Reply | Progress | Exit
+@dataclass(frozen=True)
+class WatchCanary:
+    """Compare the ready canary workers of ``generation`` with the workers of ``against``
+    for ``seconds``, then answer with CanaryVerdict (earlier when it fails)."""
+
+    generation: int
+    against: int
+    seconds: float
+
+
+Action = (
+    Spawn
+    | Kill
+    | Notify
+    | LoadConfig
+    | SetTimer
+    | CancelTimer
+    | Log
+    | Reply
+    | Progress
+    | Exit
+    | WatchCanary
+)
 
 # -- state -------------------------------------------------------------------------------
 
@@ -364,6 +406,12 @@ class Generation:
     failure_logged: bool = False
     #: why the latest start failed (for STATUS= while retrying)
     last_failure: str = ""
+    #: a reload's canary: this many workers start first and are judged over ``watch``
+    canary: int = 0
+    watch: float = 0.0
+    #: the canary is being watched / was judged and passed
+    watching: bool = False
+    judged: bool = False
 
 
 def describe_status(status: int) -> str:
@@ -406,6 +454,8 @@ class Lifecycle:
         self.reload_began = 0.0
         self.reload_failure = ""
         self.last_reload = ""
+        #: the canary asked for by the reload under way: (workers, watch) or None
+        self.reload_canary: tuple[int | None, float | None] = (None, None)
         self.respawns: set[TimerKey] = set()
         self.fatal: tuple[ExitCode, str] | None = None
         self.forced = False
@@ -926,7 +976,7 @@ class Lifecycle:
         if self.phase is Phase.RUNNING:
             if event.waiter is not None:
                 self.reload_waiters.append(event.waiter)
-            self._begin_reload()
+            self._begin_reload(event.canary, event.watch)
             return
         # starting, or a reload in progress: one more reload afterwards, with newer code
         if event.waiter is not None:
@@ -946,9 +996,10 @@ class Lifecycle:
                 "reload",
             )
 
-    def _begin_reload(self) -> None:
+    def _begin_reload(self, canary: int | None = None, watch: float | None = None) -> None:
         self.phase = Phase.WARMING
         self.reload_began = self.clock()
+        self.reload_canary = (canary, watch)
         number = max(self.generations) + 1
         self._notify("reloading", f"reloading: starting generation {number}")
         self._log(logging.INFO, f"reload: starting generation {number}", "reload")
@@ -966,7 +1017,11 @@ class Lifecycle:
             )
             return
         number = max(self.generations) + 1
-        self.generations[number] = Generation(number, cfg, waiting=list(range(cfg.workers)))
+        gen = Generation(number, cfg, waiting=list(range(cfg.workers)))
+        canary, watch = self.reload_canary
+        gen.canary = min(cfg.canary_workers if canary is None else canary, cfg.workers)
+        gen.watch = cfg.canary_watch if watch is None else watch
+        self.generations[number] = gen
         self.incoming = number
         self._warm_next()
 
@@ -993,13 +1048,23 @@ class Lifecycle:
         batch = gen.config.warmup_parallel or gen.config.workers
         warming = sum(1 for w in self.live(gen.number) if w.state is WState.STARTING)
         started = False
-        while gen.waiting and warming < batch:
+        # a canary: its workers first, and the rest only once it is judged
+        held = gen.canary > 0 and not gen.judged
+        allowed = gen.canary - (gen.config.workers - len(gen.waiting)) if held else len(gen.waiting)
+        while gen.waiting and warming < batch and allowed > 0:
             self._spawn(gen.number, gen.waiting.pop(0))
             warming += 1
+            allowed -= 1
             started = True
         if started:
             self._extend_reload()
         ready = self.ready_count(gen.number)
+        if held:
+            if ready >= gen.canary and not gen.watching:
+                self._watch_canary(gen)
+            elif not gen.watching:
+                self._notify("status", self.status_line())
+            return
         for waiter in self.reload_waiters:
             self._emit(
                 Progress(waiter, f"generation {gen.number}: {ready}/{gen.config.workers} ready")
@@ -1008,6 +1073,36 @@ class Lifecycle:
             self._switch()
         else:
             self._notify("status", self.status_line())
+
+    def _watch_canary(self, gen: Generation) -> None:
+        gen.watching = True
+        text = (
+            f"canary: {gen.canary} worker(s) of generation {gen.number} serve beside "
+            f"generation {self.current}; watching for {gen.watch:g}s"
+        )
+        self._log(logging.INFO, text, "canary")
+        for waiter in self.reload_waiters:
+            self._emit(Progress(waiter, text))
+        self._notify("status", f"{self.status_line()}; {text}")
+        # systemd's bound on the reload job: the watch, then the rest of the warm-up
+        bound = gen.watch + gen.config.reload_timeout + KILL_MARGIN
+        self._notify("extend", usec=int(bound * 1e6))
+        self._emit(WatchCanary(gen.number, self.current, gen.watch))
+
+    def _on_CanaryVerdict(self, event: CanaryVerdict) -> None:
+        gen = self.generations.get(event.generation)
+        if gen is None or event.generation != self.incoming or not gen.watching:
+            return  # the reload ended otherwise meanwhile (a stop, a failed canary start)
+        gen.watching = False
+        if not event.ok:
+            self._abort_reload(f"canary rolled back: {event.reason}")
+            return
+        gen.judged = True
+        text = f"canary passed: {event.reason}"
+        self._log(logging.INFO, text, "canary")
+        for waiter in self.reload_waiters:
+            self._emit(Progress(waiter, text))
+        self._warm_next()
 
     def _extend_reload(self) -> None:
         """systemd bounds the reload job: each new step of a reload moves that bound."""

@@ -58,6 +58,7 @@ from typing import Any
 from . import lifecycle as lc
 from .activation import Listener, listeners_from_fds
 from .appload import StartFailure
+from .canary import STATS_FIELD, RequestStats, Thresholds, judge, window
 from .checks import run_bounded
 from .config import Config, ConfigError, config_to_json
 from .control import ControlServer, ReloadWaiter
@@ -134,6 +135,13 @@ class Supervisor:
         self._probes_on = probes is not None
         #: each starting worker's latest round of start-up checks (JSON), for the probes
         self._start_checks: dict[int, str] = {}
+        #: each worker's responses so far, as it last reported them (sdserve.canary)
+        self._stats: dict[int, RequestStats] = {}
+        #: the canary being watched, its baselines, start and end timer
+        self._canary: lc.WatchCanary | None = None
+        self._canary_base: dict[int, RequestStats] = {}
+        self._canary_began = 0.0
+        self._canary_timer: asyncio.TimerHandle | None = None
         self.listeners = list(listeners)
         self.notifier = notifier
         self.reload_config = reload_config
@@ -348,7 +356,7 @@ class Supervisor:
         self.feed(lc.StopAsked(name))
 
     def _on_reload_request(self, waiter: ReloadWaiter) -> None:
-        self.feed(lc.ReloadAsked(waiter.id, "sdserve reload"))
+        self.feed(lc.ReloadAsked(waiter.id, "sdserve reload", waiter.canary, waiter.watch))
 
     def _on_message(self, message: NotifyMessage) -> None:
         close_fds(list(message.fds))  # connections come over the links, never here
@@ -366,6 +374,13 @@ class Supervisor:
             self.feed(lc.Ready(worker))
         if fields.get("X_SDSERVE_RECYCLE") == "1":
             self.feed(lc.RecycleAsked(worker))
+        if (counts := fields.get(STATS_FIELD)) is not None:
+            try:
+                self._stats[worker] = RequestStats.decode(counts)
+            except ValueError:
+                log.warning("worker %d sent unreadable counts: %.80r", worker, counts)
+            else:
+                self._judge_canary(final=False)
         if (checks := fields.get(START_CHECKS)) is not None:
             self._start_checks[worker] = checks
         if report := fields.get("X_SDSERVE_START_FAILED"):
@@ -379,6 +394,7 @@ class Supervisor:
         # what it sent before it exited (its start failure...) comes before its exit
         if self._channel is not None:
             self._channel.drain()
+        self._stats.pop(worker, None)  # after its last report: it counts no more
         proc = self.procs.pop(worker)
         proc.link.drain()  # the connections it handed over just before it exited
         proc.link.close()
@@ -414,8 +430,56 @@ class Supervisor:
             self._control.finish(action.waiter, action.verdict, action.text)
         elif isinstance(action, lc.Progress):
             self._control.progress(action.waiter, action.text)
+        elif isinstance(action, lc.WatchCanary):
+            self._watch_canary(action)
         elif isinstance(action, lc.Exit):
             self._done.set_result(action.code)
+
+    # -- a canary reload (sdserve.canary) -------------------------------------------------
+
+    def _watch_canary(self, action: lc.WatchCanary) -> None:
+        """Counts from now on: each worker's baseline is what it has reported so far."""
+        self._canary = action
+        self._canary_base = dict(self._stats)
+        self._canary_began = time.monotonic()
+        self._canary_timer = self._loop.call_later(action.seconds, self._judge_canary, True)
+
+    def _judge_canary(self, final: bool) -> None:
+        watch = self._canary
+        if watch is None:
+            return
+        core = self.core
+        if core.incoming != watch.generation or core.phase.stopping:
+            self._end_canary()  # the reload ended otherwise
+            return
+
+        def ready(generation: int) -> list[int]:
+            return [
+                w.id
+                for w in core.workers.values()
+                if w.generation == generation and w.state is lc.WState.READY
+            ]
+
+        cfg = core.generations[watch.generation].config
+        limits = Thresholds(
+            cfg.canary_min_requests, cfg.canary_error_margin, cfg.canary_latency_factor
+        )
+        old = window(self._stats, self._canary_base, ready(watch.against))
+        new = window(self._stats, self._canary_base, ready(watch.generation))
+        verdict = judge(old, new, limits, final=final)
+        if verdict is None:
+            return
+        took = time.monotonic() - self._canary_began
+        self._end_canary()
+        self.feed(
+            lc.CanaryVerdict(watch.generation, verdict.ok, f"{verdict.reason}, after {took:.1f}s")
+        )
+
+    def _end_canary(self) -> None:
+        self._canary = None
+        if self._canary_timer is not None:
+            self._canary_timer.cancel()
+            self._canary_timer = None
 
     def _fire(self, key: lc.TimerKey) -> None:
         self._timers.pop(key, None)

@@ -48,7 +48,7 @@ def _other_value(tp: Any, default: Any) -> Any:
     if tp is int:
         return default + 1
     if tp is float:
-        return default + 1.5
+        return default * 2 if default else 1.5  # within every key's range (ratios too)
     if tp is str:
         return "/other" if default.startswith("/") else "pkg.mod:factory"
     if typing.get_origin(tp) is typing.Literal:
