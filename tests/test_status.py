@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from sdserve.exitcodes import ExitCode
 from tests.conftest import ROOT, LauncherFactory
-from tests.test_probes import FAILING_DB
+from tests.test_probes import _admin_socket, _waiting_for_db, _write_config
 
 pytestmark = pytest.mark.asyncio
 
@@ -33,37 +34,20 @@ async def status(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-def _admin(tmp_path: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(str(tmp_path / "admin.sock"))
-    sock.listen(16)
-    return sock
-
-
 async def test_status_during_a_failing_check_names_it_and_every_worker(
     make_launcher: LauncherFactory, listen_sock: socket.socket, tmp_path: Path
 ) -> None:
-    admin = _admin(tmp_path)
-    cfg = tmp_path / "sdserve.toml"
-    cfg.write_text(f"start_timeout = 60\nretry_initial = 0.05\nretry_max = 0.2\n{FAILING_DB}")
+    admin, _ = _admin_socket(tmp_path)
     try:
         launcher = make_launcher(
             "--workers",
             "2",
             "--config",
-            str(cfg),
+            str(_write_config(tmp_path)),
             sockets=[("http", listen_sock), ("admin", admin)],
         )
         instance = await launcher.spawn()
-        for _ in range(2):  # both workers have said what they wait for
-            await launcher.wait_for(
-                instance,
-                lambda m: (
-                    "workers 1, 2: waiting for db" in m.fields.get("STATUS", "")
-                    or "waiting for db" in m.fields.get("STATUS", "")
-                ),
-                timeout=30,
-            )
+        await _waiting_for_db(launcher, instance)
         code, out, err = await status(str(instance.pid))
         print("\n" + out)
         assert code == 1, err  # running, not ready
@@ -83,8 +67,7 @@ async def test_status_during_a_failing_check_names_it_and_every_worker(
         assert readyz_code == 503
         assert readyz["checks"]["db:responseTime"][0]["status"] == "fail"
 
-        cfg.write_text("start_timeout = 60\n")  # the check goes: a reload is not needed,
-        launcher.send_signal(15)  # a stop during start-up
+        launcher.send_signal(signal.SIGTERM)  # a stop during start-up
         assert await asyncio.wait_for(instance.exited, 30) == ExitCode.OK
     finally:
         admin.close()
@@ -93,7 +76,7 @@ async def test_status_during_a_failing_check_names_it_and_every_worker(
 async def test_status_of_a_ready_service_after_a_reload(
     make_launcher: LauncherFactory, listen_sock: socket.socket, tmp_path: Path
 ) -> None:
-    admin = _admin(tmp_path)
+    admin, _ = _admin_socket(tmp_path)
     try:
         launcher = make_launcher(
             "--workers", "2", sockets=[("http", listen_sock), ("admin", admin)]
