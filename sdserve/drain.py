@@ -264,8 +264,9 @@ class Tracker:
         self.pending_accepts = 0
         self.draining = False
         self.requests_total = 0
-        #: responses of the application's routes by status and latency (for a canary)
-        self.stats = RequestStats()
+        #: responses of the application's routes by status and latency, for a canary
+        #: (None: nobody reads them, nothing is counted: a single process)
+        self.stats: RequestStats | None = None
         self.completed_in_drain = 0
         self.idle_closed = 0
         #: paths that are never shed under overload (health probes)
@@ -340,8 +341,9 @@ class Tracker:
             raise
         finally:
             del self.inflight[id(request)]
-            if status is not None and request.path not in self.exempt_paths:
-                self.stats.record(status, time.monotonic() - began)
+            stats = self.stats
+            if stats is not None and status is not None and request.path not in self.exempt_paths:
+                stats.record(status, time.monotonic() - began)
             if self.draining:
                 self.completed_in_drain += 1
                 if isinstance(proto, TrackedRequestHandler):

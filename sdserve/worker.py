@@ -75,7 +75,7 @@ from . import health
 from .acceptor import Acceptor, serve_connection
 from .activation import ActivationError, Listener, connection_from_fd
 from .appload import AppLoadError, StartFailure, build_app, start_failure
-from .canary import STATS_FIELD
+from .canary import STATS_FIELD, RequestStats
 from .checks import CheckResult, StartupFailed, checks_from_config, registry, wait_until_ready
 from .config import Config, ConfigError
 from .control import ControlServer
@@ -178,12 +178,12 @@ def _reverse_hooks(app: web.Application) -> None:
         hooks.reverse()
 
 
-async def _report_stats(notifier: Notifier, tracker: Tracker) -> None:
+async def _report_stats(notifier: Notifier, stats: RequestStats) -> None:
     """Under a supervisor: the responses' counts, every STATS_PERIOD they changed (a canary
     reload compares them, :mod:`sdserve.canary`)."""
     said = ""
     while True:
-        text = tracker.stats.encode()
+        text = stats.encode()
         if text != said:
             notifier.send(f"{STATS_FIELD}={text}")
             said = text
@@ -674,7 +674,8 @@ class Worker:
             watchdog = asyncio.create_task(_watchdog(self.notifier, interval))
         stats = None
         if self.supervised:
-            stats = asyncio.create_task(_report_stats(self.notifier, self.tracker))
+            self.tracker.stats = RequestStats()
+            stats = asyncio.create_task(_report_stats(self.notifier, self.tracker.stats))
         life = asyncio.create_task(self._life())
         forced = asyncio.create_task(self._force.wait())
         try:
