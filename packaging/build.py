@@ -5,10 +5,10 @@ Steps, each cached under ``<cache>/packaging`` (``$SDS_PKG_CACHE``, default ``.c
 1. ``buildroot``: a Debian 12 (bookworm) chroot made with ``debootstrap``, holding the
    target's own ``/usr/bin/python3`` (3.11.2), ``libsystemd-dev`` and a C compiler. Built once.
 2. ``venv``: inside that chroot, ``python3 -m venv /opt/sdserve`` and ``pip install`` of this
-   checkout with its ``postgres`` and ``redis`` extras (sdserve, aiohttp, asyncpg, redis-py,
-   systemd-python compiled against bookworm's libsystemd), so that every built-in check
-   works from the package. The result is copied out and keyed by a hash of the sources, so
-   it is rebuilt only when they change.
+   checkout with its ``postgres``, ``redis`` and ``uvloop`` extras (sdserve, aiohttp, asyncpg,
+   redis-py, uvloop, systemd-python compiled against bookworm's libsystemd), so that every
+   built-in check works from the package and it serves on uvloop. The result is copied out
+   and keyed by a hash of the sources, so it is rebuilt only when they change.
 3. ``deb``: ``dpkg-buildpackage`` on a build tree made of ``packaging/debian`` + the venv +
    the units of ``units/``, then ``lintian``. ``rpm``: ``rpmbuild -bb`` of
    ``packaging/rpm/sdserve.spec`` on the same venv, then ``rpmlint``.
@@ -42,13 +42,14 @@ SUITE = "bookworm"
 # Bump to rebuild the build root after changing how it is made.
 BUILDROOT_VERSION = 1
 # Bump to rebuild the venv after changing how it is made.
-VENV_VERSION = 4
+VENV_VERSION = 5
 # The extras of pyproject.toml that the packages install: the built-in checks of type
-# postgres (asyncpg) and redis (redis-py) must work from the package.
-EXTRAS = ("postgres", "redis")
+# postgres (asyncpg) and redis (redis-py) must work from the package, and it serves on
+# uvloop (loop = "auto").
+EXTRAS = ("postgres", "redis", "uvloop")
 # What the venv must import, or the build fails (a missing extra would otherwise surface as
 # ModuleNotFoundError in the operator's first check).
-IMPORTS = ("sdserve", "aiohttp", "systemd.daemon", "asyncpg", "redis.asyncio")
+IMPORTS = ("sdserve", "aiohttp", "systemd.daemon", "asyncpg", "redis.asyncio", "uvloop")
 BUILDROOT_PACKAGES = (
     "python3",
     "python3-venv",

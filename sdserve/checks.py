@@ -454,16 +454,21 @@ async def wait_until_ready(
     return list(results.values())
 
 
-def run_bounded(main: Coroutine[Any, Any, T], *, grace: float) -> T:
+def run_bounded(
+    main: Coroutine[Any, Any, T],
+    *,
+    grace: float,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+) -> T:
     """Like :func:`asyncio.run`, but waits at most ``grace`` seconds for leftover tasks.
 
     ``asyncio.run`` cancels the tasks still running when ``main`` returns and then
     waits for them without a limit, so one check run that ignores cancellation
     keeps the process from ever exiting. Here the leftovers get ``grace`` seconds
     after their cancellation; those still running then are named in a log line
-    and left behind when the loop closes.
+    and left behind when the loop closes. ``loop_factory`` makes the loop (uvloop's, say).
     """
-    loop = asyncio.new_event_loop()
+    loop = loop_factory()
     try:
         asyncio.set_event_loop(loop)
         result = loop.run_until_complete(main)

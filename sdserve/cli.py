@@ -174,7 +174,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         serving = serve_in_process(
             cfg, listeners, notifier, connections=connections, store_capacity=store, probes=probes
         )
-        return run_bounded(serving, grace=cfg.cleanup_timeout)
+        from .loops import factory
+
+        return run_bounded(serving, grace=cfg.cleanup_timeout, loop_factory=factory(cfg.loop))
     from .supervisor import supervise
 
     # a reload reads every layer again: the same file, environment and flags

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import math
 import os
@@ -41,6 +42,7 @@ DEFAULT_WORKERS = available_cpus()
 LogTarget = Literal["auto", "journal", "stderr"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 HealthPlacement = Literal["main", "admin", "both"]
+EventLoop = Literal["auto", "uvloop", "asyncio"]
 
 
 class ConfigError(Exception):
@@ -362,6 +364,13 @@ class Config:
             "(plus 20 ms), else the reload is rolled back"
         },
     )
+    loop: EventLoop = field(
+        default="auto",
+        metadata={
+            "doc": "the event loop of the processes that serve: uvloop (faster), asyncio, "
+            "or auto (uvloop when it is installed, as the packages install it)"
+        },
+    )
     log: LogTarget = field(
         default="auto",
         metadata={
@@ -621,6 +630,10 @@ def _validate(cfg: Config, problems: _Problems) -> None:
         problems.add("warmup_nice", f"must be between 0 and 19, got {cfg.warmup_nice}")
     if cfg.retry_max < cfg.retry_initial:
         problems.add("retry_max", f"must be at least retry_initial ({cfg.retry_initial})")
+    if cfg.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        problems.add(
+            "loop", 'uvloop is not installed (pip install uvloop, or loop = "asyncio" or "auto")'
+        )
     if cfg.workers < 0:
         problems.add("workers", f"must not be negative, got {cfg.workers}")
     elif cfg.workers > MAX_WORKERS:

@@ -67,6 +67,7 @@ from .handover import Link, close_fds, connection_name, link_pair
 from .intent import RESTART_HINT, hand_over_on_this_stop
 from .launcher import NotifyMessage, NotifySink
 from .log import fields as _fields
+from .loops import factory
 from .notify import Notifier
 from .probes import START_CHECKS, StartupProbes, start_check_entries
 from .worker import serve_in_process, service_facts
@@ -690,4 +691,4 @@ def run_worker(config: Config, notifier: Notifier) -> int:
         supervised=True,
         link=link,
     )
-    return run_bounded(serving, grace=config.cleanup_timeout)
+    return run_bounded(serving, grace=config.cleanup_timeout, loop_factory=factory(config.loop))

@@ -85,6 +85,7 @@ from .handover import Link, close_fds, connection_name
 from .intent import RESTART_HINT, hand_over_on_this_stop
 from .log import fields as _fields
 from .log import stop_logging
+from .loops import running as _loop_name
 from .monitor import CheckMonitor
 from .notify import Notifier
 from .probes import ADMIN_SOCKET, START_CHECKS, StartupProbes, start_checks_to_json
@@ -368,15 +369,18 @@ class Worker:
         self.state.ready_at = time.monotonic()
         where = ", ".join(f"{ls.name}={ls.address}" for ls in self.listeners)
         self.notifier.ready(f"serving on {where}")
+        loop = _loop_name()
         log.info(
-            "ready after %.0f ms (checks passed %.2f ms before READY=1), serving on %s",
+            "ready after %.0f ms (checks passed %.2f ms before READY=1), serving on %s (%s)",
             (self.state.ready_at - started) * 1000,
             (self.state.ready_at - checks_done) * 1000,
             where,
+            loop,
             extra=_fields(
                 "ready",
                 duration_ms=round((self.state.ready_at - started) * 1000, 1),
                 ready_lag_ms=round((self.state.ready_at - checks_done) * 1000, 3),
+                loop=loop,
             ),
         )
 

@@ -677,6 +677,8 @@ def test_rpm_payload_and_scriptlets(
         # the postgres and redis extras, for the built-in checks
         "/opt/sdserve/lib/python3.11/site-packages/asyncpg/__init__.py",
         "/opt/sdserve/lib/python3.11/site-packages/redis/asyncio/__init__.py",
+        # the loop it serves on (loop = "auto")
+        "/opt/sdserve/lib/python3.11/site-packages/uvloop/__init__.py",
     ):
         assert path in listed, path
     # the template's instances are not made to share the user sdserve
