@@ -80,6 +80,7 @@ from .canary import RequestStats
 log = logging.getLogger("sdserve.drain")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RequestHandlerFunc = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 def is_parked(proto: RequestHandler) -> bool:
@@ -224,12 +225,6 @@ def unread_bytes(proto: RequestHandler) -> int:
 
 
 @dataclass
-class InFlight:
-    request: web.BaseRequest
-    started: float
-
-
-@dataclass
 class DrainReport:
     duration: float
     requests_completed: int
@@ -258,9 +253,12 @@ class Tracker:
         #: called when a connection closes (an acceptor paused at its limit resumes)
         self.on_closed: list[Callable[[], None]] = []
         self.connections: set[TrackedRequestHandler] = set()
-        #: in-flight requests by id(request) (requests are mutable mappings, not hashable)
-        self.inflight: dict[int, InFlight] = {}
+        #: in-flight requests (handled, or their response being written) by connection:
+        #: a connection handles one request at a time
+        self.inflight: dict[TrackedRequestHandler, web.BaseRequest] = {}
         self.websockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+        #: response classes seen, and whether each is a WebSocket's
+        self._websocket_kinds: dict[type[web.StreamResponse], bool] = {}
         self.pending_accepts = 0
         self.draining = False
         self.requests_total = 0
@@ -294,69 +292,61 @@ class Tracker:
         self._changed.set()
 
     def install(self, app: web.Application) -> None:
-        """Add the tracking middleware (outermost) and the response hook to ``app``."""
-        app.middlewares.insert(0, self._middleware)
+        """Add the response hook to ``app``; its requests are tracked by the protocol
+        (:class:`TrackedRequestHandler`), not by a middleware: nothing is added between
+        aiohttp and the application's own handler."""
         app.on_response_prepare.append(self._on_response_prepare)
 
-    @web.middleware
-    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        proto = request.protocol
-        if isinstance(proto, TrackedRequestHandler):
-            proto.request_started()
-        limits = self.limits
+    def refusal(self, request: web.BaseRequest) -> web.HTTPException | None:
+        """The limit ``request`` is over (counted), or None: it is admitted."""
         if (
             self.max_concurrency
             and len(self.inflight) >= self.max_concurrency
             and request.path not in self.exempt_paths
         ):
             self.rejected["overload"] += 1
-            raise web.HTTPServiceUnavailable(
+            return web.HTTPServiceUnavailable(
                 headers={"Retry-After": "1"}, text="overloaded, retry shortly\n"
             )
-        length = request.content_length
-        if limits.max_body_size and length is not None and length > limits.max_body_size:
-            self.rejected["body_too_large"] += 1
-            raise web.HTTPRequestEntityTooLarge(max_size=limits.max_body_size, actual_size=length)
+        most = self.limits.max_body_size
+        if most and request.body_exists:
+            length = request.content_length
+            if length is not None and length > most:
+                self.rejected["body_too_large"] += 1
+                return web.HTTPRequestEntityTooLarge(max_size=most, actual_size=length)
+        return None
+
+    def began(self, proto: TrackedRequestHandler, request: web.BaseRequest) -> None:
+        """``request`` of ``proto`` was admitted: its handler starts."""
         self.requests_total += 1
         if self.requests_total == self.request_limit and self.on_limit is not None:
             self.on_limit()
-        began = time.monotonic()
-        self.inflight[id(request)] = InFlight(request, began)
-        if isinstance(proto, TrackedRequestHandler):
-            self._cancel_timer(proto)
-        #: the response's status for the canary's counts; None: the handler was cancelled
-        status: int | None = None
-        try:
-            if not limits.request_timeout or request.path in self.exempt_paths:
-                response = await handler(request)
-            else:
-                response = await self._bounded(request, handler)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        except Exception:
-            status = 500  # aiohttp answers an unhandled exception with 500
-            raise
-        finally:
-            del self.inflight[id(request)]
-            stats = self.stats
-            if stats is not None and status is not None and request.path not in self.exempt_paths:
-                stats.record(status, time.monotonic() - began)
-            if self.draining:
-                self.completed_in_drain += 1
-                if isinstance(proto, TrackedRequestHandler):
-                    # A response prepared before the drain keeps the connection alive:
-                    # that connection gets its own grace once it turns idle.
-                    self._arm(proto)
-                    if self.handover is not None and (task := asyncio.current_task()):
-                        # once the response is written and the connection parked: this
-                        # task's callbacks run after the connection's own loop resumed
-                        task.add_done_callback(functools.partial(self._offered, proto))
-            self._changed.set()
+        self.inflight[proto] = request
+        if self._timers:
+            self._cancel_timer(proto)  # a drain's idle grace: the connection is not idle
 
-    async def _bounded(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    def ended(
+        self, proto: TrackedRequestHandler, request: web.BaseRequest, status: int | None
+    ) -> None:
+        """``request`` is answered (its response written), or ``status`` None: cancelled."""
+        del self.inflight[proto]
+        stats = self.stats
+        if stats is not None and status is not None and request.path not in self.exempt_paths:
+            stats.record(status, time.monotonic() - proto.request_began)
+        if self.draining:
+            self.completed_in_drain += 1
+            # A response prepared before the drain kept the connection alive: that
+            # connection gets its own grace now that it turns idle.
+            self._arm(proto)
+            if self.handover is not None and (task := asyncio.current_task()):
+                # once the connection is parked: this task's callbacks run after the
+                # connection's own loop resumed
+                task.add_done_callback(functools.partial(self._offered, proto))
+            self._changed.set()  # only a drain waits for it
+
+    async def bounded(
+        self, handler: RequestHandlerFunc, request: web.BaseRequest
+    ) -> web.StreamResponse:
         """The handler within ``request_timeout``; 503 if it ran out before responding."""
         scope = asyncio.timeout(self.limits.request_timeout)
         try:
@@ -382,7 +372,12 @@ class Tracker:
     async def _on_response_prepare(
         self, request: web.BaseRequest, response: web.StreamResponse
     ) -> None:
-        if isinstance(response, web.WebSocketResponse):
+        kind = type(response)
+        websocket = self._websocket_kinds.get(kind)
+        if websocket is None:  # isinstance() of a response is slow: it is a MutableMapping
+            websocket = self._websocket_kinds[kind] = issubclass(kind, web.WebSocketResponse)
+        if websocket:
+            assert isinstance(response, web.WebSocketResponse)
             self.websockets.add(response)
             if self.draining:
                 asyncio.get_running_loop().call_soon(self._close_websocket, response)
@@ -471,7 +466,7 @@ class Tracker:
         if not is_parked(proto):
             # Still writing a response, or a request is being handled: it closes
             # itself after a Connection: close response, or re-arms at request end.
-            if not any(f.request.protocol is proto for f in self.inflight.values()):
+            if proto._current_request is None:
                 self._arm(proto)  # finishing a response prepared before the drain
             return
         if proto.last_rx > idle_since or unread_bytes(proto) > 0 or proto.request_arriving:
@@ -553,20 +548,21 @@ class Tracker:
         cancelled: list[str] = []
         if not drained:
             now = time.monotonic()
-            for item in list(self.inflight.values()):
-                req = item.request
-                desc = f"{req.method} {req.path_qs} (running {now - item.started:.1f}s)"
-                cancelled.append(desc)
-                log.warning(
-                    "cancelling request past the shutdown deadline: %s",
-                    desc,
-                    extra={"SDSERVE_PHASE": "drain", "SDSERVE_REQUEST": f"{req.method} {req.path}"},
-                )
-                req.task.cancel()
+            for proto, req in list(self.inflight.items()):
+                if proto._current_request is req:  # its handler runs (perhaps for a gone client)
+                    desc = f"{req.method} {req.path_qs} (running {now - proto.request_began:.1f}s)"
+                    cancelled.append(desc)
+                    log.warning(
+                        "cancelling request past the shutdown deadline: %s",
+                        desc,
+                        extra={
+                            "SDSERVE_PHASE": "drain",
+                            "SDSERVE_REQUEST": f"{req.method} {req.path}",
+                        },
+                    )
+                    req.task.cancel()
             for proto in list(self.connections):
-                if in_progress(proto) and not any(
-                    f.request.protocol is proto for f in self.inflight.values()
-                ):
+                if in_progress(proto) and proto._current_request is None:
                     # its handler is done, its response is not: a reader too slow for
                     # the deadline (a large body, a file)
                     peer = proto.transport.get_extra_info("peername") if proto.transport else None
@@ -604,6 +600,7 @@ class TrackedRequestHandler(RequestHandler):
         "main",
         "offered",
         "refused",
+        "request_began",
         "tracker",
     )
 
@@ -621,6 +618,8 @@ class TrackedRequestHandler(RequestHandler):
         #: the hand-over did not take it: drained like any connection
         self.refused = False
         self._header_timer: asyncio.TimerHandle | None = None
+        #: when the request being handled began (time.monotonic())
+        self.request_began = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -640,28 +639,36 @@ class TrackedRequestHandler(RequestHandler):
             callback()
 
     def data_received(self, data: bytes) -> None:
-        if data:
-            loop = asyncio.get_running_loop()
-            self.last_rx = loop.time()
-            timeout = self.tracker.limits.header_timeout
-            if self.tracker.draining:
-                timeout = min(timeout, self.tracker.idle_grace)
-            if self._header_timer is None and timeout > 0 and not in_progress(self):
-                # the first byte of a request: its line and headers must follow in time
-                self._header_timer = loop.call_at(self.last_rx + timeout, self._header_late)
-            started_at_boundary = self.at_boundary
-            queued = queued_requests(self)
+        if not data:
             super().data_received(data)
-            # Whether these bytes end where a request ends. Without a body, a request ends
-            # with its header block (and a chunked body with its empty last chunk); a
-            # whole request with a Content-Length body in one read is checked by its
-            # length. Anything else (a body over several reads) is taken as not at a
-            # boundary: that connection is not handed over, only drained.
-            self.at_boundary = data.endswith(b"\r\n\r\n") or (
-                started_at_boundary and _one_request_with_body(self, data, queued)
-            )
             return
+        self.last_rx = now = self._loop.time()
+        started_at_boundary = self.at_boundary
+        queued = len(self._messages)
         super().data_received(data)
+        # Whether these bytes end where a request ends. Without a body, a request ends
+        # with its header block (and a chunked body with its empty last chunk); a
+        # whole request with a Content-Length body in one read is checked by its
+        # length. Anything else (a body over several reads) is taken as not at a
+        # boundary: that connection is not handed over, only drained.
+        ends = data.endswith(b"\r\n\r\n")
+        self.at_boundary = ends or (
+            started_at_boundary and _one_request_with_body(self, data, queued)
+        )
+        if (
+            ends
+            or self._header_timer is not None
+            or len(self._messages) > queued
+            or self._request_in_progress
+        ):
+            return  # no request line and headers left incomplete (the usual case: no timer)
+        # bytes of a request whose line and headers are not all here: they must follow in
+        # time (from these first bytes; later bytes do not move the deadline)
+        timeout = self.tracker.limits.header_timeout
+        if self.tracker.draining:
+            timeout = min(timeout, self.tracker.idle_grace)
+        if timeout > 0:
+            self._header_timer = self._loop.call_at(now + timeout, self._header_late)
 
     @property
     def request_arriving(self) -> bool:
@@ -676,8 +683,33 @@ class TrackedRequestHandler(RequestHandler):
             timer.cancel()
             self._header_timer = asyncio.get_running_loop().call_at(when, self._header_late)
 
-    def request_started(self) -> None:
-        self._cancel_header_timer()
+    async def _handle_request(
+        self,
+        request: web.BaseRequest,
+        start_time: float | None,
+        request_handler: RequestHandlerFunc,
+    ) -> tuple[web.StreamResponse, bool]:
+        """aiohttp's handling of one request, tracked: refused at a limit, or counted in
+        flight from its handler's start until its response is written."""
+        timer = self._header_timer
+        if timer is not None:  # its line and headers are complete
+            timer.cancel()
+            self._header_timer = None
+        tracker = self.tracker
+        refusal = tracker.refusal(request)
+        if refusal is not None:
+            return await super()._handle_request(request, start_time, _raising(refusal))
+        self.request_began = time.monotonic()
+        tracker.began(self, request)
+        if tracker.limits.request_timeout and request.path not in tracker.exempt_paths:
+            request_handler = functools.partial(tracker.bounded, request_handler)
+        status: int | None = None  # None: cancelled
+        try:
+            response, reset = await super()._handle_request(request, start_time, request_handler)
+            status = response.status
+            return response, reset
+        finally:
+            tracker.ended(self, request, status)
 
     def _cancel_header_timer(self) -> None:
         if self._header_timer is not None:
@@ -716,6 +748,15 @@ class TrackedRequestHandler(RequestHandler):
         response = web.Response(status=status, text=f"{reason.replace('_', ' ')}\n")
         response.force_close()
         return response
+
+
+def _raising(exc: web.HTTPException) -> RequestHandlerFunc:
+    """A handler that answers with ``exc`` (a limit's status), as aiohttp answers a raise."""
+
+    async def refuse(request: web.BaseRequest) -> web.StreamResponse:
+        raise exc
+
+    return refuse
 
 
 def _one_request_with_body(proto: TrackedRequestHandler, data: bytes, queued: int) -> bool:
