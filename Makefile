@@ -63,6 +63,7 @@ test-unit: venv
 	$(BIN)/pytest $(PYTEST_ARGS) tests --ignore=tests/system
 
 bench: venv
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m tests.bench
 
 # Random interleavings of lifecycle events under load (tests/interleaving.py); CI runs a few

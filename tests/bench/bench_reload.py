@@ -10,6 +10,7 @@ ratio is p99 during the actions over steady p99, measured in the same run.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sys
 import tempfile
@@ -105,6 +106,53 @@ async def _throughput(workers: int) -> float:
     return rates[0]
 
 
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cost(pid: int) -> tuple[float, int, int]:
+    """CPU seconds (user + system), minor and major page faults of ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK, int(fields[7]), int(fields[9])
+
+
+RELOADS = 5
+
+
+async def _reload_cost(workers: int = 2) -> str:
+    """What starting one worker of a reload costs: its CPU time and page faults up to the
+    end of the reload, with no load (so nothing but its start is counted)."""
+    costs: list[tuple[float, int, int]] = []
+
+    async def body(launcher: Launcher, port: int) -> str:
+        supervisor = launcher.pid
+        assert supervisor is not None
+        for _ in range(RELOADS):
+            before = _children(supervisor)
+            await launcher.reload(timeout=60)
+            for pid in _children(supervisor) - before:
+                costs.append(_cost(pid))
+        return ""
+
+    await _with_service(workers, body)
+    n = len(costs)
+    cpu = sorted(c[0] for c in costs)
+    minor = sorted(c[1] for c in costs)
+    major = sorted(c[2] for c in costs)
+    return (
+        f"reload cost per new worker ({n} workers over {RELOADS} reloads, no load): "
+        f"CPU {cpu[n // 2] * 1000:.0f} ms (median; {cpu[0] * 1000:.0f}-{cpu[-1] * 1000:.0f}), "
+        f"minor page faults {minor[n // 2]:,} ({minor[0]:,}-{minor[-1]:,}), "
+        f"major {major[n // 2]} ({major[0]}-{major[-1]})"
+    )
+
+
 async def _main() -> str:
     lines = [f"open-loop {RATE:.0f} req/s, half keep-alive, {ACTIONS} actions every {EVERY:g}s"]
     lines.append(
@@ -121,6 +169,7 @@ async def _main() -> str:
             f"ratio {during / steady:.2f}{' (goal <= 1.5)' if kind == 'reload' else ''}; "
             f"{kind} took {min(took):.2f}-{max(took):.2f}s"
         )
+    lines.append(await _reload_cost())
     one, two = await _throughput(1), await _throughput(2)
     lines.append(
         f"throughput (closed loop, 64 keep-alive clients, the drill on the same 2 cores): "
