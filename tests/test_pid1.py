@@ -78,9 +78,11 @@ class Pid1:
 
 
 @contextlib.asynccontextmanager
-async def pid1(*args: str, workers: int = 0) -> AsyncIterator[Pid1]:
+async def pid1(*args: str, workers: int = 0, namespace: bool = True) -> AsyncIterator[Pid1]:
+    """sdserve as PID 1 of a new PID namespace (or, ``namespace=False``, as a plain child)."""
     port = free_port()
-    argv = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "sdserve"]
+    argv = ["unshare", "--pid", "--fork", "--mount-proc"] if namespace else []
+    argv += [sys.executable, "-m", "sdserve"]
     argv += ["run", APP, "--bind", f"{HOST}:{port}", "--log", "json"]
     argv += ["--workers", str(workers), *args]
     proc = await asyncio.create_subprocess_exec(
@@ -94,9 +96,13 @@ async def pid1(*args: str, workers: int = 0) -> AsyncIterator[Pid1]:
     log = JsonLog(proc.stdout)
     reader = asyncio.create_task(log.read())
     try:
-        await log.expect("ready", ready, timeout=60)
-        (init,) = host_children(proc.pid)  # unshare's one child
-        assert inner_pid(init) == 1
+        if namespace:
+            await log.expect("ready", ready, timeout=60)
+            (init,) = host_children(proc.pid)  # unshare's one child
+            assert inner_pid(init) == 1
+        else:
+            await log.expect("ready", lambda x: x.get("phase") == "ready", timeout=60)
+            init = proc.pid
         yield Pid1(proc, port, log, init)
     finally:
         if proc.returncode is None:
@@ -109,7 +115,9 @@ async def pid1(*args: str, workers: int = 0) -> AsyncIterator[Pid1]:
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("workers", [0, 1], ids=["single-process", "supervisor"])
-async def test_pid1_reaps_orphans_and_keeps_its_workers_exit_statuses(workers: int) -> None:
+async def test_pid1_reaps_orphans_keeps_its_workers_exit_statuses_and_reloads(
+    workers: int,
+) -> None:
     async with pid1("--drain-delay", "0", workers=workers) as server:
         orphans = await make_orphans(server.port, ORPHANS, status=7)
         lines = await server.log.expect("the orphans reaped", reaped, count=ORPHANS, timeout=30)
@@ -131,7 +139,22 @@ async def test_pid1_reaps_orphans_and_keeps_its_workers_exit_statuses(workers: i
                 "a new worker", lambda x: x.get("phase") == "worker-ready", count=2
             )
             assert len([line for line in server.log.lines if reaped(line)]) == ORPHANS
+            # SIGHUP reaches PID 1 too: a reload (podman kill -s HUP)
+            os.kill(server.init, signal.SIGHUP)
+            await server.log.expect("the reload", lambda x: x.get("phase") == "reloaded")
         assert (await get(HOST, server.port, "/")).status == 200
+        assert await server.stop() == 0
+
+
+@pytest.mark.asyncio
+async def test_reap_orphans_yes_reaps_as_a_child_subreaper_outside_a_container() -> None:
+    async with pid1("--reap-orphans", "yes", "--drain-delay", "0", namespace=False) as server:
+        orphans = await make_orphans(server.port, ORPHANS, status=5)
+        lines = await server.log.expect("the orphans reaped", reaped, count=ORPHANS, timeout=30)
+        assert {line["orphan"] for line in lines} == orphans
+        assert {line["status"] for line in lines} == {5}
+        assert {line["pid"] for line in lines} == {server.init}
+        assert zombies(server.init) == []
         assert await server.stop() == 0
 
 

@@ -31,6 +31,8 @@ from typing import IO
 
 import pytest
 
+from sdserve.config import Config
+from sdserve.units import timeout_stop_sec
 from tests.helpers import HOST, get, load
 from tests.pid1 import (
     JsonLog,
@@ -54,8 +56,13 @@ WORKERS = 2
 DRAIN_DELAY = 1.0
 SHUTDOWN_TIMEOUT = 5.0
 CLEANUP_TIMEOUT = 2.0
-# podman stop's timeout must exceed everything sdserve does on a stop
-STOP_TIMEOUT = int(DRAIN_DELAY + SHUTDOWN_TIMEOUT + CLEANUP_TIMEOUT) + 5
+# podman stop's timeout must exceed everything sdserve does on a stop (its stop budget), by
+# the margin of systemd's TimeoutStopSec= and Kubernetes' terminationGracePeriodSeconds
+STOP_TIMEOUT = timeout_stop_sec(
+    Config(
+        drain_delay=DRAIN_DELAY, shutdown_timeout=SHUTDOWN_TIMEOUT, cleanup_timeout=CLEANUP_TIMEOUT
+    )
+)
 ORPHANS = 10
 
 #: podman as it runs on this machine: runc (no crun), cgroupfs (no systemd as PID 1 of the
