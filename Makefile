@@ -25,7 +25,7 @@ help:
 	@echo "make fuzz   - random interleavings of reloads, stops, kills and faults under load"
 	@echo "make lint   - ruff check, ruff format --check, mypy --strict"
 
-$(CACHE)/apt.stamp:
+$(CACHE)/apt.stamp: Makefile
 	@mkdir -p $(CACHE)
 	@missing=$$(for p in $(APT_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
