@@ -10,7 +10,8 @@ PYTEST_ARGS ?=
 
 # Debian packages the build, the tests and the demo need.
 APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libsystemd-dev \
-	wrk systemd-container debootstrap iproute2 procps curl ca-certificates chromium fuse3
+	wrk systemd-container debootstrap iproute2 procps curl ca-certificates chromium fuse3 \
+	podman runc
 
 # Extra prerequisites of `make test`, appended to by the fragments included below.
 TEST_PREREQS :=
@@ -24,7 +25,7 @@ help:
 	@echo "make fuzz   - random interleavings of reloads, stops, kills and faults under load"
 	@echo "make lint   - ruff check, ruff format --check, mypy --strict"
 
-$(CACHE)/apt.stamp:
+$(CACHE)/apt.stamp: Makefile
 	@mkdir -p $(CACHE)
 	@missing=$$(for p in $(APT_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \

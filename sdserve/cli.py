@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -32,6 +32,7 @@ from .handover import store_capacity
 from .log import configure_logging, stop_logging
 from .notify import Notifier
 from .probes import start_probes
+from .reaper import reaping, stop_signals_before_serving
 
 # aiohttp and what imports it (checks, worker, supervisor) are imported once the sockets
 # are taken and the admin socket answers: importing them takes a few hundred milliseconds
@@ -131,6 +132,7 @@ def take_sockets(cfg: Config, whole: Callable[[], Config]) -> tuple[Config, Acti
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    stop_signals_before_serving()  # as PID 1, a stop signal without a handler is lost
     cfg = _load_light(args)
     if not cfg.app:
         raise ConfigError(
@@ -176,7 +178,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         from .loops import factory
 
-        return run_bounded(serving, grace=cfg.cleanup_timeout, loop_factory=factory(cfg.loop))
+        return run_bounded(
+            _reaping(cfg, serving), grace=cfg.cleanup_timeout, loop_factory=factory(cfg.loop)
+        )
     from .supervisor import supervise
 
     # a reload reads every layer again: the same file, environment and flags
@@ -189,6 +193,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         store_capacity=store,
         probes=probes,
     )
+
+
+async def _reaping(cfg: Config, serving: Coroutine[Any, Any, int]) -> int:
+    """``serving``, reaping orphans meanwhile if ``reap_orphans`` asks for it."""
+    with reaping(cfg.reap_orphans):
+        return await serving
 
 
 def describe_handover(cfg: Config, store: int, activated: Activated) -> None:

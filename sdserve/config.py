@@ -39,7 +39,8 @@ ENV_PREFIX = "SDSERVE_"
 #: one worker per CPU this process may use (affinity and cgroup quota count)
 DEFAULT_WORKERS = available_cpus()
 
-LogTarget = Literal["auto", "journal", "stderr"]
+LogTarget = Literal["auto", "journal", "stderr", "json"]
+ReapOrphans = Literal["auto", "yes", "no"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 HealthPlacement = Literal["main", "admin", "both"]
 EventLoop = Literal["auto", "uvloop", "asyncio"]
@@ -374,11 +375,20 @@ class Config:
     log: LogTarget = field(
         default="auto",
         metadata={
-            "doc": "where logs go: journal (structured fields), stderr, or auto (the "
-            "journal when stderr is connected to it)"
+            "doc": "where logs go: journal (structured fields), stderr, json (one JSON "
+            "object per line on stdout, for containers), or auto (the journal when stderr "
+            "is connected to it, else stderr)"
         },
     )
     log_level: LogLevel = field(default="info", metadata={"doc": "the lowest level logged"})
+    reap_orphans: ReapOrphans = field(
+        default="auto",
+        metadata={
+            "doc": "reap orphaned processes that end up as sdserve's children (their zombies "
+            "would pile up otherwise): auto does it when sdserve is PID 1 (in a container), "
+            "yes also elsewhere (sdserve becomes a child subreaper), no never"
+        },
+    )
     access_log: bool = field(
         default=False, metadata={"doc": "log one line per request (logger sdserve.access)"}
     )

@@ -1,10 +1,14 @@
-"""Logging set-up: journald with structured fields, or plain lines on stderr.
+"""Logging set-up: journald with structured fields, plain lines on stderr, or JSON on stdout.
 
 Lifecycle records carry upper-case ``extra`` fields (``SDSERVE_PHASE``,
 ``SDSERVE_CHECK``, ``SDSERVE_DURATION_MS``...). The journal handler sends them as
 journal fields; on stderr they are appended as ``key=value``. Under systemd
 without a journal stream, stderr lines get ``<N>`` syslog priority prefixes,
-which journald and syslog understand.
+which journald and syslog understand. With ``log = "json"`` (containers, where
+stdout is collected), each record is one JSON object on one line of stdout
+(:class:`JsonFormatter`): ``timestamp``, ``level``, ``logger``, ``message``,
+``pid``, the ``extra`` fields in lower case without their ``SDSERVE_`` prefix
+(``phase``, ``check``...), and ``exception`` when there is one.
 
 Nothing here blocks the event loop. A record is put on a bounded queue
 (:data:`QUEUE_SIZE`) and a thread of its own writes it: a journald that stalls
@@ -17,6 +21,9 @@ catches up it logs how many were lost, once, as a warning
 from __future__ import annotations
 
 import contextlib
+import copy
+import datetime
+import json
 import logging
 import logging.handlers
 import os
@@ -64,6 +71,56 @@ class StderrFormatter(logging.Formatter):
             return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
         stamp = self.formatTime(record, "%H:%M:%S")
         return f"{stamp} {record.levelname:<7} {record.name}[{record.process}]: {text}"
+
+
+#: the keys :class:`JsonFormatter` writes itself; an extra field of the same name is
+#: written with an ``extra_`` prefix instead of replacing them
+JSON_KEYS = ("timestamp", "level", "logger", "message", "pid", "exception")
+_FIELD_PREFIX = "SDSERVE_"
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line (newlines in the message are escaped).
+
+    ``timestamp`` is RFC 3339 in UTC with microseconds, ``level`` the lower-case level
+    name, ``logger`` the logger's name, ``pid`` the writing process (a supervisor and its
+    workers share stdout). Every ``SDSERVE_*`` extra field follows, named in lower case
+    without the prefix; values that are not JSON scalars are written as their ``str()``.
+    Reusable for any logger whose lines go to a log collector (``format_fields``).
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        out: dict[str, Any] = {
+            "timestamp": stamp.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
+        out.update(self.format_fields(record))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            out["exception"] = record.exc_text
+        return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+
+    @staticmethod
+    def format_fields(record: logging.LogRecord) -> dict[str, Any]:
+        """The record's ``SDSERVE_*`` extra fields as JSON keys (``SDSERVE_PHASE``: ``phase``)."""
+        extra: dict[str, Any] = {}
+        for key, value in record.__dict__.items():
+            if not key.startswith(_FIELD_PREFIX):
+                continue
+            name = key[len(_FIELD_PREFIX) :].lower()
+            extra[f"extra_{name}" if name in JSON_KEYS else name] = _jsonable(value)
+        return extra
 
 
 def stderr_is_journal(environ: Mapping[str, str], stream: TextIO) -> bool:
@@ -154,6 +211,21 @@ class _Writer(threading.Thread):
         return note
 
 
+class _JsonQueue(LogQueue):
+    """A :class:`LogQueue` that keeps a record's traceback apart from its message (the
+    base class merges them), for :class:`JsonFormatter`'s ``exception`` key."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        prepared = copy.copy(record)
+        prepared.message = prepared.msg = record.getMessage()
+        prepared.args = None
+        if record.exc_info and not record.exc_text:
+            prepared.exc_text = logging.Formatter().formatException(record.exc_info)
+        prepared.exc_info = None
+        prepared.stack_info = None
+        return prepared
+
+
 def _queues() -> list[LogQueue]:
     return [h for h in logging.getLogger().handlers if isinstance(h, LogQueue)]
 
@@ -176,8 +248,10 @@ def configure_logging(
     level: LogLevel,
     environ: Mapping[str, str] | None = None,
     stream: TextIO | None = None,
+    stdout: TextIO | None = None,
 ) -> str:
-    """Configure the root logger; returns the target used (``journal`` or ``stderr``)."""
+    """Configure the root logger; returns the target used (``journal``, ``stderr`` or
+    ``json``). ``stream`` stands for stderr, ``stdout`` for stdout (the json target's)."""
     env = os.environ if environ is None else environ
     out = sys.stderr if stream is None else stream
     stop_logging()
@@ -185,6 +259,11 @@ def configure_logging(
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.setLevel(level.upper())
+    if target == "json":
+        lines = logging.StreamHandler(sys.stdout if stdout is None else stdout)
+        lines.setFormatter(JsonFormatter())
+        root.addHandler(_JsonQueue(lines))
+        return "json"
     under_systemd = "INVOCATION_ID" in env or "JOURNAL_STREAM" in env
     use_journal = target == "journal" or (target == "auto" and stderr_is_journal(env, out))
     missing = ""

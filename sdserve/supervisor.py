@@ -70,6 +70,7 @@ from .log import fields as _fields
 from .loops import factory
 from .notify import Notifier
 from .probes import START_CHECKS, StartupProbes, start_check_entries
+from .reaper import reaping
 from .worker import serve_in_process, service_facts
 
 log = logging.getLogger("sdserve.supervisor")
@@ -547,6 +548,10 @@ class Supervisor:
         self._loop.add_reader(proc.pidfd, self._on_exit, action.worker)
         self.feed(lc.Spawned(action.worker, proc.pid))
 
+    def worker_pids(self) -> set[int]:
+        """The workers' PIDs: their exit statuses are this supervisor's to collect."""
+        return {proc.pid for proc in self.procs.values()}
+
     # -- whole life ----------------------------------------------------------------------
 
     async def run(self) -> int:
@@ -624,7 +629,8 @@ def supervise(
             store_capacity=store_capacity,
             probes=probes,
         )
-        return await supervisor.run()
+        with reaping(config.reap_orphans, owned=supervisor.worker_pids):
+            return await supervisor.run()
 
     return asyncio.run(main())
 

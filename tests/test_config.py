@@ -56,7 +56,9 @@ def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
     assert "health.bogus: unknown key" in problems
     assert "environment: SDSERVE_IDLE_GRACE: expected a duration" in problems
     assert "environment: SDSERVE_NOPE: unknown setting" in problems
-    assert "command line: --log: expected one of auto, journal, stderr, got 'syslog'" in problems
+    assert (
+        "command line: --log: expected one of auto, journal, stderr, json, got 'syslog'" in problems
+    )
 
 
 def test_cross_field_rules() -> None:

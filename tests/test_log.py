@@ -3,9 +3,13 @@ drops are counted and reported once the target is back."""
 
 from __future__ import annotations
 
+import datetime
+import io
+import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -64,3 +68,38 @@ def test_a_stalled_log_target_never_blocks_the_caller(
     assert "SDSERVE_PHASE=log-dropped" in notes[0]
     written = sum(1 for line in text.splitlines() if ": line " in line)
     assert written + dropped == lines
+
+
+def test_json_lines_on_stdout_carry_the_fields_and_parse() -> None:
+    """``log = "json"``: one JSON object per line on stdout, extra fields included."""
+    read_fd, write_fd = os.pipe()
+    out = os.fdopen(write_fd, "w")
+    err = io.StringIO()
+    try:
+        assert configure_logging("json", "info", environ={}, stream=err, stdout=out) == "json"
+        log = logging.getLogger("sdserve.test")
+        log.info("two\nlines %s", "here", extra={"SDSERVE_PHASE": "ready", "SDSERVE_PID": 9})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("it failed")
+        log.debug("below the level")
+    finally:
+        stop_logging(timeout=10)
+        out.close()
+    with os.fdopen(read_fd) as lines:
+        records = [json.loads(line) for line in lines]
+    assert err.getvalue() == ""
+    assert len(records) == 2
+    first, second = records
+    assert first["message"] == "two\nlines here"
+    assert first["level"] == "info"
+    assert first["logger"] == "sdserve.test"
+    assert first["pid"] == os.getpid()
+    assert first["phase"] == "ready"
+    assert first["extra_pid"] == 9  # an extra field never replaces a key of the format
+    stamp = datetime.datetime.fromisoformat(first["timestamp"])
+    assert stamp.utcoffset() == datetime.timedelta(0)
+    assert abs(time.time() - stamp.timestamp()) < 600
+    assert second["level"] == "error"
+    assert "ValueError: boom" in second["exception"]
