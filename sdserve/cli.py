@@ -32,7 +32,7 @@ from .handover import store_capacity
 from .log import configure_logging, stop_logging
 from .notify import Notifier
 from .probes import start_probes
-from .reaper import reaping, stop_signals_before_serving
+from .reaper import reaping, stop_signals_before_serving, wants_reaping
 
 # aiohttp and what imports it (checks, worker, supervisor) are imported once the sockets
 # are taken and the admin socket answers: importing them takes a few hundred milliseconds
@@ -178,8 +178,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         from .loops import factory
 
+        loop = cfg.loop
+        if loop != "asyncio" and wants_reaping(cfg.reap_orphans):
+            # uvloop keeps SIGCHLD to itself, and the reaper needs it (workers >= 1 reap in
+            # the supervisor, which runs on asyncio, and serve on uvloop)
+            if loop == "uvloop":
+                log.warning(
+                    "loop = uvloop: serving on asyncio instead, since this single process "
+                    "reaps orphans (reap_orphans, as PID 1) and uvloop keeps SIGCHLD to "
+                    "itself; workers >= 1 serve on uvloop and reap in the supervisor"
+                )
+            loop = "asyncio"
         return run_bounded(
-            _reaping(cfg, serving), grace=cfg.cleanup_timeout, loop_factory=factory(cfg.loop)
+            _reaping(cfg, serving), grace=cfg.cleanup_timeout, loop_factory=factory(loop)
         )
     from .supervisor import supervise
 

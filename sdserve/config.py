@@ -369,7 +369,8 @@ class Config:
         default="auto",
         metadata={
             "doc": "the event loop of the processes that serve: uvloop (faster), asyncio, "
-            "or auto (uvloop when it is installed, as the packages install it)"
+            "or auto (uvloop when it is installed, as the packages install it; asyncio "
+            "for a single process that reaps orphans, since uvloop keeps SIGCHLD)"
         },
     )
     log: LogTarget = field(

@@ -56,3 +56,19 @@ async def test_workers_serve_on_uvloop_through_a_reload(
     # two workers, then two more after the reload: all on uvloop
     assert len(workers) == 4, ready
     assert all("(uvloop)" in line for line in workers), workers
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("loop", ["auto", "uvloop"])
+async def test_a_single_process_that_reaps_orphans_serves_on_asyncio(
+    make_launcher: LauncherFactory, loop: str
+) -> None:
+    """uvloop refuses a SIGCHLD handler, and the reaper needs one."""
+    launcher = make_launcher("--reap-orphans", "yes", "--loop", loop)
+    instance = await launcher.start()
+    assert await launcher.stop() == ExitCode.OK
+    log = instance.log_text()
+    ready = [line for line in log.splitlines() if "ready after" in line]
+    assert len(ready) == 1, log
+    assert "(asyncio) SDSERVE_PHASE=ready" in ready[0], ready
+    assert ("loop = uvloop: serving on asyncio instead" in log) == (loop == "uvloop"), log
