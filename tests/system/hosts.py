@@ -70,6 +70,8 @@ class Host:
     workdir: Path
     box: Box | None = None
     drain_delay: float = 0.0
+    #: HAProxy's check window, told to sdserve (``lb_check_window``)
+    lb_check_window: float = 0.0
 
     @property
     def netns_path(self) -> Path:
@@ -122,7 +124,8 @@ class Host:
         """The service's config file (read at its next start or reload)."""
         self.running.write(
             CONFIG,
-            f'app = "sdserve.demo:create_app"\nworkers = 2\ndrain_delay = {drain_delay}\n',
+            'app = "sdserve.demo:create_app"\nworkers = 2\n'
+            f"drain_delay = {drain_delay}\nlb_check_window = {self.lb_check_window}\n",
         )
 
     @property
@@ -337,7 +340,9 @@ def haproxy(hosts: list[Host], workdir: Path, *, retry: bool = False) -> Iterato
 
 
 @contextlib.contextmanager
-def hosts_in_namespaces(flavour: str, n: int, drain_delay: float) -> Iterator[list[Host]]:
+def hosts_in_namespaces(
+    flavour: str, n: int, drain_delay: float, lb_check_window: float
+) -> Iterator[list[Host]]:
     workdir = Path(tempfile.mkdtemp(prefix="sds-hosts-"))
     subnet = free_subnet()
     tag = os.getpid() % 100_000
@@ -351,6 +356,7 @@ def hosts_in_namespaces(flavour: str, n: int, drain_delay: float) -> Iterator[li
             flavour=flavour,
             workdir=workdir,
             drain_delay=drain_delay,
+            lb_check_window=lb_check_window,
         )
         for k in range(n)
     ]

@@ -26,6 +26,7 @@ from sdserve.drill.outcome import classify
 from .conftest import put_figure
 from .hosts import UNITS, Checks, HAProxy, Host, haproxy, hosts_in_namespaces
 from .test_systemd import SERVICE
+from .testbed import message
 
 FLAVOUR = "252"
 CHECKS = Checks()
@@ -42,7 +43,7 @@ pytestmark = [pytest.mark.timeout(300)]
 
 @pytest.fixture(scope="module")
 def hosts(testbed: None) -> Iterator[list[Host]]:
-    with hosts_in_namespaces(FLAVOUR, 3, DRAIN_DELAY) as hs:
+    with hosts_in_namespaces(FLAVOUR, 3, DRAIN_DELAY, CHECKS.down_window) as hs:
         yield hs
 
 
@@ -114,6 +115,12 @@ def rolling(proxy: HAProxy, hosts: list[Host], op: Callable[[Host], None], *, le
     return "; ".join(detail)
 
 
+def drain_delay_warnings(h: Host, cursor: str | None = None) -> list[str]:
+    """What sdserve said about its drain_delay (sdserve.loadbalancer) in the host's journal."""
+    entries = h.running.journal(cursor=cursor, unit=SERVICE)
+    return [message(e) for e in entries if e.get("SDSERVE_PHASE") == "drain-delay"]
+
+
 def restart(h: Host) -> None:
     h.running.systemctl("restart", SERVICE)
 
@@ -168,7 +175,17 @@ def test_a_host_that_leaves_without_drain_delay_fails_requests(
     when the sockets close."""
     h = hosts[0]
     h.configure(0.0)
+    cursor = h.running.cursor()
     h.running.systemctl("restart", SERVICE)  # the running instance reads it at its start
+    # sdserve knows the window (lb_check_window) and says the setting breaks the rule
+    said = drain_delay_warnings(h, cursor)
+    assert len(said) == 1, said
+    assert said[0].startswith(
+        f"drain_delay (0s) is shorter than lb_check_window ({CHECKS.down_window:g}s)"
+    ), said
+    # and only there: the hosts that keep the rule have never been warned
+    for other in hosts[1:]:
+        assert drain_delay_warnings(other) == []
     try:
         with haproxy(hosts, tmp_path_factory.mktemp("haproxy")) as proxy:
             result = drill(proxy, 12.0, lambda: rolling(proxy, [h], stop_start, leaves=True))
