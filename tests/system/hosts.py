@@ -2,8 +2,9 @@
 
 Each host is a box (``testbed.Box``) booted in a network namespace that the test creates
 (``ip netns add``), joined to this machine by a veth pair on a /30 of its own in 10.77.N.0/24.
-The shipped units run there, with a drop-in that moves both sockets from 127.0.0.1 to the
-box's address: ``http`` on :8080, ``admin`` (the health endpoints) on :8081.
+The shipped units run there, with drop-ins that move both sockets from 127.0.0.1 to the
+box's address (``http`` on :8080, ``admin``, the health endpoints, on :8081) and make every
+start of the service start the admin socket too (``Wants=``, see units/LOADBALANCER.md).
 
 HAProxy (Debian's package) runs on this machine: its frontend is a socket the test bound on
 127.0.0.1 and hands over (``bind fd@N``), so the drill's traffic only ever goes to loopback
@@ -34,7 +35,11 @@ from .testbed import Box, BoxError
 
 HTTP_PORT = 8080
 ADMIN_PORT = 8081
-UNITS = ("sdserve.socket", "sdserve-admin.socket", SERVICE)
+#: admin socket first: `systemctl start` queues a job per unit, one after the other, and a
+#: connection to the http socket starts the service at once; started before the admin
+#: socket, the service makes systemd refuse it ("already active, refusing"). (The drop-in
+#: Wants= of Host.boot makes it certain.)
+UNITS = ("sdserve-admin.socket", "sdserve.socket", SERVICE)
 CONFIG = "/etc/sdserve/sdserve.toml"
 
 
@@ -115,6 +120,8 @@ class Host:
             units[f"{unit}.d/50-host.conf"] = (
                 f"[Socket]\nListenStream=\nListenStream={self.address}:{port}\n"
             )
+        # the admin socket starts with every start of the service (units/LOADBALANCER.md)
+        units[f"{SERVICE}.d/60-admin.conf"] = "[Unit]\nWants=sdserve-admin.socket\n"
         self.box.install_units(units)
         self.configure(self.drain_delay)
         self.box.systemctl("start", *UNITS)

@@ -7,13 +7,21 @@ Each host is a systemd box (252, Debian 12's own) in a network namespace of the 
 the shipped units and ``drain_delay`` set by the rule of ``units/LOADBALANCER.md``:
 longer than HAProxy's ``inter`` x ``fall`` + ``timeout check``. The drill runs on this
 machine against HAProxy on 127.0.0.1 (see ``hosts.py``). A step of a rolling operation
-starts when HAProxy has reported the previous host UP again (its log is the event).
+starts when HAProxy has reported the previous host UP again (its log is the event). The
+drill lasts a fixed time, sized for a loaded machine: each test asserts that its operation
+ended at least a second before the load did.
+
+Last, two boxes in one network namespace: each ``systemctl reload`` reaches its own service
+(the control socket's name carries the PID namespace).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
+import re
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 
@@ -25,7 +33,7 @@ from sdserve.drill.outcome import classify
 
 from .conftest import put_figure
 from .hosts import UNITS, Checks, HAProxy, Host, haproxy, hosts_in_namespaces
-from .test_systemd import SERVICE
+from .test_systemd import SERVICE, main_pid
 from .testbed import message
 
 FLAVOUR = "252"
@@ -254,3 +262,34 @@ def test_a_killed_host_fails_only_its_requests_and_none_with_retries(
             f"{summary(result)}; DOWN {down - killed:.3f} s after the kill",
         )
         assert_no_failures(result, proxy)
+
+
+# ---- two boxes in one network namespace -----------------------------------------------------
+
+
+def test_two_boxes_sharing_a_network_namespace_each_reload_their_own_service(
+    testbed: None,
+) -> None:
+    """Abstract unix sockets belong to the network namespace, PIDs to the PID namespace: two
+    boxes in one network namespace may run sdserve as the same PID (they boot alike). The
+    control socket's name carries the PID namespace, so each ``systemctl reload`` (which asks
+    ``sdserve reload $MAINPID``) reaches its own service."""
+    with hosts_in_namespaces(FLAVOUR, 1, DRAIN_DELAY, CHECKS.down_window) as [a]:
+        b = dataclasses.replace(a, name="b", address="127.0.0.1", box=None)
+        try:
+            b.boot()
+            pids = [main_pid(h.running) for h in (a, b)]
+            sockets = subprocess.run(
+                ["nsenter", f"--net={a.netns_path}", "ss", "-xlH"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            names = sorted(set(re.findall(r"@sdserve/\S+/control", sockets)))
+            assert len(names) == 2, sockets
+            for h in (a, b):
+                h.running.systemctl("reload", SERVICE)
+            record("two boxes in one network namespace", f"main PIDs {pids}, {names}")
+        finally:
+            if b.box is not None:
+                b.box.stop()
