@@ -16,6 +16,7 @@ server state change to a unix datagram socket of the test's: ``Server hosts/h1 i
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import shutil
@@ -41,6 +42,8 @@ ADMIN_PORT = 8081
 #: Wants= of Host.boot makes it certain.)
 UNITS = ("sdserve-admin.socket", "sdserve.socket", SERVICE)
 CONFIG = "/etc/sdserve/sdserve.toml"
+#: numbers the groups of hosts of one pytest process (their namespaces' and veths' names)
+_GROUPS = itertools.count()
 
 
 def sh(*argv: str) -> None:
@@ -77,6 +80,8 @@ class Host:
     drain_delay: float = 0.0
     #: HAProxy's check window, told to sdserve (``lb_check_window``)
     lb_check_window: float = 0.0
+    #: whether this host made its namespace and veth pair (and so removes them)
+    network: bool = False
 
     @property
     def netns_path(self) -> Path:
@@ -84,6 +89,7 @@ class Host:
 
     def create_network(self) -> None:
         sh("ip", "netns", "add", self.netns)
+        self.network = True
         sh(
             "ip",
             "link",
@@ -105,6 +111,10 @@ class Host:
         sh("ip", "-n", self.netns, "link", "set", "lo", "up")
 
     def remove_network(self) -> None:
+        """Remove what create_network made (never a namespace of the same name it found)."""
+        if not self.network:
+            return
+        self.network = False
         # deleting the namespace deletes its veth end, and with it the pair
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, check=False)
         subprocess.run(["ip", "link", "del", self.veth], capture_output=True, check=False)
@@ -352,7 +362,7 @@ def hosts_in_namespaces(
 ) -> Iterator[list[Host]]:
     workdir = Path(tempfile.mkdtemp(prefix="sds-hosts-"))
     subnet = free_subnet()
-    tag = os.getpid() % 100_000
+    tag = f"{os.getpid() % 100_000}x{next(_GROUPS)}"  # interface names: 15 characters at most
     hosts = [
         Host(
             name=f"h{k + 1}",

@@ -59,9 +59,16 @@ def record(name: str, value: str) -> None:
     put_figure(FLAVOUR, f"hosts: {name}", value)
 
 
-def drill(proxy: HAProxy, duration: float, step: Callable[[], str], at: float = 1.0) -> DrillResult:
+def drill(
+    proxy: HAProxy,
+    duration: float,
+    step: Callable[[], str],
+    at: float = 1.0,
+    progress: list[str] | None = None,
+) -> DrillResult:
     """The drill through HAProxy for ``duration`` s, running ``step`` (blocking: in a thread)
-    ``at`` s in. The step must end a second before the load does."""
+    ``at`` s in. The step must end a second before the load does; ``progress`` is what it
+    did so far (shown if it fails)."""
 
     async def act() -> str:
         return await asyncio.to_thread(step)
@@ -80,7 +87,8 @@ def drill(proxy: HAProxy, duration: float, step: Callable[[], str], at: float = 
     [rec] = result.actions
     assert proxy.log is not None
     changes = "\n".join(f"{c.at - result.t0:.2f} s: {c.text.strip()}" for c in proxy.log.changes)
-    assert rec.ok, f"{rec.detail}; HAProxy's state changes:\n{changes}"
+    done = "; ".join(progress or [])
+    assert rec.ok, f"{rec.detail} (done: {done}); HAProxy's state changes:\n{changes}"
     assert rec.end <= result.duration - 1.0, (
         f"the step ended at {rec.end:.1f} s, too close to the load's end "
         f"({result.duration:.1f} s): the test's duration is too short for this machine"
@@ -102,25 +110,33 @@ def assert_no_failures(result: DrillResult, proxy: HAProxy) -> None:
     assert result.failures == 0, summary(result) + "\n" + proxy.stop()
 
 
-def rolling(proxy: HAProxy, hosts: list[Host], op: Callable[[Host], None], *, leaves: bool) -> str:
-    """``op`` on each host in turn. ``leaves``: the host must be seen DOWN by HAProxy during
-    ``op``, and the next host waits until it is UP again. Without: HAProxy must not see any
-    change of state at all."""
+def rolling(
+    proxy: HAProxy,
+    hosts: list[Host],
+    op: Callable[[Host], None],
+    progress: list[str],
+    *,
+    leaves: bool,
+) -> str:
+    """``op`` on each host in turn, saying each step in ``progress``. ``leaves``: the host
+    must be seen DOWN by HAProxy during ``op``, and the next host waits until it is UP
+    again. Without: HAProxy must not see any change of state at all."""
     assert proxy.log is not None
     log = proxy.log
-    detail = []
     for h in hosts:
         mark = log.mark()
+        began = time.monotonic()
         op(h)
+        took = f"{h.name}: {op.__name__} {time.monotonic() - began:.2f} s"
         if leaves:
             down = log.wait(h.name, "DOWN", after=mark, timeout=STATE_TIMEOUT)
             up = log.wait(h.name, "UP", after=mark, timeout=STATE_TIMEOUT)
             assert down.at < up.at
-            detail.append(f"{h.name} down for {up.at - down.at:.2f} s")
+            progress.append(f"{took}, out of rotation {up.at - down.at:.2f} s")
         else:
             assert log.since(mark) == [], [c.text for c in log.since(mark)]
-            detail.append(f"{h.name} in rotation throughout")
-    return "; ".join(detail)
+            progress.append(f"{took}, in rotation throughout")
+    return "; ".join(progress)
 
 
 def drain_delay_warnings(h: Host, cursor: str | None = None) -> list[str]:
@@ -151,7 +167,10 @@ def test_rolling_restart_through_haproxy_loses_nothing(
     hosts: list[Host], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     with haproxy(hosts, tmp_path_factory.mktemp("haproxy")) as proxy:
-        result = drill(proxy, 32.0, lambda: rolling(proxy, hosts, restart, leaves=True))
+        steps: list[str] = []
+        result = drill(
+            proxy, 32.0, lambda: rolling(proxy, hosts, restart, steps, leaves=True), progress=steps
+        )
         assert_no_failures(result, proxy)
     record("rolling restart (3 hosts)", f"{summary(result)}; {result.actions[0].detail}")
 
@@ -160,7 +179,10 @@ def test_rolling_reload_through_haproxy_loses_nothing(
     hosts: list[Host], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     with haproxy(hosts, tmp_path_factory.mktemp("haproxy")) as proxy:
-        result = drill(proxy, 20.0, lambda: rolling(proxy, hosts, reload, leaves=False))
+        steps: list[str] = []
+        result = drill(
+            proxy, 30.0, lambda: rolling(proxy, hosts, reload, steps, leaves=False), progress=steps
+        )
         assert_no_failures(result, proxy)
     record("rolling reload (3 hosts)", f"{summary(result)}; {result.actions[0].detail}")
 
@@ -169,7 +191,13 @@ def test_rolling_stop_and_start_through_haproxy_loses_nothing(
     hosts: list[Host], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     with haproxy(hosts, tmp_path_factory.mktemp("haproxy")) as proxy:
-        result = drill(proxy, 36.0, lambda: rolling(proxy, hosts, stop_start, leaves=True))
+        steps: list[str] = []
+        result = drill(
+            proxy,
+            40.0,
+            lambda: rolling(proxy, hosts, stop_start, steps, leaves=True),
+            progress=steps,
+        )
         assert_no_failures(result, proxy)
     record("rolling stop + start (3 hosts)", f"{summary(result)}; {result.actions[0].detail}")
 
@@ -196,7 +224,13 @@ def test_a_host_that_leaves_without_drain_delay_fails_requests(
         assert drain_delay_warnings(other) == []
     try:
         with haproxy(hosts, tmp_path_factory.mktemp("haproxy")) as proxy:
-            result = drill(proxy, 12.0, lambda: rolling(proxy, [h], stop_start, leaves=True))
+            steps: list[str] = []
+            result = drill(
+                proxy,
+                12.0,
+                lambda: rolling(proxy, [h], stop_start, steps, leaves=True),
+                progress=steps,
+            )
     finally:
         h.configure(DRAIN_DELAY)
         h.running.systemctl("restart", SERVICE)
@@ -275,7 +309,7 @@ def test_two_boxes_sharing_a_network_namespace_each_reload_their_own_service(
     control socket's name carries the PID namespace, so each ``systemctl reload`` (which asks
     ``sdserve reload $MAINPID``) reaches its own service."""
     with hosts_in_namespaces(FLAVOUR, 1, DRAIN_DELAY, CHECKS.down_window) as [a]:
-        b = dataclasses.replace(a, name="b", address="127.0.0.1", box=None)
+        b = dataclasses.replace(a, name="b", address="127.0.0.1", box=None, network=False)
         try:
             b.boot()
             pids = [main_pid(h.running) for h in (a, b)]
