@@ -160,6 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     store = store_capacity(os.environ, cfg.fd_store_max) if cfg.handover else 0
     describe_handover(cfg, store, activated)
+    warn_drain_delay(cfg, [ls.name for ls in listeners])
     log.info(
         "sockets %s: %s",
         "taken from systemd" if listeners[0].inherited else "bound",
@@ -210,6 +211,14 @@ async def _reaping(cfg: Config, serving: Coroutine[Any, Any, int]) -> int:
     """``serving``, reaping orphans meanwhile if ``reap_orphans`` asks for it."""
     with reaping(cfg.reap_orphans):
         return await serving
+
+
+def warn_drain_delay(cfg: Config, sockets: list[str]) -> None:
+    """Said once at start: a ``drain_delay`` too short for a load balancer in front."""
+    from .loadbalancer import drain_delay_warnings
+
+    for text in drain_delay_warnings(cfg, sockets):
+        log.warning("%s", text, extra={"SDSERVE_PHASE": "drain-delay"})
 
 
 def describe_handover(cfg: Config, store: int, activated: Activated) -> None:

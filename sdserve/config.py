@@ -181,7 +181,15 @@ class Config:
         default=0.0,
         metadata={
             "doc": "on a stop, keep serving but report not ready this long before the "
-            "drain starts (for load balancers to notice)"
+            "drain starts (for load balancers to notice; longer than `lb_check_window`)"
+        },
+    )
+    lb_check_window: float = field(
+        default=0.0,
+        metadata={
+            "doc": "the longest the load balancer in front takes to take this host out of "
+            "rotation once /readyz fails (HAProxy: inter + (fall - 1) x fastinter + timeout "
+            "check); a shorter `drain_delay` is warned about at start; 0: not known"
         },
     )
     shutdown_timeout: float = field(
@@ -630,6 +638,7 @@ def _validate(cfg: Config, problems: _Problems) -> None:
     positive("health.interval", cfg.health.interval)
     positive("health.loop_stall", cfg.health.loop_stall)
     non_negative("drain_delay", cfg.drain_delay)
+    non_negative("lb_check_window", cfg.lb_check_window)
     non_negative("idle_grace", cfg.idle_grace)
     non_negative("max_requests", cfg.max_requests)
     non_negative("max_requests_jitter", cfg.max_requests_jitter)

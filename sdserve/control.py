@@ -6,10 +6,11 @@ outcome, so that ``systemctl reload`` fails when the reload failed (a bad releas
 a broken config, a service that cannot reload), on every systemd version. A
 plain SIGHUP still reloads, but nothing can tell its sender how it went.
 
-The socket is ``@sdserve/PID/control`` in the abstract namespace (it vanishes with
-the process, and needs no writable directory in a hardened unit). Both ends check
-each other with ``SO_PEERCRED``: the service answers only root and its own user,
-and the command talks only to the process whose PID it was given.
+The socket is ``@sdserve/PID/PIDNS/control`` in the abstract namespace (it vanishes with
+the process, and needs no writable directory in a hardened unit); PIDNS is the inode of the
+PID namespace, so that services in containers sharing a network namespace do not collide.
+Both ends check each other with ``SO_PEERCRED``: the service answers only root and its own
+user, and the command talks only to the process whose PID it was given.
 
 The protocol, one line each way: the client sends ``reload``; the service sends
 ``progress TEXT`` lines while it works, then one verdict, ``ok TEXT``,
@@ -43,8 +44,30 @@ _UCRED = struct.Struct("3i")
 MAX_REQUEST = 256
 
 
-def control_address(pid: int) -> str:
-    """The control socket of the sdserve process ``pid`` (abstract: a leading NUL)."""
+def pid_namespace() -> str:
+    """The inode of this process's PID namespace, or "" where /proc cannot tell."""
+    try:
+        link = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return ""
+    return link.removeprefix("pid:[").removesuffix("]")
+
+
+def control_address(pid: int, namespace: str | None = None) -> str:
+    """The control socket of the sdserve process ``pid`` (abstract: a leading NUL).
+
+    Abstract names belong to the network namespace, and PIDs to the PID namespace: two
+    containers that share a network but not their PIDs (systemd boxes, pods) may each run
+    sdserve as the same PID. So the name carries the PID namespace (``namespace``: the
+    caller's, by default), in which both ends must be for the PID to mean the same process.
+    """
+    ns = pid_namespace() if namespace is None else namespace
+    return f"\0sdserve/{pid}/{ns}/control" if ns else legacy_control_address(pid)
+
+
+def legacy_control_address(pid: int) -> str:
+    """The name before the PID namespace was in it: a service started by an older sdserve
+    (before an upgrade restarts it) still listens there."""
     return f"\0sdserve/{pid}/control"
 
 
@@ -212,7 +235,10 @@ def connect(pid: int, timeout: float | None) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(control_address(pid))
+        try:
+            sock.connect(control_address(pid))
+        except ConnectionRefusedError:
+            sock.connect(legacy_control_address(pid))
     except OSError as exc:
         sock.close()
         raise ReloadError(

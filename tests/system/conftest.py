@@ -102,12 +102,17 @@ _FIGURES: dict[str, str] = {}
 _BOOTS: dict[str, list[float]] = {}
 
 
+def put_figure(flavour: str, name: str, value: str) -> None:
+    """Record a measured figure for the summary (for fixtures wider than a test)."""
+    _FIGURES[f"systemd {flavour}: {name}"] = value
+
+
 @pytest.fixture
 def record(flavour: str) -> Callable[[str, str], None]:
     """Record a measured figure (exposure, boot time, load totals) for the summary."""
 
     def put(name: str, value: str) -> None:
-        _FIGURES[f"systemd {flavour}: {name}"] = value
+        put_figure(flavour, name, value)
 
     return put
 

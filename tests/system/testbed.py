@@ -218,8 +218,12 @@ class Box:
         workdir: Path | None = None,
         timeout: float = 60.0,
         binds: Sequence[tuple[Path, str]] = (),
+        netns: Path | None = None,
     ) -> Box:
-        """``binds``: host folders mounted read-only into the box (host path, box path)."""
+        """``binds``: host folders mounted read-only into the box (host path, box path).
+        ``netns``: a network namespace the test made (``ip netns add``: its file under
+        /run/netns) for the box to boot in, instead of a private one with only ``lo``; the
+        test gives it its interfaces (a veth end, addresses) and removes it after."""
         root = root or rootfs.rootfs_path(flavour)
         if not rootfs.is_current(flavour, root.parent):
             raise BoxError(f"rootfs {root} is missing or stale: run `make test` or rootfs.py")
@@ -247,7 +251,6 @@ class Box:
             "--timezone=off",
             "--link-journal=no",
             "--resolv-conf=off",
-            "--private-network",
             "--volatile=overlay",
             "--notify-ready=yes",
             f"--bind-ro={sdserve_source()}:{rootfs.SRC_MOUNT}/sdserve",
@@ -255,7 +258,17 @@ class Box:
         ]
         # A bind's host folder may be under /run, which the box's mount namespace covers with
         # a fresh tmpfs: mount each on a stage in the workdir first (in that namespace only).
+        # The same for the network namespace's file (nspawn opens it after the tmpfs).
         stages = ""
+        if netns is None:
+            nspawn.append("--private-network")
+        else:
+            if not netns.exists():
+                raise BoxError(f"no network namespace at {netns}")
+            stage = workdir / "netns"
+            stage.touch()
+            stages += f"mount --bind {shlex.quote(str(netns))} {shlex.quote(str(stage))} && "
+            nspawn.append(f"--network-namespace-path={stage}")
         for i, (host, inside) in enumerate(binds):
             stage = workdir / f"bind{i}"
             stage.mkdir()
@@ -313,6 +326,14 @@ class Box:
             return (self.workdir / "console.log").read_text(errors="replace")[-4000:]
         except OSError:
             return ""
+
+    def kill(self, timeout: float = 30.0) -> None:
+        """Kill the box outright, as a host that loses power: SIGKILL to its PID 1, after
+        which the kernel kills every process of its PID namespace at once (no unit is
+        stopped, no socket drained). Waits for nspawn to exit; ``stop()`` still cleans up."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.leader, signal.SIGKILL)
+        self.proc.wait(timeout=timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Power the box off (SIGTERM to nspawn), then clean up its cgroups."""
