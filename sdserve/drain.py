@@ -45,8 +45,10 @@ the deadline, and ``on_cleanup`` runs after the last request.
 Limits are answered with their status and counted in :attr:`Tracker.rejected`: 408
 (header timeout), 413 (a declared body over ``max_body_size``), 414 (request line
 over ``max_request_line``), 431 (a header field over ``max_header_size``, or more
-than ``max_headers``), 503 with ``Retry-After`` (``max_concurrency``, and
-``request_timeout`` when the response had not started).
+than ``max_headers``), 503 with ``Retry-After`` (overload, by
+:mod:`sdserve.admission`: the adaptive limit, the queue's deadline, a client's rate, or
+``max_concurrency`` when admission control is off; and ``request_timeout`` when the
+response had not started).
 
 Three pieces of aiohttp's protocol state are read, each in one function: the future
 its request loop parks on between requests (:func:`is_parked`, the same signal
@@ -75,6 +77,7 @@ from aiohttp import WSCloseCode, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from .admission import Admission, Priority
 from .canary import RequestStats
 
 log = logging.getLogger("sdserve.drain")
@@ -126,6 +129,8 @@ def movable(proto: TrackedRequestHandler) -> bool:
 # -- what the application sees of the drain ---------------------------------------------
 
 DrainHook = Callable[[web.Application], Awaitable[None]]
+#: this worker's admission controller, for the application to read (its limit, counts)
+ADMISSION = web.AppKey("sdserve.admission", Admission)
 DRAINING = web.AppKey("sdserve.draining", asyncio.Event)
 DRAIN_HOOKS = web.AppKey("sdserve.drain_hooks", list[DrainHook])
 
@@ -269,6 +274,8 @@ class Tracker:
         self.stats: RequestStats | None = None
         self.completed_in_drain = 0
         self.idle_closed = 0
+        #: adaptive limit, wait queue, priorities (None: only max_concurrency, a static cap)
+        self.admission: Admission | None = None
         #: paths that are never shed under overload (health probes)
         self.exempt_paths: set[str] = set()
         #: after this many requests (0: never), call on_limit once
@@ -296,6 +303,8 @@ class Tracker:
     def install(self, app: web.Application) -> None:
         """Add the tracking middleware (outermost) and the response hook to ``app``."""
         app.middlewares.insert(0, self._middleware)
+        if self.admission is not None:
+            app[ADMISSION] = self.admission
         app.on_response_prepare.append(self._on_response_prepare)
 
     @web.middleware
@@ -304,18 +313,42 @@ class Tracker:
         if isinstance(proto, TrackedRequestHandler):
             proto.request_started()
         limits = self.limits
-        if (
+        admission = self.admission
+        #: the admission controller's clock when it let this request in (None: not counted)
+        admitted_at: float | None = None
+        if admission is not None:
+            if request.path not in self.exempt_paths and getattr(proto, "main", True):
+                arrived = getattr(proto, "last_rx", 0.0) or admission.clock()
+                priority = Priority.NORMAL
+                if admission.classifies:
+                    header = admission.settings.priority_header
+                    mark = request.headers.get(header) if header else None
+                    priority = admission.priority_of(request.path, mark)
+                client = request.remote if admission.settings.client_rate else None
+                got = admission.admit(arrived, priority, client)
+                if got is not None:
+                    if isinstance(got, str):
+                        return _shed(got)
+                    try:
+                        refused = await got  # queued: admitted, or refused at its deadline
+                    except asyncio.CancelledError:
+                        admission.abandon(got)
+                        raise
+                    if refused is not None:
+                        return _shed(refused)
+                admitted_at = admission.clock()
+        elif (
             self.max_concurrency
             and len(self.inflight) >= self.max_concurrency
             and request.path not in self.exempt_paths
         ):
-            self.rejected["overload"] += 1
-            raise web.HTTPServiceUnavailable(
-                headers={"Retry-After": "1"}, text="overloaded, retry shortly\n"
-            )
+            self.rejected["limit"] += 1
+            return _shed("limit")
         length = request.content_length
         if limits.max_body_size and length is not None and length > limits.max_body_size:
             self.rejected["body_too_large"] += 1
+            if admitted_at is not None:
+                admission.release(admitted_at)  # type: ignore[union-attr]
             raise web.HTTPRequestEntityTooLarge(max_size=limits.max_body_size, actual_size=length)
         self.requests_total += 1
         if self.requests_total == self.request_limit and self.on_limit is not None:
@@ -341,6 +374,8 @@ class Tracker:
             raise
         finally:
             del self.inflight[id(request)]
+            if admitted_at is not None:
+                admission.release(admitted_at)  # type: ignore[union-attr]
             stats = self.stats
             if stats is not None and status is not None and request.path not in self.exempt_paths:
                 stats.record(status, time.monotonic() - began)
@@ -729,6 +764,25 @@ def _one_request_with_body(proto: TrackedRequestHandler, data: bytes, queued: in
         return False
     end = data.find(b"\r\n\r\n")
     return end >= 0 and len(data) - (end + 4) == int(length)
+
+
+_SHED_BODY = b"overloaded, retry shortly\n"
+_SHED_REASON = {
+    "limit": "concurrency limit",
+    "queue_deadline": "queue deadline",
+    "client_rate": "client rate",
+}
+
+
+def _shed(reason: str) -> web.Response:
+    """The 503 of a refused request (built cheaply: a refusal must cost far less than
+    the work it saves)."""
+    return web.Response(
+        status=503,
+        body=_SHED_BODY,
+        content_type="text/plain",
+        headers={"Retry-After": "1", "X-Sdserve-Shed": _SHED_REASON.get(reason, reason)},
+    )
 
 
 def set_nodelay(sock: socket.socket) -> None:
