@@ -325,7 +325,8 @@ class Tracker:
                     mark = request.headers.get(header) if header else None
                     priority = admission.priority_of(request.path, mark)
                 client = request.remote if admission.settings.client_rate else None
-                got = admission.admit(arrived, priority, client)
+                work = getattr(proto, "rx_cpu", None)
+                got = admission.admit(arrived, priority, client, work)
                 if got is not None:
                     if isinstance(got, str):
                         return _shed(got)
@@ -639,6 +640,7 @@ class TrackedRequestHandler(RequestHandler):
         "main",
         "offered",
         "refused",
+        "rx_cpu",
         "tracker",
     )
 
@@ -650,6 +652,8 @@ class TrackedRequestHandler(RequestHandler):
         #: a connection of the application (not of the admin socket): it may be handed over
         self.main = main
         self.last_rx = 0.0
+        #: the process's CPU time when bytes last came (None: no admission control)
+        self.rx_cpu: float | None = None
         #: the bytes read so far end where a request ends (nothing of the next is read)
         self.at_boundary = True
         self.offered = False
@@ -678,6 +682,8 @@ class TrackedRequestHandler(RequestHandler):
         if data:
             loop = asyncio.get_running_loop()
             self.last_rx = loop.time()
+            if self.tracker.admission is not None:
+                self.rx_cpu = time.process_time()
             timeout = self.tracker.limits.header_timeout
             if self.tracker.draining:
                 timeout = min(timeout, self.tracker.idle_grace)

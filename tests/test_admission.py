@@ -294,3 +294,15 @@ def test_max_concurrency_stays_a_hard_cap_over_the_adaptive_limit() -> None:
     for _ in range(200):
         adm.gradient.update(0.002, 1000)
     assert adm.gradient.limit == 8
+
+
+def test_the_wait_for_the_loop_counts_this_processs_work_not_the_hosts() -> None:
+    clock = Clock()
+    cpu = [5.0]
+    adm = Admission(Settings(), clock=clock, cpu_clock=lambda: cpu[0], schedule=clock.schedule)
+    # read 300 ms ago (the host ran other processes), 2 ms of this process's work since
+    cpu[0] += 0.002
+    assert adm.admit(clock.now - 0.3, work_since=5.0) is None
+    # 150 ms of work for the requests ahead of it: past the deadline
+    cpu[0] += 0.15
+    assert adm.admit(clock.now, work_since=5.0) == QUEUE_DEADLINE
