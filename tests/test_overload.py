@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import statistics
 from typing import Any
 
@@ -60,10 +61,13 @@ async def capacity(port: int, path: str) -> float:
 
 
 async def test_at_5x_overload_probes_pass_and_refusals_are_503_before_the_handler(
-    make_launcher: LauncherFactory, port: int
+    make_launcher: LauncherFactory, port: int, listen_sock: socket.socket
 ) -> None:
-    launcher = make_launcher(app=APP, env=ENV)
+    admin = socket.create_server((HOST, 0))
+    admin_port = admin.getsockname()[1]
+    launcher = make_launcher(app=APP, env=ENV, sockets=[("http", listen_sock), ("admin", admin)])
     await launcher.start()
+    admin.close()  # the server has its own copy
     cap = await capacity(port, "/cpu?ms=1")
     before = await stats(port)
     spec = DrillSpec(
@@ -81,13 +85,14 @@ async def test_at_5x_overload_probes_pass_and_refusals_are_503_before_the_handle
             break
         for path in ("/livez", "/readyz"):
             probes.append((await get(HOST, port, path)).status)
+            probes.append((await get(HOST, admin_port, path)).status)
         response = await get(HOST, port, "/cpu?ms=1")
         sampled.append((response.status, response.headers))
     result = await drill
     after = await stats(port)
     assert await launcher.stop() == 0
 
-    # the probes were never shed
+    # the probes were never shed, on the main socket or the admin one
     assert probes
     assert set(probes) == {200}, probes
     # refusals are 503 with Retry-After, and there were some (5x the capacity)
