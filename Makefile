@@ -63,8 +63,11 @@ test: lint $(TEST_PREREQS)
 test-unit: venv
 	$(BIN)/pytest $(PYTEST_ARGS) tests --ignore=tests/system
 
-bench: venv
+$(BIN)/.bench-stamp: pyproject.toml $(BIN)/.stamp
 	$(BIN)/pip install -q -e '.[dev,bench]'
+	@touch $@
+
+bench: venv $(BIN)/.bench-stamp
 	$(BIN)/python -m tests.bench
 
 # Random interleavings of lifecycle events under load (tests/interleaving.py); CI runs a few

@@ -119,6 +119,91 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class OverloadConfig:
+    """Admission control under overload (:mod:`sdserve.admission`): an adaptive
+    concurrency limit per worker, a wait queue with a deadline, priorities, a rate per
+    client. ``max_concurrency`` stays a hard cap above all of it."""
+
+    enabled: bool = field(
+        default=False,
+        metadata={
+            "doc": "adaptive admission control (Gradient2 limit, CoDel queue); false (for "
+            "now the default, until `make bench` shows it ahead of the static cap): only "
+            "`max_concurrency`, a static cap"
+        },
+    )
+    initial_limit: int = field(
+        default=20,
+        metadata={"doc": "concurrency limit per worker at start, before latency moves it"},
+    )
+    min_limit: int = field(
+        default=4,
+        metadata={"doc": "the adaptive limit never goes below this many requests in flight"},
+    )
+    max_limit: int = field(
+        default=1000,
+        metadata={
+            "doc": "the adaptive limit never goes above this (nor above `max_concurrency` "
+            "when that is set)"
+        },
+    )
+    queue_size: int = field(
+        default=128,
+        metadata={"doc": "requests that may wait for a slot, per worker; 0: none wait"},
+    )
+    queue_target: float = field(
+        default=0.005,
+        metadata={
+            "doc": "the longest wait for a slot under sustained overload (CoDel's target); "
+            "the queue is then served newest first"
+        },
+    )
+    queue_interval: float = field(
+        default=0.1,
+        metadata={
+            "doc": "the longest wait otherwise; a worker not idle once in this long is "
+            "overloaded (CoDel's interval)"
+        },
+    )
+    critical_paths: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "doc": "path prefixes of critical requests: past the adaptive limit (not the "
+            "hard cap), first in the queue"
+        },
+    )
+    sheddable_paths: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "doc": "path prefixes of sheddable requests: never queued, refused first under overload"
+        },
+    )
+    priority_header: str = field(
+        default="",
+        metadata={
+            "doc": "a request header whose value (critical, normal, sheddable) sets the "
+            "priority, over the paths; empty: none (set it only where a proxy you trust "
+            "sets it)"
+        },
+    )
+    client_rate: int = field(
+        default=0,
+        metadata={
+            "doc": "requests per second one client address may send to one worker (a "
+            "token bucket), 503 past it; 0: no limit"
+        },
+    )
+    client_burst: int = field(
+        default=0,
+        metadata={"doc": "requests a client may send at once above its rate; 0: `client_rate`"},
+    )
+    log_interval: float = field(
+        default=10.0,
+        metadata={"doc": "while shedding, a summary of the refusals at most this often"},
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The effective configuration of one sdserve process.
 
@@ -288,8 +373,9 @@ class Config:
     max_concurrency: int = field(
         default=0,
         metadata={
-            "doc": "answer 503 with Retry-After past this many requests in flight per "
-            "process; 0: no limit (health probes are never shed)"
+            "doc": "hard cap: answer 503 with Retry-After past this many requests in flight "
+            "per process, whatever the adaptive limit (`[overload]`) says; 0: no cap "
+            "(health probes are never shed)"
         },
     )
     reload_timeout: float = field(
@@ -400,6 +486,13 @@ class Config:
     )
     access_log: bool = field(
         default=False, metadata={"doc": "log one line per request (logger sdserve.access)"}
+    )
+    overload: OverloadConfig = field(
+        default_factory=OverloadConfig,
+        metadata={
+            "doc": "admission control under overload: the adaptive concurrency limit, the "
+            "wait queue and its deadline, priorities, a rate per client"
+        },
     )
     health: HealthConfig = field(
         default_factory=HealthConfig,
@@ -646,6 +739,31 @@ def _validate(cfg: Config, problems: _Problems) -> None:
     non_negative("fd_store_max", cfg.fd_store_max)
     non_negative("warmup_parallel", cfg.warmup_parallel)
     non_negative("health.stall_hold", cfg.health.stall_hold)
+    ov = cfg.overload
+    for key in ("initial_limit", "min_limit", "max_limit"):
+        if getattr(ov, key) < 1:
+            problems.add(f"overload.{key}", f"must be at least 1, got {getattr(ov, key)}")
+    if ov.max_limit < ov.min_limit:
+        problems.add("overload.max_limit", f"must be at least overload.min_limit ({ov.min_limit})")
+    for key in ("queue_size", "client_rate", "client_burst"):
+        non_negative(f"overload.{key}", getattr(ov, key))
+    positive("overload.queue_target", ov.queue_target)
+    positive("overload.log_interval", ov.log_interval)
+    if ov.queue_interval < ov.queue_target:
+        problems.add(
+            "overload.queue_interval",
+            f"must be at least overload.queue_target ({ov.queue_target}s)",
+        )
+    for key in ("critical_paths", "sheddable_paths"):
+        for prefix in getattr(ov, key):
+            if not prefix.startswith("/"):
+                problems.add(
+                    f"overload.{key}", f"a path prefix must start with '/', got {prefix!r}"
+                )
+    if ov.priority_header and not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", ov.priority_header):
+        problems.add(
+            "overload.priority_header", f"must be a header name, got {ov.priority_header!r}"
+        )
     if not 0 <= cfg.warmup_nice <= 19:
         problems.add("warmup_nice", f"must be between 0 and 19, got {cfg.warmup_nice}")
     if cfg.retry_max < cfg.retry_initial:

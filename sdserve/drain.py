@@ -45,8 +45,10 @@ the deadline, and ``on_cleanup`` runs after the last request.
 Limits are answered with their status and counted in :attr:`Tracker.rejected`: 408
 (header timeout), 413 (a declared body over ``max_body_size``), 414 (request line
 over ``max_request_line``), 431 (a header field over ``max_header_size``, or more
-than ``max_headers``), 503 with ``Retry-After`` (``max_concurrency``, and
-``request_timeout`` when the response had not started).
+than ``max_headers``), 503 with ``Retry-After`` (overload, by
+:mod:`sdserve.admission`: the adaptive limit, the queue's deadline, a client's rate, or
+``max_concurrency`` when admission control is off; and ``request_timeout`` when the
+response had not started).
 
 Three pieces of aiohttp's protocol state are read, each in one function: the future
 its request loop parks on between requests (:func:`is_parked`, the same signal
@@ -75,6 +77,7 @@ from aiohttp import WSCloseCode, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from .admission import Admission, Priority
 from .canary import RequestStats
 
 log = logging.getLogger("sdserve.drain")
@@ -127,6 +130,8 @@ def movable(proto: TrackedRequestHandler) -> bool:
 # -- what the application sees of the drain ---------------------------------------------
 
 DrainHook = Callable[[web.Application], Awaitable[None]]
+#: this worker's admission controller, for the application to read (its limit, counts)
+ADMISSION = web.AppKey("sdserve.admission", Admission)
 DRAINING = web.AppKey("sdserve.draining", asyncio.Event)
 DRAIN_HOOKS = web.AppKey("sdserve.drain_hooks", list[DrainHook])
 
@@ -267,6 +272,8 @@ class Tracker:
         self.stats: RequestStats | None = None
         self.completed_in_drain = 0
         self.idle_closed = 0
+        #: adaptive limit, wait queue, priorities (None: only max_concurrency, a static cap)
+        self.admission: Admission | None = None
         #: paths that are never shed under overload (health probes)
         self.exempt_paths: set[str] = set()
         #: after this many requests (0: never), call on_limit once
@@ -295,19 +302,21 @@ class Tracker:
         """Add the response hook to ``app``; its requests are tracked by the protocol
         (:class:`TrackedRequestHandler`), not by a middleware: nothing is added between
         aiohttp and the application's own handler."""
+        if self.admission is not None:
+            app[ADMISSION] = self.admission
         app.on_response_prepare.append(self._on_response_prepare)
 
-    def refusal(self, request: web.BaseRequest) -> web.HTTPException | None:
-        """The limit ``request`` is over (counted), or None: it is admitted."""
+    def refusal(self, request: web.BaseRequest) -> web.StreamResponse | web.HTTPException | None:
+        """The limit ``request`` is over (counted), or None: it is admitted (by the
+        static cap; admission control, when on, comes next: :meth:`admit`)."""
         if (
-            self.max_concurrency
+            self.admission is None
+            and self.max_concurrency
             and len(self.inflight) >= self.max_concurrency
             and request.path not in self.exempt_paths
         ):
-            self.rejected["overload"] += 1
-            return web.HTTPServiceUnavailable(
-                headers={"Retry-After": "1"}, text="overloaded, retry shortly\n"
-            )
+            self.rejected["limit"] += 1
+            return _shed("limit")
         most = self.limits.max_body_size
         if most and request.body_exists:
             length = request.content_length
@@ -315,6 +324,29 @@ class Tracker:
                 self.rejected["body_too_large"] += 1
                 return web.HTTPRequestEntityTooLarge(max_size=most, actual_size=length)
         return None
+
+    async def admit(
+        self, proto: TrackedRequestHandler, request: web.BaseRequest, admission: Admission
+    ) -> str | None:
+        """Admission control for ``request``: None once admitted (perhaps after a wait in
+        the queue), else the reason it is shed."""
+        arrived = proto.last_rx or admission.clock()
+        priority = Priority.NORMAL
+        if admission.classifies:
+            header = admission.settings.priority_header
+            mark = request.headers.get(header) if header else None
+            priority = admission.priority_of(request.path, mark)
+        client = request.remote if admission.settings.client_rate else None
+        got = admission.admit(arrived, priority, client, proto.rx_cpu)
+        if got is None:
+            return None
+        if isinstance(got, str):
+            return got
+        try:
+            return await got  # queued: admitted (None), or refused at its deadline
+        except asyncio.CancelledError:
+            admission.abandon(got)
+            raise
 
     def began(self, proto: TrackedRequestHandler, request: web.BaseRequest) -> None:
         """``request`` of ``proto`` was admitted: its handler starts."""
@@ -330,6 +362,9 @@ class Tracker:
     ) -> None:
         """``request`` is answered (its response written), or ``status`` None: cancelled."""
         del self.inflight[proto]
+        if proto.admitted_at is not None:
+            self.admission.release(proto.admitted_at)  # type: ignore[union-attr]
+            proto.admitted_at = None
         stats = self.stats
         if stats is not None and status is not None and request.path not in self.exempt_paths:
             stats.record(status, time.monotonic() - proto.request_began)
@@ -595,12 +630,14 @@ class TrackedRequestHandler(RequestHandler):
 
     __slots__ = (
         "_header_timer",
+        "admitted_at",
         "at_boundary",
         "last_rx",
         "main",
         "offered",
         "refused",
         "request_began",
+        "rx_cpu",
         "tracker",
     )
 
@@ -612,6 +649,8 @@ class TrackedRequestHandler(RequestHandler):
         #: a connection of the application (not of the admin socket): it may be handed over
         self.main = main
         self.last_rx = 0.0
+        #: the process's CPU time when bytes last came (None: no admission control)
+        self.rx_cpu: float | None = None
         #: the bytes read so far end where a request ends (nothing of the next is read)
         self.at_boundary = True
         self.offered = False
@@ -620,6 +659,8 @@ class TrackedRequestHandler(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
         #: when the request being handled began (time.monotonic())
         self.request_began = 0.0
+        #: the admission controller's clock when it let the request in (None: not counted)
+        self.admitted_at: float | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -643,6 +684,8 @@ class TrackedRequestHandler(RequestHandler):
             super().data_received(data)
             return
         self.last_rx = now = self._loop.time()
+        if self.tracker.admission is not None:
+            self.rx_cpu = time.process_time()  # the work ahead of it, for admission
         started_at_boundary = self.at_boundary
         queued = len(self._messages)
         super().data_received(data)
@@ -698,7 +741,16 @@ class TrackedRequestHandler(RequestHandler):
         tracker = self.tracker
         refusal = tracker.refusal(request)
         if refusal is not None:
-            return await super()._handle_request(request, start_time, _raising(refusal))
+            answer = (
+                _raising(refusal) if isinstance(refusal, web.HTTPException) else _answering(refusal)
+            )
+            return await super()._handle_request(request, start_time, answer)
+        admission = tracker.admission
+        if admission is not None and self.main and request.path not in tracker.exempt_paths:
+            shed = await tracker.admit(self, request, admission)
+            if shed is not None:
+                return await super()._handle_request(request, start_time, _answering(_shed(shed)))
+            self.admitted_at = admission.clock()
         self.request_began = time.monotonic()
         tracker.began(self, request)
         if tracker.limits.request_timeout and request.path not in tracker.exempt_paths:
@@ -759,6 +811,15 @@ def _raising(exc: web.HTTPException) -> RequestHandlerFunc:
     return refuse
 
 
+def _answering(response: web.StreamResponse) -> RequestHandlerFunc:
+    """A handler that answers with ``response`` (a refusal)."""
+
+    async def answer(request: web.BaseRequest) -> web.StreamResponse:
+        return response
+
+    return answer
+
+
 def _one_request_with_body(proto: TrackedRequestHandler, data: bytes, queued: int) -> bool:
     """``data`` (read from a boundary) is exactly one request with a Content-Length body."""
     messages = getattr(proto, "_messages", None)
@@ -770,6 +831,25 @@ def _one_request_with_body(proto: TrackedRequestHandler, data: bytes, queued: in
         return False
     end = data.find(b"\r\n\r\n")
     return end >= 0 and len(data) - (end + 4) == int(length)
+
+
+_SHED_BODY = b"overloaded, retry shortly\n"
+_SHED_REASON = {
+    "limit": "concurrency limit",
+    "queue_deadline": "queue deadline",
+    "client_rate": "client rate",
+}
+
+
+def _shed(reason: str) -> web.Response:
+    """The 503 of a refused request (built cheaply: a refusal must cost far less than
+    the work it saves)."""
+    return web.Response(
+        status=503,
+        body=_SHED_BODY,
+        content_type="text/plain",
+        headers={"Retry-After": "1", "X-Sdserve-Shed": _SHED_REASON.get(reason, reason)},
+    )
 
 
 def set_nodelay(sock: socket.socket) -> None:

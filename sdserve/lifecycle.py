@@ -548,12 +548,15 @@ class Lifecycle:
             f"generation {cur.number}: {self.ready_count(cur.number)}/{cur.config.workers} "
             "workers ready"
         ]
-        # a serving worker whose dependencies fail says so ("not ready: db (...) failing")
+        # a serving worker whose dependencies fail says so ("not ready: db (...) failing"),
+        # and one that sheds load ("ready; shedding load (concurrency limit 12)")
         parts += [
             f"worker {w.id}: {w.status}"
             for w in self.live(cur.number)
             if w.state is WState.READY
-            and ("failing" in w.status or w.status.startswith("not ready"))
+            and (
+                "failing" in w.status or w.status.startswith("not ready") or "shedding" in w.status
+            )
         ]
         if self.incoming is not None:
             nxt = self.generations[self.incoming]

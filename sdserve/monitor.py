@@ -27,6 +27,7 @@ import asyncio
 import logging
 import time
 import traceback
+from collections.abc import Callable
 
 from .checks import Check, CheckRegistry, CheckResult, run_check
 from .config import HealthConfig
@@ -61,6 +62,8 @@ class CheckMonitor:
         self._period = tick_period(config)
         self._due = 0.0
         self._last_status: str | None = None
+        #: more for STATUS=, after the health (the worker's shedding); "" says nothing
+        self.also: Callable[[], str] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -225,10 +228,17 @@ class CheckMonitor:
             text += "; failing: " + ", ".join(degraded)
         return self.registry.redact(text)
 
+    def refresh_status(self) -> None:
+        """Send STATUS= again if what it says changed (the worker started or stopped
+        shedding)."""
+        self._update_status()
+
     def _update_status(self) -> None:
         if self.state.phase is not Phase.READY:
             return  # starting: the start-up gate reports; draining: the worker does
         text = self.status_text()
+        if self.also is not None and (more := self.also()):
+            text += f"; {more}"
         if text != self._last_status:
             self._last_status = text
             self.notifier.status(text)

@@ -74,6 +74,8 @@ from aiohttp import web
 from . import health
 from .acceptor import Acceptor, serve_connection
 from .activation import ActivationError, Listener, connection_from_fd
+from .admission import Admission
+from .admission import Settings as AdmissionSettings
 from .appload import AppLoadError, StartFailure, build_app, start_failure
 from .canary import STATS_FIELD, RequestStats
 from .checks import CheckResult, StartupFailed, checks_from_config, registry, wait_until_ready
@@ -255,6 +257,10 @@ class Worker:
             max_header_size=config.max_header_size,
         )
         self.tracker = Tracker(config.idle_grace, config.max_concurrency, limits)
+        self.admission = make_admission(config)
+        if self.admission is not None:
+            self.tracker.admission = self.admission
+            self.admission.on_shedding = self._shedding_changed
         if config.max_requests:
             # jitter, so that workers started together are not recycled together
             jitter = random.randint(0, config.max_requests_jitter)
@@ -271,6 +277,16 @@ class Worker:
         self._end_delay = asyncio.Event()
         self._force = asyncio.Event()
         self._force_reason = ""
+
+    def _shedding_status(self) -> str:
+        adm = self.admission
+        return adm.status_text() if adm is not None and adm.shedding else ""
+
+    def _shedding_changed(self, shedding: bool) -> None:
+        """STATUS= says so while the worker sheds load (under a supervisor, the service's
+        STATUS= shows the serving workers that do)."""
+        if self.monitor is not None and self.stage is Stage.SERVING:
+            self.monitor.refresh_status()
 
     def _ask_to_be_recycled(self) -> None:
         log.info(
@@ -356,6 +372,7 @@ class Worker:
         )
         checks_done = time.monotonic()
         self.monitor = CheckMonitor(self.state, reg, cfg.health, self.notifier)
+        self.monitor.also = self._shedding_status
         self.monitor.start()
         if self._before_ready is not None:
             self._before_ready()
@@ -599,11 +616,31 @@ class Worker:
                 idle_closed=report.idle_closed,
             ),
         )
-        if self.tracker.rejected:
+        refused = self.tracker.rejected.copy()
+        if self.admission is not None:
+            refused.update(self.admission.rejected)
+        if refused:
             log.info(
                 "refused by limits while serving: %s",
-                ", ".join(f"{k} {v}" for k, v in sorted(self.tracker.rejected.items())),
-                extra=_fields("limits", **self.tracker.rejected),
+                ", ".join(f"{k} {v}" for k, v in sorted(refused.items())),
+                extra=_fields("limits", **refused),
+            )
+        if (adm := self.admission) is not None and adm.admitted:
+            log.info(
+                "admission: %d admitted (%d after waiting in the queue), %d refused, "
+                "%d of them at their deadline in the queue; concurrency limit %d at the end",
+                adm.admitted,
+                adm.queued,
+                sum(adm.rejected.values()),
+                adm.expired,
+                adm.limit,
+                extra=_fields(
+                    "overload",
+                    admitted=adm.admitted,
+                    queued=adm.queued,
+                    expired=adm.expired,
+                    limit=adm.limit,
+                ),
             )
         self.notifier.status("running cleanup hooks")
         await self._cleanup(drained=True)
@@ -748,6 +785,28 @@ class Worker:
             log_start_failure(log, failure)
         await self._cleanup()
         return ExitCode.STARTUP
+
+
+def make_admission(config: Config) -> Admission | None:
+    """The admission controller of ``[overload]`` (None when it is off)."""
+    ov = config.overload
+    if not ov.enabled:
+        return None
+    settings = AdmissionSettings(
+        initial_limit=ov.initial_limit,
+        min_limit=ov.min_limit,
+        max_limit=ov.max_limit,
+        queue_size=ov.queue_size,
+        queue_target=ov.queue_target,
+        queue_interval=ov.queue_interval,
+        critical_paths=ov.critical_paths,
+        sheddable_paths=ov.sheddable_paths,
+        priority_header=ov.priority_header,
+        client_rate=ov.client_rate,
+        client_burst=ov.client_burst,
+        log_interval=ov.log_interval,
+    )
+    return Admission(settings, hard_cap=config.max_concurrency)
 
 
 def _dup_socket(proto: TrackedRequestHandler) -> int | None:

@@ -41,6 +41,14 @@ def _sdserve(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     )
 
 
+#: keys whose values have a form of their own (paths, a header name)
+_SAMPLES: dict[str, Any] = {
+    "overload.critical_paths": ("/pay", "/login"),
+    "overload.sheddable_paths": ("/report",),
+    "overload.priority_header": "X-Priority",
+}
+
+
 def _other_value(tp: Any, default: Any) -> Any:
     """A valid value of type ``tp`` that is not ``default``."""
     if tp is bool:
@@ -70,7 +78,13 @@ def _leaves() -> list[tuple[str, Any, Any]]:
     """(dotted key, type, default) of every key that is not a section or the check tables."""
     out = []
     defaults = Config()
-    for cls, prefix, obj in ((Config, "", defaults), (HealthConfig, "health.", defaults.health)):
+    sections = [(Config, "", defaults)] + [
+        (type(getattr(defaults, f.name)), f"{f.name}.", getattr(defaults, f.name))
+        for f in dataclasses.fields(Config)
+        if dataclasses.is_dataclass(getattr(defaults, f.name))
+    ]
+    assert HealthConfig in {cls for cls, _, _ in sections}
+    for cls, prefix, obj in sections:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
@@ -197,7 +211,7 @@ async def test_an_http_check_wants_the_documented_default_status() -> None:
 def test_every_environment_variable_sets_its_key() -> None:
     by_name = {k.name: k for k in reference.config_keys()}
     for name, tp, default in _leaves():
-        value = _other_value(tp, default)
+        value = _SAMPLES.get(name, _other_value(tp, default))
         cfg = load_config(environ={by_name[name].env: _as_text(value)})
         assert _get(cfg, name) == value, by_name[name].env
 
