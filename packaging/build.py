@@ -48,7 +48,15 @@ VENV_VERSION = 4
 EXTRAS = ("postgres", "redis")
 # What the venv must import, or the build fails (a missing extra would otherwise surface as
 # ModuleNotFoundError in the operator's first check).
-IMPORTS = ("sdserve", "aiohttp", "systemd.daemon", "asyncpg", "redis.asyncio")
+IMPORTS = (
+    "sdserve",
+    "aiohttp",
+    "systemd.daemon",
+    "asyncpg",
+    "redis.asyncio",
+    "prometheus_client",
+    "aiohttp_remotes",
+)
 BUILDROOT_PACKAGES = (
     "python3",
     "python3-venv",

@@ -373,6 +373,18 @@ class Config:
     access_log: bool = field(
         default=False, metadata={"doc": "log one line per request (logger sdserve.access)"}
     )
+    metrics: bool = field(
+        default=True,
+        metadata={
+            "doc": "Prometheus metrics of the whole service at `metrics_path` on the admin "
+            "socket (sdserve.metrics)"
+        },
+    )
+    metrics_on_main: bool = field(
+        default=False,
+        metadata={"doc": "serve the metrics on the main socket too (the admin socket is better)"},
+    )
+    metrics_path: str = field(default="/metrics", metadata={"doc": "the metrics endpoint's path"})
     health: HealthConfig = field(
         default_factory=HealthConfig,
         metadata={
@@ -667,6 +679,14 @@ def _validate(cfg: Config, problems: _Problems) -> None:
                 f"health.{p}", f"is {path!r}, as health.{seen[path]} is: give each its own"
             )
         seen.setdefault(path, p)
+    if not cfg.metrics_path.startswith("/") or _NOT_PLAIN.search(cfg.metrics_path):
+        problems.add(
+            "metrics_path", f"must be a plain path starting with '/', got {cfg.metrics_path!r}"
+        )
+    elif cfg.metrics_path in seen:
+        problems.add(
+            "metrics_path", f"is {cfg.metrics_path!r}, as health.{seen[cfg.metrics_path]} is"
+        )
     _validate_addresses(cfg, problems)
     if cfg.app and ":" not in cfg.app:
         problems.add("app", f"expected MODULE:FACTORY, got {cfg.app!r}")

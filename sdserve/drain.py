@@ -80,6 +80,8 @@ from .canary import RequestStats
 log = logging.getLogger("sdserve.drain")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: (request, status, monotonic start, the response if the handler returned one)
+ResponseHook = Callable[[web.Request, int, float, "web.StreamResponse | None"], None]
 
 
 def is_parked(proto: RequestHandler) -> bool:
@@ -267,6 +269,9 @@ class Tracker:
         #: responses of the application's routes by status and latency, for a canary
         #: (None: nobody reads them, nothing is counted: a single process)
         self.stats: RequestStats | None = None
+        #: called with (request, status, began, response) as an application route's
+        #: handler returns (metrics, :mod:`sdserve.metrics`); None: nothing is called
+        self.on_response: ResponseHook | None = None
         self.completed_in_drain = 0
         self.idle_closed = 0
         #: paths that are never shed under overload (health probes)
@@ -326,6 +331,7 @@ class Tracker:
             self._cancel_timer(proto)
         #: the response's status for the canary's counts; None: the handler was cancelled
         status: int | None = None
+        response: web.StreamResponse | None = None
         try:
             if not limits.request_timeout or request.path in self.exempt_paths:
                 response = await handler(request)
@@ -341,9 +347,16 @@ class Tracker:
             raise
         finally:
             del self.inflight[id(request)]
-            stats = self.stats
-            if stats is not None and status is not None and request.path not in self.exempt_paths:
-                stats.record(status, time.monotonic() - began)
+            stats, hook = self.stats, self.on_response
+            if (
+                (stats is not None or hook is not None)
+                and status is not None
+                and request.path not in self.exempt_paths
+            ):
+                if stats is not None:
+                    stats.record(status, time.monotonic() - began)
+                if hook is not None:
+                    hook(request, status, began, response)
             if self.draining:
                 self.completed_in_drain += 1
                 if isinstance(proto, TrackedRequestHandler):

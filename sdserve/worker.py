@@ -71,7 +71,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import health
+from . import health, metrics
 from .acceptor import Acceptor, serve_connection
 from .activation import ActivationError, Listener, connection_from_fd
 from .appload import AppLoadError, StartFailure, build_app, start_failure
@@ -83,8 +83,8 @@ from .drain import Limits, TrackedRequestHandler, Tracker, announce_drain, prepa
 from .exitcodes import ExitCode
 from .handover import Link, close_fds, connection_name
 from .intent import RESTART_HINT, hand_over_on_this_stop
+from .log import dropped_lines, stop_logging
 from .log import fields as _fields
-from .log import stop_logging
 from .monitor import CheckMonitor
 from .notify import Notifier
 from .probes import ADMIN_SOCKET, START_CHECKS, StartupProbes, start_checks_to_json
@@ -270,6 +270,28 @@ class Worker:
         self._end_delay = asyncio.Event()
         self._force = asyncio.Event()
         self._force_reason = ""
+        #: the service's metrics directory (None: no metrics), and this process's metrics
+        self.metrics_dir = metrics.directory() if config.metrics else None
+        self.metrics: metrics.ServiceMetrics | None = None
+        self._request_metrics: metrics.RequestMetrics | None = None
+
+    def _sample(self) -> None:
+        """The gauges and the counts kept elsewhere, into the metrics."""
+        if self.metrics is None:
+            return
+        tracker = self.tracker
+        self.metrics.sample(
+            len(tracker.inflight),
+            len(tracker.connections),
+            tracker.rejected,
+            dropped_lines(),
+            {name: (r.ok, r.duration) for name, r in self.state.results.items()},
+        )
+
+    async def _sample_metrics(self) -> None:
+        while True:
+            self._sample()
+            await asyncio.sleep(metrics.SAMPLE_PERIOD)  # the sampling period itself
 
     def _ask_to_be_recycled(self) -> None:
         log.info(
@@ -295,6 +317,10 @@ class Worker:
         show = self.config.health
         if show.enabled and (show.placement in ("both", "admin" if admin else "main")):
             self.tracker.exempt_paths |= health.install(app, self.state, show, admin=admin)
+        if self.metrics_dir is not None and (admin or self.config.metrics_on_main):
+            path = self.config.metrics_path
+            app.router.add_get(path, metrics.handler(self.metrics_dir), allow_head=False)
+            self.tracker.exempt_paths.add(path)
         self.tracker.install(app)
         prepare_app(app)  # its drain event, before aiohttp freezes it
         _reverse_hooks(app)
@@ -330,10 +356,16 @@ class Worker:
         app = self._app if self._app is not None else await build_app(cfg.app)
         reg = registry(app)
         checks_from_config(reg, cfg.checks)
+        if self.metrics_dir is not None:
+            self.metrics = metrics.ServiceMetrics()
+            self._request_metrics = metrics.RequestMetrics(self.metrics_dir)
+            self.tracker.on_response = self._request_metrics.observe
         self.state.registry = reg
         self._say("running the application's start-up hooks")
         async with asyncio.timeout(cfg.start_timeout):
             await self._prepare(app, admin=False)
+            if self._request_metrics is not None:
+                self._request_metrics.known_routes(app, self.tracker.exempt_paths)
             if any(ls.name == ADMIN_SOCKET for ls in self.listeners):
                 await self._prepare(web.Application(), admin=True)
         if not self.supervised:
@@ -366,6 +398,8 @@ class Worker:
             self._connect(sock)
         self.state.phase = Phase.READY
         self.state.ready_at = time.monotonic()
+        if self.metrics is not None and not self.supervised:
+            self.metrics.ready.set(1)
         where = ", ".join(f"{ls.name}={ls.address}" for ls in self.listeners)
         self.notifier.ready(f"serving on {where}")
         log.info(
@@ -552,6 +586,8 @@ class Worker:
         retiring = not self._stop.is_set()
         # /readyz: 503 from here on for a stop; a retiring worker still reports ready
         self.state.phase = Phase.RETIRING if retiring else Phase.DRAINING
+        if self.metrics is not None and not self.supervised:
+            self.metrics.ready.set(0)
         busy = len(self.tracker.connections)
         verb = "retiring" if retiring else "stopping"
         self.notifier.stopping(f"{verb}: draining {busy} connection(s)")
@@ -573,10 +609,14 @@ class Worker:
         # aiohttp's order: stop accepting, then on_shutdown (where apps end their streams),
         # then wait for the handlers; sdserve's own drain starts first, so that idle
         # connections get their grace (or are handed over) from now
+        pending = len(self.tracker.inflight)
         self.tracker.begin_drain(await self._handover_for(retiring))
         for runner in self._runners:
             await announce_drain(runner.app, deadline)
         report = await self.tracker.finish(deadline)
+        if self.metrics is not None:
+            self.metrics.drained(report.duration, pending, len(report.cancelled))
+            self._sample()
         log.info(
             "drained %d request(s) in %.0f ms (%d idle connection(s) closed, %d handed over, "
             "%d websocket(s) closed with 1001, %d cancelled)",
@@ -676,6 +716,9 @@ class Worker:
         if self.supervised:
             self.tracker.stats = RequestStats()
             stats = asyncio.create_task(_report_stats(self.notifier, self.tracker.stats))
+        sampling = None
+        if self.metrics_dir is not None:
+            sampling = asyncio.create_task(self._sample_metrics())
         life = asyncio.create_task(self._life())
         forced = asyncio.create_task(self._force.wait())
         try:
@@ -691,6 +734,8 @@ class Worker:
                 watchdog.cancel()
             if stats is not None:
                 stats.cancel()
+            if sampling is not None:
+                sampling.cancel()
             self.stage = Stage.DONE
 
     async def _life(self) -> ExitCode:
@@ -816,6 +861,8 @@ async def serve_in_process(
     served once ready. ``link`` is the supervisor's (a worker). ``probes`` answer the
     admin socket until the admin application takes over (single-process mode)."""
     loop = asyncio.get_running_loop()
+    # a single process: its own metrics directory, before the application is imported
+    own_metrics = metrics.setup_directory() if config.metrics and not supervised else None
     worker = Worker(
         config,
         listeners,
@@ -856,6 +903,8 @@ async def serve_in_process(
                     extra=_fields("handover"),
                 )
         notifier.flush(timeout=1.0)  # the last messages (a start failure...), bounded
+        if own_metrics is not None:
+            metrics.remove_directory(own_metrics)
     if code is ExitCode.FORCED:
         # at once: no waiting for handlers to unwind
         stop_logging(timeout=0.5)
