@@ -56,8 +56,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import __version__, metrics
 from . import lifecycle as lc
-from . import metrics
 from .activation import Listener, listeners_from_fds
 from .appload import StartFailure
 from .canary import STATS_FIELD, RequestStats, Thresholds, judge, window
@@ -514,7 +514,7 @@ class Supervisor:
     def _notify(self, action: lc.Notify) -> None:
         kind, text = action.kind, action.text
         if kind == "ready":
-            self.notifier.ready(text)
+            self.notifier.ready(f"{text}; sdserve {__version__}")
         elif kind == "reloading":
             self.notifier.reloading(text)
         elif kind == "stopping":

@@ -71,7 +71,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import health, metrics
+from . import __version__, health, metrics
 from .acceptor import Acceptor, serve_connection
 from .activation import ActivationError, Listener, connection_from_fd
 from .appload import AppLoadError, StartFailure, build_app, start_failure
@@ -401,7 +401,7 @@ class Worker:
         if self.metrics is not None and not self.supervised:
             self.metrics.ready.set(1)
         where = ", ".join(f"{ls.name}={ls.address}" for ls in self.listeners)
-        self.notifier.ready(f"serving on {where}")
+        self.notifier.ready(f"serving on {where}; sdserve {__version__}")
         log.info(
             "ready after %.0f ms (checks passed %.2f ms before READY=1), serving on %s",
             (self.state.ready_at - started) * 1000,
