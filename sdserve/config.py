@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -40,6 +41,7 @@ DEFAULT_WORKERS = available_cpus()
 
 LogTarget = Literal["auto", "journal", "stderr"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+AccessLogFormat = Literal["log", "json"]
 HealthPlacement = Literal["main", "admin", "both"]
 
 
@@ -371,7 +373,39 @@ class Config:
     )
     log_level: LogLevel = field(default="info", metadata={"doc": "the lowest level logged"})
     access_log: bool = field(
-        default=False, metadata={"doc": "log one line per request (logger sdserve.access)"}
+        default=False,
+        metadata={
+            "doc": "log one line per request of the main socket (logger sdserve.access, "
+            "sdserve.accesslog), with its trace id"
+        },
+    )
+    access_log_format: AccessLogFormat = field(
+        default="log",
+        metadata={
+            "doc": "log: through `log` (journal fields, or stderr); json: JSON lines on "
+            "stdout (containers)"
+        },
+    )
+    access_log_sample: float = field(
+        default=1.0,
+        metadata={"doc": "the share of requests logged, 0 to 1 (a 5xx is always logged)"},
+    )
+    access_log_probes: bool = field(
+        default=False, metadata={"doc": "log the health probes and /metrics too"}
+    )
+    trace_ids: bool = field(
+        default=False,
+        metadata={
+            "doc": "W3C trace ids (`traceparent`, `X-Request-Id`, `request['trace_id']`) "
+            "without the access log (with it they are always on)"
+        },
+    )
+    trusted_proxies: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "doc": "peers whose Forwarded / X-Forwarded-For / X-Forwarded-Proto are "
+            "believed: CIDRs or addresses, and `unix` for a peer on a unix socket"
+        },
     )
     metrics: bool = field(
         default=True,
@@ -626,6 +660,17 @@ def _validate(cfg: Config, problems: _Problems) -> None:
     non_negative("max_requests", cfg.max_requests)
     non_negative("max_requests_jitter", cfg.max_requests_jitter)
     non_negative("max_concurrency", cfg.max_concurrency)
+    if not 0.0 <= cfg.access_log_sample <= 1.0:
+        problems.add("access_log_sample", f"must be from 0 to 1, got {cfg.access_log_sample}")
+    for proxy in cfg.trusted_proxies:
+        if proxy != "unix":
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                problems.add(
+                    "trusted_proxies",
+                    f"{proxy!r} is neither an address, a CIDR nor 'unix'",
+                )
     non_negative("fd_store_max", cfg.fd_store_max)
     non_negative("warmup_parallel", cfg.warmup_parallel)
     non_negative("health.stall_hold", cfg.health.stall_hold)

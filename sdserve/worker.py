@@ -71,7 +71,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import __version__, health, metrics
+from . import __version__, accesslog, health, metrics, proxies
 from .acceptor import Acceptor, serve_connection
 from .activation import ActivationError, Listener, connection_from_fd
 from .appload import AppLoadError, StartFailure, build_app, start_failure
@@ -307,7 +307,7 @@ class Worker:
         cfg = self.config
         return {
             "keepalive_timeout": cfg.keepalive_timeout,
-            "access_log": logging.getLogger("sdserve.access") if cfg.access_log else None,
+            "access_log": None,  # sdserve.accesslog logs instead
             "max_line_size": cfg.max_request_line,
             "max_field_size": cfg.max_header_size,
             "max_headers": cfg.max_headers,
@@ -322,6 +322,19 @@ class Worker:
             app.router.add_get(path, metrics.handler(self.metrics_dir), allow_head=False)
             self.tracker.exempt_paths.add(path)
         self.tracker.install(app)
+        cfg = self.config
+        if not admin and (cfg.access_log or cfg.trace_ids):
+            if cfg.access_log and cfg.access_log_format == "json":
+                accesslog.json_to_stdout()
+            access = accesslog.AccessLog(
+                enabled=cfg.access_log,
+                sample=cfg.access_log_sample,
+                probes=cfg.access_log_probes,
+                exempt=self.tracker.exempt_paths,
+            )
+            access.install(app)
+        if not admin and cfg.trusted_proxies:
+            proxies.install(app, cfg.trusted_proxies)  # outermost: the others see the client
         prepare_app(app)  # its drain event, before aiohttp freezes it
         _reverse_hooks(app)
         kwargs = self._handler_kwargs()
