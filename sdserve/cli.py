@@ -140,13 +140,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             ]
         )
     configure_logging(cfg.log, cfg.log_level)
-    log.info(
-        "sdserve %s (Python %s) starting %s",
-        __version__,
-        ".".join(map(str, sys.version_info[:3])),
-        cfg.app,
-        extra={"SDSERVE_PHASE": "start", "SDSERVE_VERSION": __version__},
-    )
     notifier = Notifier()
     try:
         cfg, activated = take_sockets(cfg, lambda: _load(args))
@@ -157,6 +150,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     listeners, connections = activated.listeners, activated.connections
     # the admin socket answers from now on (503 naming what the start waits for)
     probes = start_probes(listeners, cfg.health)
+    # the first line of a start that got its sockets (a failure before is its one line)
+    log.info(
+        "sdserve %s (Python %s) starting %s",
+        __version__,
+        ".".join(map(str, sys.version_info[:3])),
+        cfg.app,
+        extra={"SDSERVE_PHASE": "start", "SDSERVE_VERSION": __version__},
+    )
     if listeners[0].inherited:
         # the sockets came from systemd: the admin socket answers before this
         cfg = _load(args)

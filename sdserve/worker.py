@@ -411,8 +411,10 @@ class Worker:
             self._connect(sock)
         self.state.phase = Phase.READY
         self.state.ready_at = time.monotonic()
-        if self.metrics is not None and not self.supervised:
-            self.metrics.ready.set(1)
+        if self.metrics is not None:
+            if not self.supervised:
+                self.metrics.ready.set(1)
+            self._sample()  # its files are open from now on (the checks' gauges too)
         where = ", ".join(f"{ls.name}={ls.address}" for ls in self.listeners)
         self.notifier.ready(f"serving on {where}; sdserve {__version__}")
         log.info(
