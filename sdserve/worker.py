@@ -57,6 +57,7 @@ its supervisor.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import importlib.metadata
 import logging
@@ -274,6 +275,8 @@ class Worker:
         self.metrics_dir = metrics.directory() if config.metrics else None
         self.metrics: metrics.ServiceMetrics | None = None
         self._request_metrics: metrics.RequestMetrics | None = None
+        #: the access log's writer thread (access_log = true)
+        self.access_writer: accesslog.AccessWriter | None = None
 
     def _sample(self) -> None:
         """The gauges and the counts kept elsewhere, into the metrics."""
@@ -284,7 +287,7 @@ class Worker:
             len(tracker.inflight),
             len(tracker.connections),
             tracker.rejected,
-            dropped_lines(),
+            dropped_lines() + (self.access_writer.dropped if self.access_writer else 0),
             {name: (r.ok, r.duration) for name, r in self.state.results.items()},
         )
 
@@ -324,13 +327,18 @@ class Worker:
         self.tracker.install(app)
         cfg = self.config
         if not admin and (cfg.access_log or cfg.trace_ids):
-            if cfg.access_log and cfg.access_log_format == "json":
-                accesslog.json_to_stdout()
+            if cfg.access_log and self.access_writer is None:
+                json = cfg.access_log_format == "json"
+                target = "json" if json else accesslog.current_target()
+                self.access_writer = accesslog.AccessWriter(target)
+                self.access_writer.start()
+                atexit.register(self.access_writer.stop)
             access = accesslog.AccessLog(
                 enabled=cfg.access_log,
                 sample=cfg.access_log_sample,
                 probes=cfg.access_log_probes,
                 exempt=self.tracker.exempt_paths,
+                writer=self.access_writer,
             )
             access.install(app)
         if not admin and cfg.trusted_proxies:
