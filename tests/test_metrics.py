@@ -139,6 +139,7 @@ def _requests(text: str) -> float:
 
 @needs_prometheus
 @pytest.mark.asyncio
+@pytest.mark.timeout(300)  # about 20 s on an idle machine; a minute or more on a loaded one
 async def test_prometheus_counts_every_request_through_reloads_kills_and_recycling(
     service: Started, port: int, tmp_path: Path
 ) -> None:
@@ -196,6 +197,7 @@ async def test_prometheus_counts_every_request_through_reloads_kills_and_recycli
 
 
 @pytest.mark.asyncio
+@pytest.mark.timeout(600)  # 100 reloads: about 45 s on an idle machine, 2-3 min on a loaded one
 async def test_the_series_stay_flat_over_100_reloads(service: Started, port: int) -> None:
     launcher = service(workers=1)
     instance = await launcher.start()
