@@ -150,7 +150,7 @@ async def test_failing_replacement_never_stops_a_serving_service(
     mark = len(launcher.sink.messages)
     await launcher.wait_for(
         supervisor,
-        lambda m: m.fields.get("STATUS", "").startswith("generation 1: 2/2 workers ready;"),
+        lambda m: m.fields.get("STATUS", "") == "generation 1: 2/2 workers ready",
         timeout=60,
         start=mark,
     )

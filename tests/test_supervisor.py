@@ -175,7 +175,7 @@ async def test_run_time_readiness_of_workers_shows_in_status(
     flag.touch()
     await launcher.wait_for(
         supervisor,
-        lambda m: m.fields.get("STATUS", "").startswith("generation 1: 2/2 workers ready;"),
+        lambda m: m.fields.get("STATUS", "") == "generation 1: 2/2 workers ready",
         timeout=30,
         start=launcher.sink.messages.index(down) + 1,
     )
