@@ -49,7 +49,16 @@ VENV_VERSION = 5
 EXTRAS = ("postgres", "redis", "uvloop")
 # What the venv must import, or the build fails (a missing extra would otherwise surface as
 # ModuleNotFoundError in the operator's first check).
-IMPORTS = ("sdserve", "aiohttp", "systemd.daemon", "asyncpg", "redis.asyncio", "uvloop")
+IMPORTS = (
+    "sdserve",
+    "aiohttp",
+    "systemd.daemon",
+    "asyncpg",
+    "redis.asyncio",
+    "prometheus_client",
+    "aiohttp_remotes",
+    "uvloop",
+)
 BUILDROOT_PACKAGES = (
     "python3",
     "python3-venv",

@@ -23,7 +23,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import reference
+from . import __version__, reference
 from .activation import Activated, ActivationError, activation_from_environ
 from .binding import BindError, bind_all
 from .config import Config, ConfigError, config_from_json, dump_toml, load_config
@@ -152,6 +152,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     listeners, connections = activated.listeners, activated.connections
     # the admin socket answers from now on (503 naming what the start waits for)
     probes = start_probes(listeners, cfg.health)
+    # the first line of a start that got its sockets (a failure before is its one line)
+    log.info(
+        "sdserve %s (Python %s) starting %s",
+        __version__,
+        ".".join(map(str, sys.version_info[:3])),
+        cfg.app,
+        extra={"SDSERVE_PHASE": "start", "SDSERVE_VERSION": __version__},
+    )
     if listeners[0].inherited:
         # the sockets came from systemd: the admin socket answers before this
         cfg = _load(args)
@@ -295,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sdserve",
         description="Run an aiohttp application as a systemd service that never drops a request.",
     )
+    parser.add_argument("--version", action="version", version=f"sdserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="serve an application")
     _add_config_flags(run)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import ipaddress
 import json
 import math
 import os
@@ -42,6 +43,7 @@ DEFAULT_WORKERS = available_cpus()
 LogTarget = Literal["auto", "journal", "stderr", "json"]
 ReapOrphans = Literal["auto", "yes", "no"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+AccessLogFormat = Literal["log", "json"]
 HealthPlacement = Literal["main", "admin", "both"]
 EventLoop = Literal["auto", "uvloop", "asyncio"]
 
@@ -485,7 +487,11 @@ class Config:
         },
     )
     access_log: bool = field(
-        default=False, metadata={"doc": "log one line per request (logger sdserve.access)"}
+        default=False,
+        metadata={
+            "doc": "log one line per request of the main socket (logger sdserve.access, "
+            "sdserve.accesslog), with its trace id"
+        },
     )
     overload: OverloadConfig = field(
         default_factory=OverloadConfig,
@@ -494,6 +500,46 @@ class Config:
             "wait queue and its deadline, priorities, a rate per client"
         },
     )
+    access_log_format: AccessLogFormat = field(
+        default="log",
+        metadata={
+            "doc": "log: through `log` (journal fields, stderr, or JSON lines with "
+            "log = json); json: JSON lines on stdout (containers)"
+        },
+    )
+    access_log_sample: float = field(
+        default=1.0,
+        metadata={"doc": "the share of requests logged, 0 to 1 (a 5xx is always logged)"},
+    )
+    access_log_probes: bool = field(
+        default=False, metadata={"doc": "log the health probes and /metrics too"}
+    )
+    trace_ids: bool = field(
+        default=False,
+        metadata={
+            "doc": "W3C trace ids (`traceparent`, `X-Request-Id`, `request['trace_id']`) "
+            "without the access log (with it they are always on)"
+        },
+    )
+    trusted_proxies: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "doc": "peers whose Forwarded / X-Forwarded-For / X-Forwarded-Proto are "
+            "believed: CIDRs or addresses, and `unix` for a peer on a unix socket"
+        },
+    )
+    metrics: bool = field(
+        default=True,
+        metadata={
+            "doc": "Prometheus metrics of the whole service at `metrics_path` on the admin "
+            "socket (sdserve.metrics)"
+        },
+    )
+    metrics_on_main: bool = field(
+        default=False,
+        metadata={"doc": "serve the metrics on the main socket too (the admin socket is better)"},
+    )
+    metrics_path: str = field(default="/metrics", metadata={"doc": "the metrics endpoint's path"})
     health: HealthConfig = field(
         default_factory=HealthConfig,
         metadata={
@@ -736,6 +782,17 @@ def _validate(cfg: Config, problems: _Problems) -> None:
     non_negative("max_requests", cfg.max_requests)
     non_negative("max_requests_jitter", cfg.max_requests_jitter)
     non_negative("max_concurrency", cfg.max_concurrency)
+    if not 0.0 <= cfg.access_log_sample <= 1.0:
+        problems.add("access_log_sample", f"must be from 0 to 1, got {cfg.access_log_sample}")
+    for proxy in cfg.trusted_proxies:
+        if proxy != "unix":
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                problems.add(
+                    "trusted_proxies",
+                    f"{proxy!r} is neither an address, a CIDR nor 'unix'",
+                )
     non_negative("fd_store_max", cfg.fd_store_max)
     non_negative("warmup_parallel", cfg.warmup_parallel)
     non_negative("health.stall_hold", cfg.health.stall_hold)
@@ -818,6 +875,14 @@ def _validate(cfg: Config, problems: _Problems) -> None:
                 f"health.{p}", f"is {path!r}, as health.{seen[path]} is: give each its own"
             )
         seen.setdefault(path, p)
+    if not cfg.metrics_path.startswith("/") or _NOT_PLAIN.search(cfg.metrics_path):
+        problems.add(
+            "metrics_path", f"must be a plain path starting with '/', got {cfg.metrics_path!r}"
+        )
+    elif cfg.metrics_path in seen:
+        problems.add(
+            "metrics_path", f"is {cfg.metrics_path!r}, as health.{seen[cfg.metrics_path]} is"
+        )
     _validate_addresses(cfg, problems)
     if cfg.app and ":" not in cfg.app:
         problems.add("app", f"expected MODULE:FACTORY, got {cfg.app!r}")

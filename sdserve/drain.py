@@ -84,6 +84,8 @@ log = logging.getLogger("sdserve.drain")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RequestHandlerFunc = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+#: (request, status, monotonic start, the response if the handler returned one)
+ResponseHook = Callable[[web.Request, int, float, "web.StreamResponse | None"], None]
 
 
 def is_parked(proto: RequestHandler) -> bool:
@@ -270,6 +272,9 @@ class Tracker:
         #: responses of the application's routes by status and latency, for a canary
         #: (None: nobody reads them, nothing is counted: a single process)
         self.stats: RequestStats | None = None
+        #: called with (request, status, began, response) as an application route's
+        #: handler returns (metrics, :mod:`sdserve.metrics`); None: nothing is called
+        self.on_response: ResponseHook | None = None
         self.completed_in_drain = 0
         self.idle_closed = 0
         #: adaptive limit, wait queue, priorities (None: only max_concurrency, a static cap)
@@ -358,16 +363,27 @@ class Tracker:
             self._cancel_timer(proto)  # a drain's idle grace: the connection is not idle
 
     def ended(
-        self, proto: TrackedRequestHandler, request: web.BaseRequest, status: int | None
+        self,
+        proto: TrackedRequestHandler,
+        request: web.BaseRequest,
+        status: int | None,
+        response: web.StreamResponse | None,
     ) -> None:
-        """``request`` is answered (its response written), or ``status`` None: cancelled."""
+        """``request`` is answered (its ``response`` written), or ``status`` None: cancelled."""
         del self.inflight[proto]
         if proto.admitted_at is not None:
             self.admission.release(proto.admitted_at)  # type: ignore[union-attr]
             proto.admitted_at = None
-        stats = self.stats
-        if stats is not None and status is not None and request.path not in self.exempt_paths:
-            stats.record(status, time.monotonic() - proto.request_began)
+        stats, hook = self.stats, self.on_response
+        if (
+            (stats is not None or hook is not None)
+            and status is not None
+            and request.path not in self.exempt_paths
+        ):
+            if stats is not None:
+                stats.record(status, time.monotonic() - proto.request_began)
+            if hook is not None:
+                hook(request, status, proto.request_began, response)  # type: ignore[arg-type]
         if self.draining:
             self.completed_in_drain += 1
             # A response prepared before the drain kept the connection alive: that
@@ -756,12 +772,13 @@ class TrackedRequestHandler(RequestHandler):
         if tracker.limits.request_timeout and request.path not in tracker.exempt_paths:
             request_handler = functools.partial(tracker.bounded, request_handler)
         status: int | None = None  # None: cancelled
+        response: web.StreamResponse | None = None
         try:
             response, reset = await super()._handle_request(request, start_time, request_handler)
             status = response.status
             return response, reset
         finally:
-            tracker.ended(self, request, status)
+            tracker.ended(self, request, status, response)
 
     def _cancel_header_timer(self) -> None:
         if self._header_timer is not None:

@@ -53,8 +53,10 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+from . import __version__, metrics
 from . import lifecycle as lc
 from .activation import Listener, listeners_from_fds
 from .appload import StartFailure
@@ -66,6 +68,7 @@ from .exitcodes import ExitCode
 from .handover import Link, close_fds, connection_name, link_pair
 from .intent import RESTART_HINT, hand_over_on_this_stop
 from .launcher import NotifyMessage, NotifySink
+from .log import dropped_lines
 from .log import fields as _fields
 from .loops import factory
 from .notify import Notifier
@@ -129,12 +132,19 @@ class Supervisor:
         connections: Sequence[tuple[str, int]] = (),
         store_capacity: int = 0,
         probes: StartupProbes | None = None,
+        metrics_dir: Path | None = None,
     ) -> None:
         """``connections``: (FDNAME, fd) of connections found in systemd's fd store;
         ``store_capacity``: how many it takes (0: none); ``probes``: the admin socket's
         answers while no worker is ready (:mod:`sdserve.probes`)."""
         self._probes = probes
         self._probes_on = probes is not None
+        #: the service's metrics (sdserve.metrics): the workers' files are folded in
+        #: there as they exit
+        self._metrics_dir = metrics_dir
+        self._metrics: tuple[metrics.ServiceMetrics, metrics.SupervisorMetrics] | None = None
+        if metrics_dir is not None:
+            self._metrics = (metrics.ServiceMetrics(), metrics.SupervisorMetrics())
         #: each starting worker's latest round of start-up checks (JSON), for the probes
         self._start_checks: dict[int, str] = {}
         #: each worker's responses so far, as it last reported them (sdserve.canary)
@@ -207,6 +217,17 @@ class Supervisor:
                 self._done.set_result(int(ExitCode.FAILURE))
         if self._pool:
             self._route()
+        if self._metrics is not None:
+            self._sample_metrics(*self._metrics)
+
+    def _sample_metrics(
+        self, service: metrics.ServiceMetrics, sup: metrics.SupervisorMetrics
+    ) -> None:
+        core = self.core
+        ready = sum(w.state is lc.WState.READY for w in core.workers.values())
+        sup.workers.set(ready)
+        service.ready.set(1 if ready and not core.phase.stopping else 0)
+        service.sample(0, 0, {}, dropped_lines(), {})
 
     def _update_probes(self, probes: StartupProbes) -> None:
         """The supervisor answers the admin socket while no worker can: before the first
@@ -402,7 +423,10 @@ class Supervisor:
         proc.link.close()
         self._loop.remove_reader(proc.pidfd)
         self._by_pid.pop(proc.pid, None)
-        self.feed(lc.Exited(worker, proc.reap()))
+        status = proc.reap()
+        if self._metrics_dir is not None:
+            metrics.retire(self._metrics_dir, proc.pid)  # its counts go on in the aggregate
+        self.feed(lc.Exited(worker, status))
 
     # -- actions out ---------------------------------------------------------------------
 
@@ -423,6 +447,8 @@ class Supervisor:
                 old.cancel()
         elif isinstance(action, lc.Log):
             log.log(action.level, "%s", action.message, extra=action.fields)
+            if self._metrics is not None:
+                self._metrics[1].logged(action.fields)
         elif isinstance(action, lc.LoadConfig):
             try:
                 self.feed(lc.ConfigLoaded(self.reload_config()))
@@ -490,7 +516,7 @@ class Supervisor:
     def _notify(self, action: lc.Notify) -> None:
         kind, text = action.kind, action.text
         if kind == "ready":
-            self.notifier.ready(text)
+            self.notifier.ready(f"{text}; sdserve {__version__}")
         elif kind == "reloading":
             self.notifier.reloading(text)
         elif kind == "stopping":
@@ -619,6 +645,9 @@ def supervise(
     store_capacity: int = 0,
     probes: StartupProbes | None = None,
 ) -> int:
+    # before prometheus-client is imported: this process writes its files there too
+    metrics_dir = metrics.setup_directory() if config.metrics else None
+
     async def main() -> int:
         supervisor = Supervisor(
             config,
@@ -628,11 +657,16 @@ def supervise(
             connections=connections,
             store_capacity=store_capacity,
             probes=probes,
+            metrics_dir=metrics_dir,
         )
         with reaping(config.reap_orphans, owned=supervisor.worker_pids):
             return await supervisor.run()
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    finally:
+        if metrics_dir is not None:
+            metrics.remove_directory(metrics_dir)
 
 
 # -- the worker side -------------------------------------------------------------------

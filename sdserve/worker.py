@@ -57,6 +57,7 @@ its supervisor.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import importlib.metadata
 import logging
@@ -71,7 +72,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import health
+from . import __version__, accesslog, health, metrics, proxies
 from .acceptor import Acceptor, serve_connection
 from .activation import ActivationError, Listener, connection_from_fd
 from .admission import Admission
@@ -85,8 +86,8 @@ from .drain import Limits, TrackedRequestHandler, Tracker, announce_drain, prepa
 from .exitcodes import ExitCode
 from .handover import Link, close_fds, connection_name
 from .intent import RESTART_HINT, hand_over_on_this_stop
+from .log import dropped_lines, stop_logging
 from .log import fields as _fields
-from .log import stop_logging
 from .loops import running as _loop_name
 from .monitor import CheckMonitor
 from .notify import Notifier
@@ -277,6 +278,30 @@ class Worker:
         self._end_delay = asyncio.Event()
         self._force = asyncio.Event()
         self._force_reason = ""
+        #: the service's metrics directory (None: no metrics), and this process's metrics
+        self.metrics_dir = metrics.directory() if config.metrics else None
+        self.metrics: metrics.ServiceMetrics | None = None
+        self._request_metrics: metrics.RequestMetrics | None = None
+        #: the access log's writer thread (access_log = true)
+        self.access_writer: accesslog.AccessWriter | None = None
+
+    def _sample(self) -> None:
+        """The gauges and the counts kept elsewhere, into the metrics."""
+        if self.metrics is None:
+            return
+        tracker = self.tracker
+        self.metrics.sample(
+            len(tracker.inflight),
+            len(tracker.connections),
+            tracker.rejected,
+            dropped_lines() + (self.access_writer.dropped if self.access_writer else 0),
+            {name: (r.ok, r.duration) for name, r in self.state.results.items()},
+        )
+
+    async def _sample_metrics(self) -> None:
+        while True:
+            self._sample()
+            await asyncio.sleep(metrics.SAMPLE_PERIOD)  # the sampling period itself
 
     def _shedding_status(self) -> str:
         adm = self.admission
@@ -302,7 +327,7 @@ class Worker:
         cfg = self.config
         return {
             "keepalive_timeout": cfg.keepalive_timeout,
-            "access_log": logging.getLogger("sdserve.access") if cfg.access_log else None,
+            "access_log": None,  # sdserve.accesslog logs instead
             "max_line_size": cfg.max_request_line,
             "max_field_size": cfg.max_header_size,
             "max_headers": cfg.max_headers,
@@ -312,7 +337,30 @@ class Worker:
         show = self.config.health
         if show.enabled and (show.placement in ("both", "admin" if admin else "main")):
             self.tracker.exempt_paths |= health.install(app, self.state, show, admin=admin)
+        if self.metrics_dir is not None and (admin or self.config.metrics_on_main):
+            path = self.config.metrics_path
+            app.router.add_get(path, metrics.handler(self.metrics_dir), allow_head=False)
+            self.tracker.exempt_paths.add(path)
         self.tracker.install(app)
+        cfg = self.config
+        if not admin and (cfg.access_log or cfg.trace_ids):
+            if cfg.access_log and self.access_writer is None:
+                # with log = "json" everything on stdout is JSON lines, the access log too
+                json = cfg.access_log_format == "json" or cfg.log == "json"
+                target = "json" if json else accesslog.current_target()
+                self.access_writer = accesslog.AccessWriter(target)
+                self.access_writer.start()
+                atexit.register(self.access_writer.stop)
+            access = accesslog.AccessLog(
+                enabled=cfg.access_log,
+                sample=cfg.access_log_sample,
+                probes=cfg.access_log_probes,
+                exempt=self.tracker.exempt_paths,
+                writer=self.access_writer,
+            )
+            access.install(app)
+        if not admin and cfg.trusted_proxies:
+            proxies.install(app, cfg.trusted_proxies)  # outermost: the others see the client
         prepare_app(app)  # its drain event, before aiohttp freezes it
         _reverse_hooks(app)
         kwargs = self._handler_kwargs()
@@ -347,10 +395,16 @@ class Worker:
         app = self._app if self._app is not None else await build_app(cfg.app)
         reg = registry(app)
         checks_from_config(reg, cfg.checks)
+        if self.metrics_dir is not None:
+            self.metrics = metrics.ServiceMetrics()
+            self._request_metrics = metrics.RequestMetrics(self.metrics_dir)
+            self.tracker.on_response = self._request_metrics.observe
         self.state.registry = reg
         self._say("running the application's start-up hooks")
         async with asyncio.timeout(cfg.start_timeout):
             await self._prepare(app, admin=False)
+            if self._request_metrics is not None:
+                self._request_metrics.known_routes(app, self.tracker.exempt_paths)
             if any(ls.name == ADMIN_SOCKET for ls in self.listeners):
                 await self._prepare(web.Application(), admin=True)
         if not self.supervised:
@@ -384,8 +438,12 @@ class Worker:
             self._connect(sock)
         self.state.phase = Phase.READY
         self.state.ready_at = time.monotonic()
+        if self.metrics is not None:
+            if not self.supervised:
+                self.metrics.ready.set(1)
+            self._sample()  # its files are open from now on (the checks' gauges too)
         where = ", ".join(f"{ls.name}={ls.address}" for ls in self.listeners)
-        self.notifier.ready(f"serving on {where}")
+        self.notifier.ready(f"serving on {where}; sdserve {__version__}")
         loop = _loop_name()
         log.info(
             "ready after %.0f ms (checks passed %.2f ms before READY=1), serving on %s (%s)",
@@ -573,6 +631,8 @@ class Worker:
         retiring = not self._stop.is_set()
         # /readyz: 503 from here on for a stop; a retiring worker still reports ready
         self.state.phase = Phase.RETIRING if retiring else Phase.DRAINING
+        if self.metrics is not None and not self.supervised:
+            self.metrics.ready.set(0)
         busy = len(self.tracker.connections)
         verb = "retiring" if retiring else "stopping"
         self.notifier.stopping(f"{verb}: draining {busy} connection(s)")
@@ -594,10 +654,14 @@ class Worker:
         # aiohttp's order: stop accepting, then on_shutdown (where apps end their streams),
         # then wait for the handlers; sdserve's own drain starts first, so that idle
         # connections get their grace (or are handed over) from now
+        pending = len(self.tracker.inflight)
         self.tracker.begin_drain(await self._handover_for(retiring))
         for runner in self._runners:
             await announce_drain(runner.app, deadline)
         report = await self.tracker.finish(deadline)
+        if self.metrics is not None:
+            self.metrics.drained(report.duration, pending, len(report.cancelled))
+            self._sample()
         log.info(
             "drained %d request(s) in %.0f ms (%d idle connection(s) closed, %d handed over, "
             "%d websocket(s) closed with 1001, %d cancelled)",
@@ -717,6 +781,9 @@ class Worker:
         if self.supervised:
             self.tracker.stats = RequestStats()
             stats = asyncio.create_task(_report_stats(self.notifier, self.tracker.stats))
+        sampling = None
+        if self.metrics_dir is not None:
+            sampling = asyncio.create_task(self._sample_metrics())
         life = asyncio.create_task(self._life())
         forced = asyncio.create_task(self._force.wait())
         try:
@@ -732,6 +799,8 @@ class Worker:
                 watchdog.cancel()
             if stats is not None:
                 stats.cancel()
+            if sampling is not None:
+                sampling.cancel()
             self.stage = Stage.DONE
 
     async def _life(self) -> ExitCode:
@@ -879,6 +948,8 @@ async def serve_in_process(
     served once ready. ``link`` is the supervisor's (a worker). ``probes`` answer the
     admin socket until the admin application takes over (single-process mode)."""
     loop = asyncio.get_running_loop()
+    # a single process: its own metrics directory, before the application is imported
+    own_metrics = metrics.setup_directory() if config.metrics and not supervised else None
     worker = Worker(
         config,
         listeners,
@@ -919,6 +990,8 @@ async def serve_in_process(
                     extra=_fields("handover"),
                 )
         notifier.flush(timeout=1.0)  # the last messages (a start failure...), bounded
+        if own_metrics is not None:
+            metrics.remove_directory(own_metrics)
     if code is ExitCode.FORCED:
         # at once: no waiting for handlers to unwind
         stop_logging(timeout=0.5)

@@ -41,16 +41,20 @@ def _sdserve(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     )
 
 
-#: keys whose values have a form of their own (paths, a header name)
-_SAMPLES: dict[str, Any] = {
+#: keys whose valid values the generic rule below does not give
+OTHER_VALUES: dict[str, Any] = {
     "overload.critical_paths": ("/pay", "/login"),
     "overload.sheddable_paths": ("/report",),
     "overload.priority_header": "X-Priority",
+    "access_log_sample": 0.5,  # a share: at most 1
+    "trusted_proxies": ("10.0.0.0/8", "unix"),  # networks, not addresses to bind
 }
 
 
-def _other_value(tp: Any, default: Any) -> Any:
-    """A valid value of type ``tp`` that is not ``default``."""
+def _other_value(tp: Any, default: Any, name: str = "") -> Any:
+    """A valid value of type ``tp`` that is not ``default`` (for key ``name``)."""
+    if name in OTHER_VALUES:
+        return OTHER_VALUES[name]
     if tp is bool:
         return not default
     if tp is int:
@@ -211,7 +215,7 @@ async def test_an_http_check_wants_the_documented_default_status() -> None:
 def test_every_environment_variable_sets_its_key() -> None:
     by_name = {k.name: k for k in reference.config_keys()}
     for name, tp, default in _leaves():
-        value = _SAMPLES.get(name, _other_value(tp, default))
+        value = _other_value(tp, default, name)
         cfg = load_config(environ={by_name[name].env: _as_text(value)})
         assert _get(cfg, name) == value, by_name[name].env
 
@@ -231,7 +235,7 @@ def test_every_flag_sets_its_key(command: str) -> None:
         if "." in name:
             assert shown == "", name  # sections: file and environment only
             continue
-        value = _other_value(tp, default)
+        value = _other_value(tp, default, name)
         flag = reference.flag_name(name)
         if tp is bool:
             argv = [flag if value else f"--no-{flag[2:]}"]

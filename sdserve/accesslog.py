@@ -1,0 +1,302 @@
+"""Access logs and trace ids.
+
+With ``access_log = true``, each request of the main socket is logged once it is answered
+(logger ``sdserve.access``): method, path, status, duration, bytes in and out, the
+client's address (the real one behind ``trusted_proxies``), the user agent, the request
+id and the trace id. The lines go through sdserve's log target: in the journal each
+value is a field of its own (``SDSERVE_METHOD``, ``SDSERVE_PATH``, ``SDSERVE_STATUS``,
+``SDSERVE_DURATION_MS``, ``SDSERVE_BYTES_IN``, ``SDSERVE_BYTES_OUT``, ``SDSERVE_CLIENT``,
+``SDSERVE_USER_AGENT``, ``SDSERVE_REQUEST_ID``, ``SDSERVE_TRACE_ID``, with
+``SDSERVE_PHASE=access``); with ``access_log_format = "json"`` they are JSON lines on
+stdout instead (for containers), one object per request with the same keys in lower
+case.
+
+- The health probes (and ``/metrics``) are left out unless ``access_log_probes``.
+- ``access_log_sample`` logs that share of the requests (chosen at random); a 5xx is
+  always logged.
+- Logging never blocks the event loop, and costs it little: the loop appends the
+  request's values to a bounded queue, and a thread of the access log's own formats
+  them and writes them in batches (one ``write`` for many lines; one datagram per entry
+  to journald), bypassing :mod:`logging` (whose records cost the loop some 40 us each).
+  When the queue is full an entry is dropped and counted
+  (``sdserve_log_lines_dropped_total``).
+
+Trace ids (W3C Trace Context): a valid ``traceparent`` header gives the request's trace
+id; without one, a new one is generated. The application finds it in
+``request["trace_id"]`` (or :func:`trace_id`); the response carries ``traceparent``
+(the same trace id, with a span id of this server's) and ``X-Request-Id`` (the client's
+own if it sent a sane one, else the trace id). Trace ids are on with the access log, or
+alone with ``trace_ids = true``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from collections.abc import Set as AbstractSet
+from typing import Literal
+
+from aiohttp import web
+
+from .journal import JournalSender
+from .log import LogQueue, StderrFormatter
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+_REQUEST_ID = re.compile(r"^[\w.:/+=@-]{1,128}$")
+_ZERO_TRACE = "0" * 32
+TRACE_KEY = "trace_id"
+REQUEST_ID_KEY = "request_id"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def trace_id(request: web.Request) -> str | None:
+    """The request's trace id (None when trace ids are off)."""
+    value = request.get(TRACE_KEY)
+    return value if isinstance(value, str) else None
+
+
+def parse_traceparent(value: str | None) -> str | None:
+    """The trace id of a valid ``traceparent`` header, else None."""
+    if not value:
+        return None
+    found = _TRACEPARENT.match(value.strip().lower())
+    if found is None or found.group(1) == _ZERO_TRACE or value.startswith("ff"):
+        return None
+    return found.group(1)
+
+
+#: the names of an entry's values, in the order the loop queues them
+FIELDS = (
+    "METHOD",
+    "PATH",
+    "STATUS",
+    "DURATION_MS",
+    "BYTES_IN",
+    "BYTES_OUT",
+    "CLIENT",
+    "USER_AGENT",
+    "REQUEST_ID",
+    "TRACE_ID",
+)
+#: entries waiting for the writer; past this they are dropped and counted
+QUEUE_SIZE = 10_000
+#: seconds the writer lets entries gather before it writes them
+BATCH_PAUSE = 0.05
+Entry = tuple[float, str, str, int, float, int, int, str, str, str, str]
+Target = Literal["journal", "stderr", "syslog-stderr", "json"]
+
+
+def current_target() -> Target:
+    """Where sdserve's own log goes (sdserve.log's set-up): the journal, or stderr (with
+    ``<N>`` prefixes under systemd)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, LogQueue):
+            target = handler.target
+            if type(target).__name__ == "JournalHandler":
+                return "journal"
+            formatter = target.formatter
+            if isinstance(formatter, StderrFormatter) and formatter.syslog_prefix:
+                return "syslog-stderr"
+    return "stderr"
+
+
+def _message(e: Entry) -> str:
+    _t, method, path, status, ms, _in, out, client, agent, rid, _trace = e
+    return f'{client} "{method} {path}" {status} {out} {ms:.1f}ms "{agent}" {rid}'
+
+
+class AccessWriter(threading.Thread):
+    """Formats and writes the queued entries; the loop only appends a tuple (:meth:`put`)."""
+
+    def __init__(self, target: Target, limit: int = QUEUE_SIZE) -> None:
+        super().__init__(name="sdserve-access-log", daemon=True)
+        self.target = target
+        self.limit = limit
+        self.pending: deque[Entry] = deque()
+        self.wake = threading.Event()
+        self.dropped = 0
+        self._stopping = False
+        self._ending = threading.Event()
+        self._journal = JournalSender() if target == "journal" else None
+        self._fd = 1 if target == "json" else 2
+        self._pid = os.getpid()
+
+    def put(self, entry: Entry) -> None:
+        if len(self.pending) >= self.limit:
+            self.dropped += 1
+            return
+        self.pending.append(entry)
+        if not self.wake.is_set():
+            self.wake.set()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Write what is queued, for at most ``timeout`` seconds."""
+        self._stopping = True
+        self._ending.set()
+        self.wake.set()
+        self.join(timeout)
+
+    def run(self) -> None:
+        pending = self.pending
+        while True:
+            self.wake.wait()
+            if not self._stopping:
+                # let a batch gather: one write for many lines, and few wake-ups of this
+                # thread competing with the event loop for the GIL (a pause, not a wait)
+                self._ending.wait(BATCH_PAUSE)
+            self.wake.clear()
+            batch = []
+            while pending:
+                batch.append(pending.popleft())
+            if batch:
+                self._write(batch)
+            if self._stopping and not pending:
+                return
+
+    def _write(self, batch: list[Entry]) -> None:
+        try:
+            if self._journal is not None:
+                for entry in batch:
+                    self._journal.send(self._journal_entry(entry))
+                return
+            if self.target == "json":
+                text = "".join(map(_json_line, batch))
+            else:
+                text = "".join(map(self._text_line, batch))
+            data = memoryview(text.encode("utf-8", "replace"))
+            while data:
+                data = data[os.write(self._fd, data) :]
+        except OSError as exc:
+            # the log target is gone or broken: count the lines lost, as a full queue does
+            self.dropped += len(batch)
+            if exc.errno == errno.EBADF:
+                self._stopping = True
+
+    def _text_line(self, e: Entry) -> str:
+        t, method, path, status, ms, bytes_in, out, client, agent, rid, trace = e
+        text = (
+            f'{client} "{method} {path}" {status} {out} {ms:.1f}ms "{agent}" {rid} '
+            f"SDSERVE_PHASE=access SDSERVE_METHOD={method} SDSERVE_PATH={path} "
+            f"SDSERVE_STATUS={status} SDSERVE_DURATION_MS={ms} SDSERVE_BYTES_IN={bytes_in} "
+            f"SDSERVE_BYTES_OUT={out} SDSERVE_CLIENT={client} SDSERVE_USER_AGENT={agent} "
+            f"SDSERVE_REQUEST_ID={rid} SDSERVE_TRACE_ID={trace}\n"
+        )
+        if self.target == "syslog-stderr":
+            return "<6>" + text
+        stamp = time.strftime("%H:%M:%S", time.localtime(t))
+        return f"{stamp} INFO    sdserve.access[{self._pid}]: {text}"
+
+    @staticmethod
+    def _journal_entry(e: Entry) -> bytes:
+        # the native protocol's NAME=value lines: no value here can hold a newline (HTTP
+        # forbids one in a request line or a header; ids and numbers are plain)
+        _t, method, path, status, ms, bytes_in, out, client, agent, rid, trace = e
+        return (
+            f'MESSAGE={client} "{method} {path}" {status} {out} {ms:.1f}ms "{agent}" {rid}\n'
+            "PRIORITY=6\nSYSLOG_IDENTIFIER=sdserve\nLOGGER=sdserve.access\n"
+            f"SDSERVE_PHASE=access\nSDSERVE_METHOD={method}\nSDSERVE_PATH={path}\n"
+            f"SDSERVE_STATUS={status}\nSDSERVE_DURATION_MS={ms}\nSDSERVE_BYTES_IN={bytes_in}\n"
+            f"SDSERVE_BYTES_OUT={out}\nSDSERVE_CLIENT={client}\nSDSERVE_USER_AGENT={agent}\n"
+            f"SDSERVE_REQUEST_ID={rid}\nSDSERVE_TRACE_ID={trace}\n"
+        ).encode("utf-8", "replace")
+
+
+def _json_line(e: Entry) -> str:
+    t, method, path, status, ms, bytes_in, out, client, agent, rid, trace = e
+    q = _quote
+    return (
+        f'{{"time":{t:.6f},"method":{q(method)},"path":{q(path)},"status":{status},'
+        f'"duration_ms":{ms},"bytes_in":{bytes_in},"bytes_out":{out},"client":{q(client)},'
+        f'"user_agent":{q(agent)},"request_id":{q(rid)},"trace_id":"{trace}"}}\n'
+    )
+
+
+_quote = json.JSONEncoder(ensure_ascii=False).encode
+
+
+class AccessLog:
+    """The middleware and response hook of one application."""
+
+    def __init__(
+        self,
+        *,
+        enabled: bool,
+        sample: float,
+        probes: bool,
+        exempt: AbstractSet[str],
+        writer: AccessWriter | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.sample = sample
+        self.probes = probes
+        #: paths left out of the log (the health probes), read at each request
+        self.exempt = exempt
+        self.writer = writer
+
+    def install(self, app: web.Application) -> None:
+        """Outside every middleware but the proxies' (install those after)."""
+        app.middlewares.insert(0, self._middleware)
+        app.on_response_prepare.append(self._on_response_prepare)
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        began = time.monotonic()
+        headers = request.headers
+        trace = parse_traceparent(headers.get("traceparent")) or os.urandom(16).hex()
+        request[TRACE_KEY] = trace
+        given = headers.get("X-Request-Id")
+        request[REQUEST_ID_KEY] = given if given and _REQUEST_ID.match(given) else trace
+        if not self.enabled:
+            return await handler(request)
+        status = 500
+        response: web.StreamResponse | None = None
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            writer = self.writer
+            if (
+                writer is not None
+                and (status >= 500 or self.sample >= 1.0 or random.random() < self.sample)
+                and (self.probes or request.path not in self.exempt)
+            ):
+                out = 0
+                if response is not None:
+                    out = response.content_length or response.body_length or 0
+                writer.put(
+                    (
+                        time.time(),
+                        request.method,
+                        request.path_qs,
+                        status,
+                        round((time.monotonic() - began) * 1000, 3),
+                        request.content_length or 0,
+                        out,
+                        request.remote or "-",
+                        headers.get("User-Agent", "-"),
+                        request[REQUEST_ID_KEY],
+                        trace,
+                    )
+                )
+
+    async def _on_response_prepare(
+        self, request: web.BaseRequest, response: web.StreamResponse
+    ) -> None:
+        trace = request.get(TRACE_KEY)
+        if trace is None:
+            return  # not through the middleware (an error before it)
+        response.headers["traceparent"] = f"00-{trace}-{os.urandom(8).hex()}-01"
+        response.headers["X-Request-Id"] = request[REQUEST_ID_KEY]

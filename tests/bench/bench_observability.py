@@ -1,0 +1,121 @@
+"""The throughput cost of metrics and access logs, as ratios to sdserve without them.
+
+sdserve (one process, ``workers = 0``, the demo's ``/``) under wrk, closed loop, keep-alive
+connections: without metrics or access log (the baseline), with metrics, with metrics and
+the access log at 100% (to stderr, a file; and as JSON lines on stdout), and sampled at
+10%. The variants alternate for a few rounds and each keeps its best rate, so that other
+work on the machine skews none of them. With two CPUs sdserve is pinned to one and wrk to
+the other. Beside the rate, the CPU time sdserve's process spent per request (its
+``utime + stime`` over the run, threads included: the access log's writer too), which other
+work on a shared machine skews less than the rate. The goals (issue 14): metrics at most
+5%, the access log at 100% at most 15%. This reports; it does not assert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from sdserve.launcher import Launcher
+
+DURATION = float(os.environ.get("BENCH_DURATION", "3"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+CONNECTIONS = 32
+
+VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "neither (baseline)": ([], {"SDSERVE_METRICS": "false"}),
+    "metrics": ([], {}),
+    "metrics + access log 100%": (["--access-log"], {}),
+    "metrics + access log 10%": (["--access-log", "--access-log-sample", "0.1"], {}),
+    "metrics + JSON access log 100%": (["--access-log", "--access-log-format", "json"], {}),
+    "access log 100%, no metrics": (["--access-log"], {"SDSERVE_METRICS": "false"}),
+}
+
+
+def _pin(cpu: int) -> list[str]:
+    if (os.cpu_count() or 1) >= 2 and shutil.which("taskset"):
+        return ["taskset", "-c", str(cpu)]
+    return []
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk_run(port: int) -> tuple[float, int]:
+    """(requests a second, requests)"""
+    out = subprocess.run(
+        [
+            *_pin(1),
+            "wrk",
+            "-t1",
+            f"-c{CONNECTIONS}",
+            f"-d{DURATION:g}s",
+            f"http://127.0.0.1:{port}/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=DURATION + 60,
+        check=True,
+    ).stdout
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not found:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise RuntimeError(f"wrk saw errors:\n{out}")
+    total = re.search(r"(\d+) requests in", out)
+    assert total is not None, out
+    return float(found.group(1)), int(total.group(1))
+
+
+async def one_round(name: str, workdir: Path) -> tuple[float, float]:
+    """(requests a second, CPU microseconds a request)"""
+    args, env = VARIANTS[name]
+    sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    argv = [*_pin(0), sys.executable, "-m", "sdserve", "run", "sdserve.demo:create_app"]
+    argv += ["--workers", "0", "--log", "stderr", *args]
+    launcher = Launcher(argv, [("http", sock)], workdir=workdir, env=env)
+    try:
+        instance = await launcher.start()
+        before = cpu_seconds(instance.pid)
+        rate, total = await asyncio.to_thread(wrk_run, sock.getsockname()[1])
+        return rate, (cpu_seconds(instance.pid) - before) / total * 1e6
+    finally:
+        await launcher.stop()
+        await launcher.close()
+        sock.close()
+
+
+async def measure() -> dict[str, tuple[float, float]]:
+    """Each variant's best rate and least CPU per request."""
+    best = dict.fromkeys(VARIANTS, (0.0, float("inf")))
+    with tempfile.TemporaryDirectory(prefix="sds-bench-obs-") as tmp:
+        for _ in range(ROUNDS):
+            for name in VARIANTS:
+                rate, cpu = await one_round(name, Path(tmp))
+                best[name] = (max(best[name][0], rate), min(best[name][1], cpu))
+    return best
+
+
+def main() -> str:
+    if shutil.which("wrk") is None:
+        return "wrk is not installed (Debian package wrk): skipped"
+    best = asyncio.run(measure())
+    base, base_cpu = best["neither (baseline)"]
+    lines = [
+        f"sdserve --workers 0, demo '/', wrk -t1 -c{CONNECTIONS}, best of {ROUNDS} runs of "
+        f"{DURATION:g} s, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
+        f"{'variant':<34}{'req/s':>9}{'ratio':>7}{'CPU us/req':>12}{'ratio':>7}",
+    ]
+    for name, (rate, cpu) in best.items():
+        lines.append(f"{name:<34}{rate:>9.0f}{rate / base:>7.3f}{cpu:>12.1f}{cpu / base_cpu:>7.3f}")
+    return "\n".join(lines)

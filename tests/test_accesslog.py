@@ -1,0 +1,200 @@
+"""Access logs with trace ids (sdserve.accesslog), and clients behind a real HAProxy
+(sdserve.proxies)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from sdserve.accesslog import parse_traceparent
+from sdserve.exitcodes import ExitCode
+from tests.conftest import LauncherFactory
+from tests.helpers import HOST, Response, read_response
+
+APP = "tests.apps.traced:create_app"
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE}-00f067aa0ba902b7-01"
+
+
+async def ask(
+    port: int,
+    path: str,
+    headers: dict[str, str] | None = None,
+    *,
+    host: str = HOST,
+    source: str | None = None,
+) -> Response:
+    """One request on a new connection (from ``source`` if given)."""
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    local = (source, 0) if source else None
+    async with asyncio.timeout(10):
+        reader, writer = await asyncio.open_connection(host, port, local_addr=local)
+        try:
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: t\r\nUser-Agent: probe/1\r\n{extra}"
+                "Connection: close\r\n\r\n".encode()
+            )
+            return await read_response(reader)
+        finally:
+            writer.close()
+
+
+def access_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "SDSERVE_PHASE=access" in line]
+
+
+def field(line: str, name: str) -> str:
+    found = re.search(rf"SDSERVE_{name}=(\S+)", line)
+    assert found is not None, (name, line)
+    return found.group(1)
+
+
+def test_traceparent_parsing() -> None:
+    assert parse_traceparent(TRACEPARENT) == TRACE
+    assert parse_traceparent(TRACEPARENT.upper()) == TRACE
+    for bad in (
+        "",
+        "00-xyz",
+        f"00-{'0' * 32}-00f067aa0ba902b7-01",
+        f"ff-{TRACE}-00f067aa0ba902b7-01",
+    ):
+        assert parse_traceparent(bad) is None, bad
+
+
+@pytest.mark.asyncio
+async def test_trace_ids_are_taken_or_generated_logged_and_returned(
+    make_launcher: LauncherFactory, port: int
+) -> None:
+    launcher = make_launcher("--access-log", app=APP)
+    instance = await launcher.start()
+    given = await ask(port, "/items/7?x=1", {"traceparent": TRACEPARENT, "X-Request-Id": "abc-1"})
+    assert given.status == 200
+    assert json.loads(given.body)["trace_id"] == TRACE  # the application sees it
+    assert given.headers["traceparent"].startswith(f"00-{TRACE}-")
+    assert given.headers["x-request-id"] == "abc-1"
+    made = await ask(port, "/whoami")
+    generated = json.loads(made.body)["trace_id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    assert generated != TRACE
+    assert made.headers["traceparent"].split("-")[1] == generated
+    assert made.headers["x-request-id"] == generated
+    assert (await ask(port, "/livez")).status == 200  # a probe: not logged
+    assert (await ask(port, "/nothing")).status == 404
+    assert await launcher.stop() == ExitCode.OK  # the log's queue is written by now
+    lines = access_lines(instance.log_text())
+    assert len(lines) == 3, lines
+    first, second, third = lines
+    assert field(first, "TRACE_ID") == TRACE
+    assert field(first, "REQUEST_ID") == "abc-1"
+    assert field(first, "METHOD") == "GET"
+    assert field(first, "PATH") == "/items/7?x=1"
+    assert field(first, "STATUS") == "200"
+    assert field(first, "CLIENT") == "127.0.0.1"
+    assert field(first, "USER_AGENT") == "probe/1"
+    assert int(field(first, "BYTES_OUT")) == len(given.body)
+    assert float(field(first, "DURATION_MS")) >= 0
+    assert field(second, "TRACE_ID") == generated
+    assert field(third, "STATUS") == "404"
+    assert "/livez" not in instance.log_text().split("ready after")[-1]
+
+
+@pytest.mark.asyncio
+async def test_json_lines_on_stdout_and_sampling(make_launcher: LauncherFactory, port: int) -> None:
+    launcher = make_launcher(
+        "--access-log", "--access-log-format", "json", "--access-log-sample", "0", app=APP
+    )
+    instance = await launcher.start()
+    for _ in range(20):
+        assert (await ask(port, "/whoami")).status == 200  # none sampled
+    assert (await ask(port, "/fail", {"traceparent": TRACEPARENT})).status == 503  # always
+    assert await launcher.stop() == ExitCode.OK
+    lines = [json.loads(line) for line in instance.log_text().splitlines() if line.startswith("{")]
+    assert len(lines) == 1, lines
+    (line,) = lines
+    assert line["status"] == 503
+    assert line["path"] == "/fail"
+    assert line["trace_id"] == TRACE
+    assert set(line) >= {"time", "method", "duration_ms", "bytes_in", "client", "user_agent"}
+
+
+# -- behind a real HAProxy -------------------------------------------------------------
+
+HAPROXY = shutil.which("haproxy")
+
+
+@pytest.fixture
+def haproxy_sock() -> Iterator[socket.socket]:
+    sock = socket.create_server((HOST, 0))
+    yield sock
+    sock.close()
+
+
+@contextlib.asynccontextmanager
+async def _haproxy(directory: Path, listener: socket.socket, backend: int) -> AsyncIterator[None]:
+    assert HAPROXY is not None
+    config = directory / "haproxy.cfg"
+    config.write_text(
+        "global\n  maxconn 100\n"
+        "defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n"
+        "  timeout server 30s\n"
+        f"frontend web\n  bind fd@{listener.fileno()}\n  option forwardfor\n"
+        "  default_backend app\n"
+        f"backend app\n  server one {HOST}:{backend}\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        HAPROXY,
+        "-db",
+        "-f",
+        str(config),
+        pass_fds=[listener.fileno()],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 30)
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(HAPROXY is None, reason="Debian's haproxy is not installed (make apt)")
+async def test_the_client_behind_haproxy_is_seen_and_a_forged_header_is_not(
+    make_launcher: LauncherFactory, port: int, tmp_path: Path, haproxy_sock: socket.socket
+) -> None:
+    launcher = make_launcher("--access-log", "--trusted-proxies", "127.0.0.1/32", app=APP)
+    instance = await launcher.start()
+    front = haproxy_sock.getsockname()[1]
+    async with _haproxy(tmp_path, haproxy_sock, port):
+        # the listening socket is HAProxy's already: the connection waits in its backlog
+        proxied = await ask(front, "/whoami", source="127.0.0.5")
+        assert proxied.status == 200
+        # and a client behind it that tries to forge its address gets the proxy's word
+        spoofing = await ask(front, "/whoami", {"X-Forwarded-For": "6.6.6.6"}, source="127.0.0.6")
+    seen = json.loads(proxied.body)
+    assert seen["remote"] == "127.0.0.5"
+    assert seen["scheme"] == "http"
+    # HAProxy appends the address it saw; sdserve takes the first untrusted from the right
+    assert json.loads(spoofing.body)["remote"] == "127.0.0.6"
+    direct = await ask(port, "/whoami", {"X-Forwarded-For": "6.6.6.6"}, source="127.0.0.7")
+    assert json.loads(direct.body)["remote"] == "127.0.0.7"  # not a trusted peer: not believed
+    forwarded = await ask(port, "/whoami", {"Forwarded": "for=6.6.6.6;proto=https"})
+    # 127.0.0.1 is trusted: its Forwarded header is believed
+    assert json.loads(forwarded.body) | {"trace_id": None} == {
+        "trace_id": None,
+        "remote": "6.6.6.6",
+        "scheme": "https",
+    }
+    assert await launcher.stop() == ExitCode.OK
+    clients = [field(line, "CLIENT") for line in access_lines(instance.log_text())]
+    assert clients == ["127.0.0.5", "127.0.0.6", "127.0.0.7", "6.6.6.6"]
