@@ -272,8 +272,8 @@ class Tracker:
         #: responses of the application's routes by status and latency, for a canary
         #: (None: nobody reads them, nothing is counted: a single process)
         self.stats: RequestStats | None = None
-        #: called with (request, status, began, response) as an application route's
-        #: handler returns (metrics, :mod:`sdserve.metrics`); None: nothing is called
+        #: called with (request, status, began, response) as the response of an
+        #: application route is prepared (metrics, :mod:`sdserve.metrics`); None: nothing
         self.on_response: ResponseHook | None = None
         self.completed_in_drain = 0
         self.idle_closed = 0
@@ -367,23 +367,16 @@ class Tracker:
         proto: TrackedRequestHandler,
         request: web.BaseRequest,
         status: int | None,
-        response: web.StreamResponse | None,
     ) -> None:
-        """``request`` is answered (its ``response`` written), or ``status`` None: cancelled."""
+        """``request`` is answered (its response written), or ``status`` None: cancelled."""
         del self.inflight[proto]
         if proto.admitted_at is not None:
             self.admission.release(proto.admitted_at)  # type: ignore[union-attr]
             proto.admitted_at = None
-        stats, hook = self.stats, self.on_response
-        if (
-            (stats is not None or hook is not None)
-            and status is not None
-            and request.path not in self.exempt_paths
-        ):
-            if stats is not None:
-                stats.record(status, time.monotonic() - proto.request_began)
-            if hook is not None:
-                hook(request, status, proto.request_began, response)  # type: ignore[arg-type]
+        stats = self.stats
+        if stats is not None and status is not None and request.path not in self.exempt_paths:
+            stats.record(status, time.monotonic() - proto.request_began)
+        proto.request_began = 0.0  # no request being handled (for the metrics' hook)
         if self.draining:
             self.completed_in_drain += 1
             # A response prepared before the drain kept the connection alive: that
@@ -423,6 +416,13 @@ class Tracker:
     async def _on_response_prepare(
         self, request: web.BaseRequest, response: web.StreamResponse
     ) -> None:
+        hook = self.on_response
+        if hook is not None and request.path not in self.exempt_paths:
+            # Counted as its headers go out, so a client never has an answer that was not
+            # counted (a worker killed meanwhile). Not a refusal: it began no handler.
+            began = getattr(request.protocol, "request_began", 0.0)
+            if began:
+                hook(request, response.status, began, response)  # type: ignore[arg-type]
         kind = type(response)
         websocket = self._websocket_kinds.get(kind)
         if websocket is None:  # isinstance() of a response is slow: it is a MutableMapping
@@ -754,6 +754,10 @@ class TrackedRequestHandler(RequestHandler):
         if timer is not None:  # its line and headers are complete
             timer.cancel()
             self._header_timer = None
+        if request_handler is not self._request_handler:
+            # a request aiohttp could not parse (414, 431, 400): answered by its error
+            # handler, not the application's; nothing of it is tracked
+            return await super()._handle_request(request, start_time, request_handler)
         tracker = self.tracker
         refusal = tracker.refusal(request)
         if refusal is not None:
@@ -772,13 +776,12 @@ class TrackedRequestHandler(RequestHandler):
         if tracker.limits.request_timeout and request.path not in tracker.exempt_paths:
             request_handler = functools.partial(tracker.bounded, request_handler)
         status: int | None = None  # None: cancelled
-        response: web.StreamResponse | None = None
         try:
             response, reset = await super()._handle_request(request, start_time, request_handler)
             status = response.status
             return response, reset
         finally:
-            tracker.ended(self, request, status, response)
+            tracker.ended(self, request, status)
 
     def _cancel_header_timer(self) -> None:
         if self._header_timer is not None:

@@ -253,7 +253,7 @@ class RequestMetrics:
     def observe(
         self, request: web.Request, status: int, began: float, response: web.StreamResponse | None
     ) -> None:
-        """One response (the tracker calls it as the handler returns)."""
+        """One response (the tracker calls it as the response is prepared)."""
         seconds = time.monotonic() - began
         method = request.method
         if method not in METHODS:
