@@ -42,7 +42,7 @@ SUITE = "bookworm"
 # Bump to rebuild the build root after changing how it is made.
 BUILDROOT_VERSION = 1
 # Bump to rebuild the venv after changing how it is made.
-VENV_VERSION = 5
+VENV_VERSION = 6
 # The extras of pyproject.toml that the packages install: the built-in checks of type
 # postgres (asyncpg) and redis (redis-py) must work from the package, and it serves on
 # uvloop (loop = "auto").
@@ -281,8 +281,10 @@ def ensure_venv(cache: Path) -> Path:
         f"{PREFIX}/bin/python3 -c 'import {', '.join(IMPORTS)}'; "
         f"{PREFIX}/bin/pip uninstall -q -y pip setuptools; "
         f"rm -f {PREFIX}/bin/activate* {PREFIX}/bin/Activate.ps1; "
-        # modules are imported, not run: some wheels (redis) install them executable
+        # modules are imported, not run: some wheels (redis) install them executable, some
+        # (prometheus-client) with a #! line; the line is blanked, so line numbers stay
         f"find {PREFIX}/lib -type f -name '*.py' -perm /111 -exec chmod a-x {{}} +; "
+        f"find {PREFIX}/lib -type f -name '*.py' -exec sed -i '1s/^#!.*$//' {{}} +; "
         f"find {PREFIX} -name __pycache__ -type d -prune -exec rm -rf {{}} +",
     )
     shutil.rmtree(out, ignore_errors=True)
