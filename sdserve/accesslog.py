@@ -47,7 +47,9 @@ from typing import Literal
 from aiohttp import web
 
 from .journal import JournalSender
-from .log import LogQueue, StderrFormatter
+from .log import NOTE_INTERVAL, LogQueue, StderrFormatter, fields
+
+_log = logging.getLogger("sdserve.accesslog")
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 _REQUEST_ID = re.compile(r"^[\w.:/+=@-]{1,128}$")
@@ -124,6 +126,9 @@ class AccessWriter(threading.Thread):
         self.pending: deque[Entry] = deque()
         self.wake = threading.Event()
         self.dropped = 0
+        #: drops already said in sdserve's own log, and when it may say more
+        self.reported = 0
+        self._next_note = 0.0
         self._stopping = False
         self._ending = threading.Event()
         self._journal = JournalSender() if target == "journal" else None
@@ -159,6 +164,7 @@ class AccessWriter(threading.Thread):
                 batch.append(pending.popleft())
             if batch:
                 self._write(batch)
+            self._report()
             if self._stopping and not pending:
                 return
 
@@ -180,6 +186,22 @@ class AccessWriter(threading.Thread):
             self.dropped += len(batch)
             if exc.errno == errno.EBADF:
                 self._stopping = True
+
+    def _report(self) -> None:
+        """Say in sdserve's own log how many lines were dropped, once the target took a
+        batch again (the first write after a stall), and at most every NOTE_INTERVAL."""
+        dropped = self.dropped
+        if dropped <= self.reported or time.monotonic() < self._next_note:
+            return
+        lost = dropped - self.reported
+        self.reported = dropped
+        self._next_note = time.monotonic() + NOTE_INTERVAL
+        _log.warning(
+            "%d access log line(s) dropped: the log target did not keep up (%d in all)",
+            lost,
+            dropped,
+            extra=fields("log-dropped", dropped=lost, dropped_total=dropped),
+        )
 
     def _text_line(self, e: Entry) -> str:
         t, method, path, status, ms, bytes_in, out, client, agent, rid, trace = e
