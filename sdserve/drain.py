@@ -82,7 +82,6 @@ from .canary import RequestStats
 
 log = logging.getLogger("sdserve.drain")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RequestHandlerFunc = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 #: (request, status, monotonic start, the response if the handler returned one)
 ResponseHook = Callable[[web.Request, int, float, "web.StreamResponse | None"], None]

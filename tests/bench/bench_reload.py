@@ -10,7 +10,6 @@ ratio is p99 during the actions over steady p99, measured in the same run.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 from sdserve.drill import Action, DrillSpec, Schedule, Target, run_drill
 from sdserve.drill.result import DrillResult
 from sdserve.launcher import Launcher
+from tests.bench.procstat import cost, tree
 
 RATE = 800.0
 ACTIONS = 10
@@ -106,22 +106,6 @@ async def _throughput(workers: int) -> float:
     return rates[0]
 
 
-def _children(pid: int) -> set[int]:
-    found: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found |= {int(c) for c in (task / "children").read_text().split()}
-    return found
-
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _cost(pid: int) -> tuple[float, int, int]:
-    """CPU seconds (user + system), minor and major page faults of ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK, int(fields[7]), int(fields[9])
-
-
 RELOADS = 5
 
 
@@ -134,10 +118,10 @@ async def _reload_cost(workers: int = 2) -> str:
         supervisor = launcher.pid
         assert supervisor is not None
         for _ in range(RELOADS):
-            before = _children(supervisor)
+            before = set(tree(supervisor)[1:])
             await launcher.reload(timeout=60)
-            for pid in _children(supervisor) - before:
-                costs.append(_cost(pid))
+            for pid in set(tree(supervisor)[1:]) - before:
+                costs.append(cost(pid))
         return ""
 
     await _with_service(workers, body)

@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.bench.procstat import cost, tree
+
 DURATION = float(os.environ.get("SDS_BENCH_DURATION", "8"))
 WARMUP = 1.0
 CONNECTIONS = 64
@@ -170,21 +172,6 @@ def _drain_output(proc: subprocess.Popen[bytes]) -> None:
     threading.Thread(target=stream.read, daemon=True).start()
 
 
-def _tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                children = Path(f"/proc/{p}/task/{task}/children").read_text().split()
-                todo.extend(int(c) for c in children)
-        except OSError:
-            continue
-    return out
-
-
 def _rss_kib(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -197,19 +184,11 @@ def _rss_kib(pid: int) -> int:
 
 _REQS = re.compile(r"Requests/sec:\s+([\d.]+)")
 _TOTAL = re.compile(r"(\d+) requests in")
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_seconds(pids: list[int]) -> float:
     """User + system CPU time of ``pids`` so far."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / _TICK
+    return sum(cost(pid)[0] for pid in pids)
 
 
 def _wrk(port: int, seconds: float, pinned: bool) -> tuple[float, int]:
@@ -251,11 +230,11 @@ def measure(server: Server, workers: int, pinned: bool) -> Row:
         _wait_for(proc, server.ready, READY_TIMEOUT)
         _drain_output(proc)
         _wrk(port, WARMUP, pinned)
-        pids = _tree(proc.pid)
+        pids = tree(proc.pid)
         cpu = _cpu_seconds(pids)
         rate, count = _wrk(port, DURATION, pinned)
         cpu = _cpu_seconds(pids) - cpu
-        pids = _tree(proc.pid)
+        pids = tree(proc.pid)
         if (
             pinned
             and pids[0] == proc.pid
@@ -264,7 +243,7 @@ def measure(server: Server, workers: int, pinned: bool) -> Row:
             pids = pids[1:]
         rss = {p: _rss_kib(p) for p in pids}
         # the worker processes: the leaves of the tree (a single process is its own worker)
-        leaves = [p for p in pids if not _tree(p)[1:]] if not server.single else pids[:1]
+        leaves = [p for p in pids if not tree(p)[1:]] if not server.single else pids[:1]
         per_worker = sum(rss[p] for p in leaves) / max(1, len(leaves)) / 1024
         cpu_us = cpu / max(1, count) * 1e6
         return Row(server.name, rate, cpu_us, per_worker, sum(rss.values()) / 1024)
