@@ -12,6 +12,12 @@ server's CPU time per request (all its processes; on a busy machine it moves les
 rate does), and RSS from ``/proc`` after the load (per worker process, and the whole tree).
 The servers bind their own port; a server is loaded once it has said it serves, after a
 one-second warm-up.
+
+One run of a server is noisy on a small shared machine (a 20-30% swing between two runs
+of the same server was seen, in either direction), so the servers take turns for
+``SDS_BENCH_ROUNDS`` rounds (3 by default) and each row gives the best rate and the least
+CPU per request of its rounds, with the spread of its rates beside them: a goal is met only
+when it holds for the best of both.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from pathlib import Path
 
 from tests.bench.procstat import cost, tree
 
-DURATION = float(os.environ.get("SDS_BENCH_DURATION", "8"))
+DURATION = float(os.environ.get("SDS_BENCH_DURATION", "5"))
+ROUNDS = max(1, int(os.environ.get("SDS_BENCH_ROUNDS", "3")))
 WARMUP = 1.0
 CONNECTIONS = 64
 READY_TIMEOUT = 30.0
@@ -215,6 +222,22 @@ class Row:
     cpu_us: float
     worker_rss_mib: float
     total_rss_mib: float
+    #: the lowest rate of its rounds (the best is :attr:`rate`)
+    low: float = 0.0
+
+
+def best_of(runs: list[Row]) -> Row:
+    """One row for the rounds of a server: the best rate, the least CPU per request, the
+    median RSS, and the lowest rate."""
+    rss = sorted(runs, key=lambda r: r.total_rss_mib)[len(runs) // 2]
+    return Row(
+        runs[0].name,
+        max(r.rate for r in runs),
+        min(r.cpu_us for r in runs),
+        rss.worker_rss_mib,
+        rss.total_rss_mib,
+        low=min(r.rate for r in runs),
+    )
 
 
 def measure(server: Server, workers: int, pinned: bool) -> Row:
@@ -259,20 +282,32 @@ def measure(server: Server, workers: int, pinned: bool) -> Row:
 
 
 def table(workers: int, pinned: bool) -> tuple[str, dict[str, Row]]:
-    rows = {r.name: r for r in (measure(s, workers, pinned) for s in servers(workers))}
+    runs: dict[str, list[Row]] = {}
+    for _ in range(ROUNDS):  # the servers take turns, so no row gets only a busy moment
+        for server in servers(workers):
+            runs.setdefault(server.name, []).append(measure(server, workers, pinned))
+    rows = {name: best_of(found) for name, found in runs.items()}
     # the baseline: aiohttp's own run_app; with 2 workers (run_app has none), gunicorn's
     # aiohttp worker, the usual way to run aiohttp in several processes
     base_name = "aiohttp run_app (asyncio)" if workers == 1 else "gunicorn + aiohttp worker"
     base = rows[base_name].rate
     how = "pinned: server on CPU 0, wrk on CPU 1" if pinned else "unpinned"
-    head = f"{workers} worker(s), {how}, {CONNECTIONS} keep-alive connections, {DURATION:g} s"
+    head = (
+        f"{workers} worker(s), {how}, {CONNECTIONS} keep-alive connections, best of {ROUNDS} "
+        f"rounds of {DURATION:g} s, load average {os.getloadavg()[0]:.1f}"
+    )
     vs = "bare aiohttp" if workers == 1 else "gunicorn + aiohttp"
-    lines = [head, f"| server | req/s | vs {vs} | CPU µs/req | RSS/worker MiB | RSS total MiB |"]
-    lines.append("|---|---|---|---|---|---|")
+    lines = [
+        head,
+        f"| server | req/s (best) | lowest | vs {vs} | CPU µs/req | vs {vs} "
+        "| RSS/worker MiB | RSS total MiB |",
+    ]
+    lines.append("|---|---|---|---|---|---|---|---|")
+    base_cpu = rows[base_name].cpu_us
     for r in rows.values():
         lines.append(
-            f"| {r.name} | {r.rate:,.0f} | {r.rate / base:.2f} | {r.cpu_us:.1f} "
-            f"| {r.worker_rss_mib:.1f} | {r.total_rss_mib:.1f} |"
+            f"| {r.name} | {r.rate:,.0f} | {r.low:,.0f} | {r.rate / base:.2f} | {r.cpu_us:.1f} "
+            f"| {r.cpu_us / base_cpu:.2f} | {r.worker_rss_mib:.1f} | {r.total_rss_mib:.1f} |"
         )
     return "\n".join(lines), rows
 
@@ -310,8 +345,13 @@ def goals(rows: dict[str, Row]) -> str:
     lines = []
     for what, ours, theirs, goal in GOALS:
         ratio = rows[ours].rate / rows[theirs].rate
-        mark = "met" if ratio >= goal else "NOT met"
-        lines.append(f"{what}: {ratio:.2f} (goal >= {goal:.2f}: {mark})")
+        # CPU per request: the peer's over ours, so that above 1 is better as for the rate
+        cpu = rows[theirs].cpu_us / rows[ours].cpu_us
+        mark = "met" if min(ratio, cpu) >= goal else "NOT met"
+        lines.append(
+            f"{what}: {ratio:.2f} by rate, {cpu:.2f} by CPU per request "
+            f"(goal >= {goal:.2f}: {mark})"
+        )
     return "\n".join(lines)
 
 
