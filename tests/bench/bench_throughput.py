@@ -13,7 +13,7 @@ rate does), and RSS from ``/proc`` after the load (per worker process, and the w
 The servers bind their own port; a server is loaded once it has said it serves, after a
 one-second warm-up.
 
-One run of a server is noisy on a small shared machine (a 20-30% swing between two runs
+One run of a server is noisy on a small shared machine (a swing of 25-50% between two runs
 of the same server was seen, in either direction), so the servers take turns for
 ``SDS_BENCH_ROUNDS`` rounds (3 by default) and each row gives the best rate and the least
 CPU per request of its rounds, with the spread of its rates beside them: a goal is met only
