@@ -16,8 +16,8 @@ one-second warm-up.
 One run of a server is noisy on a small shared machine (a swing of 25-50% between two runs
 of the same server was seen, in either direction), so the servers take turns for
 ``SDS_BENCH_ROUNDS`` rounds (3 by default) and each row gives the best rate and the least
-CPU per request of its rounds, with the spread of its rates beside them: a goal is met only
-when it holds for the best of both.
+CPU per request of its rounds, with its lowest rate beside them: a goal is met only when it
+holds by both the best rate and the least CPU per request.
 """
 
 from __future__ import annotations
@@ -222,8 +222,8 @@ class Row:
     cpu_us: float
     worker_rss_mib: float
     total_rss_mib: float
-    #: the lowest rate of its rounds (the best is :attr:`rate`)
-    low: float = 0.0
+    #: the lowest rate of its rounds (the best is :attr:`rate`); one run's own rate
+    low: float
 
 
 def best_of(runs: list[Row]) -> Row:
@@ -269,7 +269,7 @@ def measure(server: Server, workers: int, pinned: bool) -> Row:
         leaves = [p for p in pids if not tree(p)[1:]] if not server.single else pids[:1]
         per_worker = sum(rss[p] for p in leaves) / max(1, len(leaves)) / 1024
         cpu_us = cpu / max(1, count) * 1e6
-        return Row(server.name, rate, cpu_us, per_worker, sum(rss.values()) / 1024)
+        return Row(server.name, rate, cpu_us, per_worker, sum(rss.values()) / 1024, low=rate)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -299,7 +299,7 @@ def table(workers: int, pinned: bool) -> tuple[str, dict[str, Row]]:
     vs = "bare aiohttp" if workers == 1 else "gunicorn + aiohttp"
     lines = [
         head,
-        f"| server | req/s (best) | lowest | vs {vs} | CPU µs/req | vs {vs} "
+        f"| server | req/s (best) | lowest | vs {vs} | CPU µs/req | CPU vs {vs} "
         "| RSS/worker MiB | RSS total MiB |",
     ]
     lines.append("|---|---|---|---|---|---|---|---|")
