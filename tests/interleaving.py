@@ -276,6 +276,7 @@ class Sequence:
     dep_down: bool = False
     blocking: bool = False
     fd_lists: list[list[str]] = field(default_factory=list)
+    fd_note: str = ""
 
     def note(self, text: str) -> None:
         self.log.append(f"{time.monotonic():.3f} {text}")
@@ -355,6 +356,10 @@ class Sequence:
                 if target not in passing:
                     listing.append(f"{entry.name} -> {target}")
         self.fd_lists.append(listing)
+        # what the supervisor said last, and its children, for a failure's message
+        pid = launcher.pid
+        said = [m.fields["STATUS"] for m in self.messages if m.pid == pid and "STATUS" in m.fields]
+        self.fd_note = f"(its status then: {said[-1] if said else ''!r}; children {children(pid)})"
         return len(listing)
 
     async def settle(self, launcher: Launcher, appdir: Path, dep: Dependency) -> None:
@@ -409,7 +414,8 @@ class Sequence:
         self.instances.append(await launcher.start(timeout=60))
 
     async def steady(self, launcher: Launcher, *, timeout: float) -> None:
-        """Until the current instance serves with WORKERS workers, all ready, none draining.
+        """Until the current instance serves with WORKERS workers, all ready, none draining
+        and no respawn pending.
 
         Waits on events only: the supervisor's next notify message, or the exit of a worker
         still draining (its pidfd); the timeout is the bound of the whole wait.
@@ -428,7 +434,10 @@ class Sequence:
                 status = statuses[-1] if statuses else ""
                 first = status.split(";")[0]
                 ok = first.startswith("generation ") and first.endswith(want)
-                if ok and "reloading" not in status and "draining" not in status:
+                # nothing pending either: a respawn waiting for its backoff ("degraded" or
+                # "recycling fails: ... retrying") starts one more worker later
+                busy = ("reloading", "draining", "retrying")
+                if ok and not any(word in status for word in busy):
                     workers = children(instance.pid)
                     if len(workers) == WORKERS:
                         return
@@ -546,7 +555,8 @@ class Sequence:
             first, last = self.fd_lists[0], self.fd_lists[-1]
             problems.append(
                 f"the supervisor's fds went from {self.fds[0]} to {self.fds[1]}: "
-                f"{sorted(set(first) - set(last))} -> {sorted(set(last) - set(first))}"
+                f"{sorted(set(first) - set(last))} -> {sorted(set(last) - set(first))} "
+                f"{self.fd_note}"
             )
         for instance in self.instances:
             mine = [m for m in self.messages if m.pid == instance.pid]
