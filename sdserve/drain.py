@@ -75,6 +75,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.streams import EmptyStreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from .admission import Admission, Priority
@@ -83,8 +84,10 @@ from .canary import RequestStats
 log = logging.getLogger("sdserve.drain")
 
 RequestHandlerFunc = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+RequestFactory = Callable[..., web.BaseRequest]
 #: (request, status, monotonic start, the response if the handler returned one)
-ResponseHook = Callable[[web.Request, int, float, "web.StreamResponse | None"], None]
+#: (request, status, seconds since its handler began) of a response, as it is prepared
+ResponseHook = Callable[[web.BaseRequest, int, float], None]
 
 
 def is_parked(proto: RequestHandler) -> bool:
@@ -271,9 +274,13 @@ class Tracker:
         #: responses of the application's routes by status and latency, for a canary
         #: (None: nobody reads them, nothing is counted: a single process)
         self.stats: RequestStats | None = None
-        #: called with (request, status, began, response) as the response of an
-        #: application route is prepared (metrics, :mod:`sdserve.metrics`); None: nothing
+        #: called with (request, status, seconds since its handler began) as the
+        #: response of a tracked request is prepared (:mod:`sdserve.metrics`); None: nothing
         self.on_response: ResponseHook | None = None
+        #: body bytes of the requests answered on the application's sockets (by their
+        #: Content-Length) and of their responses (as written)
+        self.body_bytes_in = 0
+        self.body_bytes_out = 0
         self.completed_in_drain = 0
         self.idle_closed = 0
         #: adaptive limit, wait queue, priorities (None: only max_concurrency, a static cap)
@@ -302,17 +309,32 @@ class Tracker:
     def changed(self) -> None:
         self._changed.set()
 
-    def install(self, app: web.Application) -> None:
-        """Add the response hook to ``app``; its requests are tracked by the protocol
-        (:class:`TrackedRequestHandler`), not by a middleware: nothing is added between
-        aiohttp and the application's own handler."""
+    def install(self, app: web.Application) -> RequestFactory | None:
+        """Track ``app``'s requests: by the protocol (:class:`TrackedRequestHandler`), not by
+        a middleware, so nothing is added between aiohttp and the application's handler.
+
+        Returns the request factory its connections use: aiohttp's own, making a
+        :class:`TrackedRequest`, whose response hook replaces aiohttp's (no signal, no
+        coroutine more per response). An application class with a request factory of its
+        own keeps it, and gets the hook as an ``on_response_prepare`` signal (None)."""
         if self.admission is not None:
             app[ADMISSION] = self.admission
+        if type(app)._make_request is web.Application._make_request:
+            make: Callable[..., web.BaseRequest] = app._make_request
+
+            def tracked_request(
+                message: Any, payload: Any, protocol: Any, writer: Any, task: Any
+            ) -> web.BaseRequest:
+                return make(message, payload, protocol, writer, task, TrackedRequest)
+
+            return tracked_request
         app.on_response_prepare.append(self._on_response_prepare)
+        return None
 
     def refusal(self, request: web.BaseRequest) -> web.StreamResponse | web.HTTPException | None:
         """The limit ``request`` is over (counted), or None: it is admitted (by the
-        static cap; admission control, when on, comes next: :meth:`admit`)."""
+        static cap; admission control, when on, comes next: :meth:`admit`). Only called
+        for a request that may be over one: with a static cap, or with a body."""
         if (
             self.admission is None
             and self.max_concurrency
@@ -352,30 +374,12 @@ class Tracker:
             admission.abandon(got)
             raise
 
-    def began(self, proto: TrackedRequestHandler, request: web.BaseRequest) -> None:
-        """``request`` of ``proto`` was admitted: its handler starts."""
-        self.requests_total += 1
-        if self.requests_total == self.request_limit and self.on_limit is not None:
-            self.on_limit()
-        self.inflight[proto] = request
-        if self._timers:
-            self._cancel_timer(proto)  # a drain's idle grace: the connection is not idle
-
-    def ended(
-        self,
-        proto: TrackedRequestHandler,
-        request: web.BaseRequest,
-        status: int | None,
-    ) -> None:
-        """``request`` is answered (its response written), or ``status`` None: cancelled."""
-        del self.inflight[proto]
+    def ended(self, proto: TrackedRequestHandler) -> None:
+        """A request of ``proto`` that was admitted by admission control, or that ended
+        during a drain, is answered (its response written) or cancelled."""
         if proto.admitted_at is not None:
             self.admission.release(proto.admitted_at)  # type: ignore[union-attr]
             proto.admitted_at = None
-        stats = self.stats
-        if stats is not None and status is not None and request.path not in self.exempt_paths:
-            stats.record(status, time.monotonic() - proto.request_began)
-        proto.request_began = 0.0  # no request being handled (for the metrics' hook)
         if self.draining:
             self.completed_in_drain += 1
             # A response prepared before the drain kept the connection alive: that
@@ -415,25 +419,40 @@ class Tracker:
     async def _on_response_prepare(
         self, request: web.BaseRequest, response: web.StreamResponse
     ) -> None:
-        hook = self.on_response
-        if hook is not None and request.path not in self.exempt_paths:
+        self.prepared(request.protocol, request, response)  # type: ignore[arg-type]
+
+    def prepared(
+        self,
+        proto: TrackedRequestHandler,
+        request: web.BaseRequest,
+        response: web.StreamResponse,
+    ) -> None:
+        """``response``'s headers go out (aiohttp's prepare)."""
+        began = proto.request_began
+        if began:  # a request of the application (a refusal began no handler)
             # Counted as its headers go out, so a client never has an answer that was not
-            # counted (a worker killed meanwhile). Not a refusal: it began no handler.
-            began = getattr(request.protocol, "request_began", 0.0)
-            if began:
-                hook(request, response.status, began, response)  # type: ignore[arg-type]
+            # counted (a worker killed meanwhile).
+            seconds = time.monotonic() - began
+            status = response._status  # response.status, without a property call
+            if (hook := self.on_response) is not None:
+                hook(request, status, seconds)
+            if (stats := self.stats) is not None and request.path not in self.exempt_paths:
+                stats.record(status, seconds)
         kind = type(response)
-        websocket = self._websocket_kinds.get(kind)
-        if websocket is None:  # isinstance() of a response is slow: it is a MutableMapping
-            websocket = self._websocket_kinds[kind] = issubclass(kind, web.WebSocketResponse)
+        websocket = False
+        if kind is not web.Response:
+            # isinstance() of a response is slow: it is a MutableMapping
+            known = self._websocket_kinds.get(kind)
+            if known is None:
+                known = self._websocket_kinds[kind] = issubclass(kind, web.WebSocketResponse)
+            websocket = known
         if websocket:
             assert isinstance(response, web.WebSocketResponse)
             self.websockets.add(response)
             if self.draining:
                 asyncio.get_running_loop().call_soon(self._close_websocket, response)
-        elif self.draining and queued_requests(request.protocol) == 0:
-            proto = request.protocol
-            if self._handing() and isinstance(proto, TrackedRequestHandler) and proto.main:
+        elif self.draining and queued_requests(proto) == 0:
+            if self._handing() and proto.main:
                 return  # kept alive, to be handed over once written
             # aiohttp computes the Connection header before this hook runs: set both
             # the header the client sees and the flag that closes after the response.
@@ -639,6 +658,26 @@ class Tracker:
         )
 
 
+class TrackedRequest(web.Request):
+    """aiohttp's request, whose response hook tells the tracker (:meth:`Tracker.prepared`)
+    before it runs the applications' ``on_response_prepare`` signals, as aiohttp's does."""
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        proto: TrackedRequestHandler = self._protocol  # type: ignore[assignment]
+        proto.tracker.prepared(proto, self, response)
+        match_info = self._match_info
+        if match_info is None:
+            return
+        for app in match_info._apps:
+            if on_prepare := app.on_response_prepare:
+                await on_prepare.send(self, response)
+
+
+#: aiohttp's own, called without a super() object on the request path
+_data_received = RequestHandler.data_received
+_handle_request = RequestHandler._handle_request
+
+
 class TrackedRequestHandler(RequestHandler):
     """aiohttp's protocol, reporting connections and received bytes to a :class:`Tracker`,
     with a header deadline and the limits' statuses."""
@@ -657,9 +696,17 @@ class TrackedRequestHandler(RequestHandler):
     )
 
     def __init__(
-        self, tracker: Tracker, manager: web.Server, *, main: bool = True, **kwargs: Any
+        self,
+        tracker: Tracker,
+        manager: web.Server,
+        *,
+        main: bool = True,
+        request_factory: RequestFactory | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
+        if request_factory is not None:
+            self._request_factory = request_factory  # see Tracker.install
         self.tracker = tracker
         #: a connection of the application (not of the admin socket): it may be handed over
         self.main = main
@@ -699,11 +746,13 @@ class TrackedRequestHandler(RequestHandler):
             super().data_received(data)
             return
         self.last_rx = now = self._loop.time()
-        if self.tracker.admission is not None:
+        tracker = self.tracker
+        if tracker.admission is not None:
             self.rx_cpu = time.process_time()  # the work ahead of it, for admission
         started_at_boundary = self.at_boundary
-        queued = len(self._messages)
-        super().data_received(data)
+        messages = self._messages
+        queued = len(messages)
+        _data_received(self, data)
         # Whether these bytes end where a request ends. Without a body, a request ends
         # with its header block (and a chunked body with its empty last chunk); a
         # whole request with a Content-Length body in one read is checked by its
@@ -716,15 +765,15 @@ class TrackedRequestHandler(RequestHandler):
         if (
             ends
             or self._header_timer is not None
-            or len(self._messages) > queued
+            or len(messages) > queued
             or self._request_in_progress
         ):
             return  # no request line and headers left incomplete (the usual case: no timer)
         # bytes of a request whose line and headers are not all here: they must follow in
         # time (from these first bytes; later bytes do not move the deadline)
-        timeout = self.tracker.limits.header_timeout
-        if self.tracker.draining:
-            timeout = min(timeout, self.tracker.idle_grace)
+        timeout = tracker.limits.header_timeout
+        if tracker.draining:
+            timeout = min(timeout, tracker.idle_grace)
         if timeout > 0:
             self._header_timer = self._loop.call_at(now + timeout, self._header_late)
 
@@ -756,31 +805,48 @@ class TrackedRequestHandler(RequestHandler):
         if request_handler is not self._request_handler:
             # a request aiohttp could not parse (414, 431, 400): answered by its error
             # handler, not the application's; nothing of it is tracked
-            return await super()._handle_request(request, start_time, request_handler)
+            return await _handle_request(self, request, start_time, request_handler)
         tracker = self.tracker
-        refusal = tracker.refusal(request)
-        if refusal is not None:
-            answer = (
-                _raising(refusal) if isinstance(refusal, web.HTTPException) else _answering(refusal)
-            )
-            return await super()._handle_request(request, start_time, answer)
+        body = type(request._payload) is not EmptyStreamReader  # request.body_exists
+        if body or tracker.max_concurrency:
+            refusal = tracker.refusal(request)
+            if refusal is not None:
+                answer = (
+                    _raising(refusal)
+                    if isinstance(refusal, web.HTTPException)
+                    else _answering(refusal)
+                )
+                return await _handle_request(self, request, start_time, answer)
         admission = tracker.admission
         if admission is not None and self.main and request.path not in tracker.exempt_paths:
             shed = await tracker.admit(self, request, admission)
             if shed is not None:
-                return await super()._handle_request(request, start_time, _answering(_shed(shed)))
+                return await _handle_request(self, request, start_time, _answering(_shed(shed)))
             self.admitted_at = admission.clock()
-        self.request_began = time.monotonic()
-        tracker.began(self, request)
         if tracker.limits.request_timeout and request.path not in tracker.exempt_paths:
             request_handler = functools.partial(tracker.bounded, request_handler)
-        status: int | None = None  # None: cancelled
+        # the handler starts
+        if body and self.main:
+            tracker.body_bytes_in += request.content_length or 0
+        self.request_began = time.monotonic()
+        tracker.requests_total += 1
+        if tracker.requests_total == tracker.request_limit and tracker.on_limit is not None:
+            tracker.on_limit()
+        tracker.inflight[self] = request
+        if tracker.draining:
+            tracker._cancel_timer(self)  # a drain's idle grace: the connection is not idle
+        response: web.StreamResponse | None = None  # None: cancelled
         try:
-            response, reset = await super()._handle_request(request, start_time, request_handler)
-            status = response.status
+            response, reset = await _handle_request(self, request, start_time, request_handler)
             return response, reset
         finally:
-            tracker.ended(self, request, status)
+            # answered (its response written), or cancelled (None)
+            del tracker.inflight[self]
+            self.request_began = 0.0  # no request being handled (for the counts at prepare)
+            if response is not None and self.main:
+                tracker.body_bytes_out += response._body_length  # response.body_length
+            if self.admitted_at is not None or tracker.draining:
+                tracker.ended(self)
 
     def _cancel_header_timer(self) -> None:
         if self._header_timer is not None:

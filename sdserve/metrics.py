@@ -17,11 +17,15 @@ replaces; gauges of a dead worker simply go. Readers and the fold exclude each o
 with a lock on the directory, so a scrape never sees a worker's counts twice or not at
 all.
 
-The request path: each response costs a dictionary look-up, a bisection and five
-additions to doubles in a memory map (:class:`RequestMetrics`, no lock, no system
-call); prometheus-client's own objects (with a lock and a file write per change) serve
-the rest, which changes seldom: drains, reloads, restarts, checks, and gauges sampled
-every :data:`SAMPLE_PERIOD`.
+The request path: each response costs a dictionary look-up (by the matched route
+object, so no route template is computed), a bisection and three additions to doubles
+in a memory map (:class:`RequestMetrics`, no lock, no system call). The body byte
+counters are the tracker's plain integers (:class:`sdserve.drain.Tracker`), written to
+the map every :data:`SAMPLE_PERIOD` and once more after a drain: a worker killed
+outright loses at most its last period of byte counts, never a request's count.
+prometheus-client's own objects (with a lock and a file write per change) serve the
+rest, which changes seldom: drains, reloads, restarts, checks, and gauges sampled every
+:data:`SAMPLE_PERIOD`.
 
 Labels: requests by ``method`` (known methods, else ``other``), ``route`` (the route's
 template, ``request.match_info.route.resource.canonical``; ``none`` for a request that
@@ -41,7 +45,6 @@ import re
 import shutil
 import struct
 import tempfile
-import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
@@ -82,9 +85,9 @@ REQUESTS_HELP = "responses of the application, by method, route template and sta
 DURATION = "sdserve_request_duration_seconds"
 DURATION_HELP = "time from the request's headers to the handler's response"
 BYTES_IN = "sdserve_request_body_bytes"
-BYTES_IN_HELP = "request body bytes (by Content-Length)"
+BYTES_IN_HELP = "request body bytes (by Content-Length), of the application's sockets"
 BYTES_OUT = "sdserve_response_body_bytes"
-BYTES_OUT_HELP = "response body bytes (when their length is known)"
+BYTES_OUT_HELP = "response body bytes written, of the application's sockets"
 
 
 def setup_directory(environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
@@ -198,6 +201,9 @@ def _key(metric: str, name: str, labels: Mapping[str, str], help_text: str) -> s
     return json.dumps([metric, name, dict(labels), help_text], sort_keys=True)
 
 
+_UNSEEN: Any = object()
+
+
 class _Series:
     __slots__ = ("buckets", "count", "sum")
 
@@ -210,10 +216,17 @@ class _Series:
 class RequestMetrics:
     """A worker's responses: counts, durations and bytes, written where they are read."""
 
-    def __init__(self, path: Path, pid: int | None = None) -> None:
+    def __init__(self, path: Path, exempt: AbstractSet[str] = frozenset(), pid: int | None = None):
         pid = os.getpid() if pid is None else pid
         self._counters = HotFile(path / f"counter_hot{pid}.db")
         self._histograms = HotFile(path / f"histogram_hot{pid}.db")
+        from aiohttp.web_urldispatcher import SystemRoute
+
+        self._system_route = SystemRoute
+        #: paths whose responses are not counted (the health probes, /metrics)
+        self._exempt = exempt
+        #: by (route, method, status): the series to count in, or None (not counted)
+        self._by_route: dict[tuple[Any, str, int], _Series | None] = {}
         self._series: dict[tuple[str, str, int], _Series] = {}
         self._hist: dict[tuple[str, str], tuple[list[int], int]] = {}
         self._bounds = DURATION_BUCKETS[:-1]
@@ -222,18 +235,21 @@ class RequestMetrics:
             _key(BYTES_OUT, BYTES_OUT + "_total", {}, BYTES_OUT_HELP)
         )
 
-    def known_routes(self, app: web.Application, exempt: AbstractSet[str]) -> None:
-        """Series at 0 for each route's methods (HEAD and ``exempt`` paths left out), so
+    def known_routes(self, app: web.Application) -> None:
+        """Series at 0 for each route's methods (HEAD and exempt paths left out), so
         that ``increase()`` counts from the first request on (a series that appears at 1
         loses its first increase)."""
         for route in app.router.routes():
             resource = route.resource
             if resource is None or route.method not in METHODS or route.method == "HEAD":
                 continue
-            if resource.canonical not in exempt:
+            if resource.canonical not in self._exempt:
                 self._new(route.method, resource.canonical, 2)
 
     def _new(self, method: str, route: str, cls: int) -> _Series:
+        series = self._series.get((method, route, cls))
+        if series is not None:
+            return series
         labels = {"method": method, "route": route}
         hist = self._hist.get((method, route))
         if hist is None:
@@ -250,30 +266,40 @@ class RequestMetrics:
         series = self._series[(method, route, cls)] = _Series(count, hist[0], hist[1])
         return series
 
-    def observe(
-        self, request: web.Request, status: int, began: float, response: web.StreamResponse | None
-    ) -> None:
+    def _series_for(self, resource: Any, method: str, status: int) -> _Series | None:
+        if resource is None:
+            return self._new(method, "none", status // 100)
+        route = resource.canonical
+        if route in self._exempt:
+            return None
+        return self._new(method, route, status // 100)
+
+    def observe(self, request: web.BaseRequest, status: int, seconds: float) -> None:
         """One response (the tracker calls it as the response is prepared)."""
-        seconds = time.monotonic() - began
         method = request.method
         if method not in METHODS:
-            method = "other"
-        resource = request.match_info.route.resource
-        route = "none" if resource is None else resource.canonical
-        series = self._series.get((method, route, status // 100))
+            method = "other"  # a client's made-up methods must not make new series
+        # match_info.route without its two property calls (a per-request cost)
+        route = request._match_info._route  # type: ignore[attr-defined]
+        key = (route, method, status)
+        series = self._by_route.get(key, _UNSEEN)
+        if series is _UNSEEN:
+            series = self._series_for(route.resource, method, status)
+            if not isinstance(route, self._system_route):
+                # a 404 or 405 has a route object of its own: not remembered
+                self._by_route[key] = series
         if series is None:
-            series = self._new(method, route, status // 100)
-        counts = self._counters.values
-        counts[series.count] += 1
+            return
+        self._counters.values[series.count] += 1
         hist = self._histograms.values
         hist[series.buckets[bisect.bisect_left(self._bounds, seconds)]] += 1
         hist[series.sum] += seconds
-        if (length := request.content_length) is not None:
-            counts[self._bytes_in] += length
-        if response is not None:
-            out = response.content_length or response.body_length
-            if out:
-                counts[self._bytes_out] += out
+
+    def set_bytes(self, body_in: int, body_out: int) -> None:
+        """This process's request and response body bytes so far (sampled)."""
+        values = self._counters.values
+        values[self._bytes_in] = body_in
+        values[self._bytes_out] = body_out
 
 
 def _le(bound: float) -> str:

@@ -297,6 +297,8 @@ class Worker:
             dropped_lines() + (self.access_writer.dropped if self.access_writer else 0),
             {name: (r.ok, r.duration) for name, r in self.state.results.items()},
         )
+        if self._request_metrics is not None:
+            self._request_metrics.set_bytes(tracker.body_bytes_in, tracker.body_bytes_out)
 
     async def _sample_metrics(self) -> None:
         while True:
@@ -341,7 +343,7 @@ class Worker:
             path = self.config.metrics_path
             app.router.add_get(path, metrics.handler(self.metrics_dir), allow_head=False)
             self.tracker.exempt_paths.add(path)
-        self.tracker.install(app)
+        request_factory = self.tracker.install(app)
         cfg = self.config
         if not admin and (cfg.access_log or cfg.trace_ids):
             if cfg.access_log and self.access_writer is None:
@@ -376,7 +378,12 @@ class Worker:
 
             def factory(server: web.Server = server) -> TrackedRequestHandler:
                 return TrackedRequestHandler(
-                    self.tracker, server, main=not admin, loop=asyncio.get_running_loop(), **kwargs
+                    self.tracker,
+                    server,
+                    main=not admin,
+                    request_factory=request_factory,
+                    loop=asyncio.get_running_loop(),
+                    **kwargs,
                 )
 
             if not admin and self._main_factory is None:
@@ -397,14 +404,16 @@ class Worker:
         checks_from_config(reg, cfg.checks)
         if self.metrics_dir is not None:
             self.metrics = metrics.ServiceMetrics()
-            self._request_metrics = metrics.RequestMetrics(self.metrics_dir)
+            self._request_metrics = metrics.RequestMetrics(
+                self.metrics_dir, self.tracker.exempt_paths
+            )
             self.tracker.on_response = self._request_metrics.observe
         self.state.registry = reg
         self._say("running the application's start-up hooks")
         async with asyncio.timeout(cfg.start_timeout):
             await self._prepare(app, admin=False)
             if self._request_metrics is not None:
-                self._request_metrics.known_routes(app, self.tracker.exempt_paths)
+                self._request_metrics.known_routes(app)
             if any(ls.name == ADMIN_SOCKET for ls in self.listeners):
                 await self._prepare(web.Application(), admin=True)
         if not self.supervised:

@@ -43,7 +43,7 @@ sup.workers.set(1)
 sup.logged({"SDSERVE_PHASE": "reloaded", "SDSERVE_DURATION_MS": 5})
 app = web.Application()
 app.router.add_get("/", lambda r: web.Response())
-metrics.RequestMetrics(path).known_routes(app, set())
+metrics.RequestMetrics(path).known_routes(app)
 sys.stdout.write(metrics.render(path).decode())
 metrics.remove_directory(path)
 """
