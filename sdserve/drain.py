@@ -79,7 +79,6 @@ from aiohttp.streams import EmptyStreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from .admission import Admission, Priority
-from .canary import RequestStats
 
 log = logging.getLogger("sdserve.drain")
 
@@ -271,11 +270,9 @@ class Tracker:
         self.pending_accepts = 0
         self.draining = False
         self.requests_total = 0
-        #: responses of the application's routes by status and latency, for a canary
-        #: (None: nobody reads them, nothing is counted: a single process)
-        self.stats: RequestStats | None = None
         #: called with (request, status, seconds since its handler began) as the
-        #: response of a tracked request is prepared (:mod:`sdserve.metrics`); None: nothing
+        #: response of a tracked request is prepared: the metrics and a canary's counts
+        #: (:mod:`sdserve.metrics`, :mod:`sdserve.canary`); None: nothing counts them
         self.on_response: ResponseHook | None = None
         #: body bytes of the requests answered on the application's sockets (by their
         #: Content-Length) and of their responses (as written)
@@ -428,16 +425,12 @@ class Tracker:
         response: web.StreamResponse,
     ) -> None:
         """``response``'s headers go out (aiohttp's prepare)."""
-        began = proto.request_began
-        if began:  # a request of the application (a refusal began no handler)
-            # Counted as its headers go out, so a client never has an answer that was not
-            # counted (a worker killed meanwhile).
-            seconds = time.monotonic() - began
-            status = response._status  # response.status, without a property call
-            if (hook := self.on_response) is not None:
-                hook(request, status, seconds)
-            if (stats := self.stats) is not None and request.path not in self.exempt_paths:
-                stats.record(status, seconds)
+        hook = self.on_response
+        if hook is not None and (began := proto.request_began):
+            # A request of the application (a refusal began no handler), counted as its
+            # headers go out, so a client never has an answer that was not counted (a
+            # worker killed meanwhile). response.status, without a property call:
+            hook(request, response._status, time.monotonic() - began)
         kind = type(response)
         websocket = False
         if kind is not web.Response:

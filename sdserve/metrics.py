@@ -54,6 +54,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from .canary import RequestStats
+
 #: the environment variable prometheus-client reads at import (its multiprocess mode)
 ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
 #: seconds between a worker's samples of its gauges (in flight, connections, rejections)
@@ -225,6 +227,8 @@ class RequestMetrics:
         self._system_route = SystemRoute
         #: paths whose responses are not counted (the health probes, /metrics)
         self._exempt = exempt
+        #: a canary's counts, kept with the same responses (None: not kept)
+        self.stats: RequestStats | None = None
         #: by (route, method, status): the series to count in, or None (not counted)
         self._by_route: dict[tuple[Any, str, int], _Series | None] = {}
         self._series: dict[tuple[str, str, int], _Series] = {}
@@ -294,6 +298,8 @@ class RequestMetrics:
         hist = self._histograms.values
         hist[series.buckets[bisect.bisect_left(self._bounds, seconds)]] += 1
         hist[series.sum] += seconds
+        if (stats := self.stats) is not None:
+            stats.record(status, seconds)
 
     def set_bytes(self, body_in: int, body_out: int) -> None:
         """This process's request and response body bytes so far (sampled)."""

@@ -282,6 +282,9 @@ class Worker:
         self.metrics_dir = metrics.directory() if config.metrics else None
         self.metrics: metrics.ServiceMetrics | None = None
         self._request_metrics: metrics.RequestMetrics | None = None
+        #: the application's responses by status and latency, for a canary reload
+        #: (kept under a supervisor only: it reads them)
+        self.counts = RequestStats() if supervised else None
         #: the access log's writer thread (access_log = true)
         self.access_writer: accesslog.AccessWriter | None = None
 
@@ -408,6 +411,8 @@ class Worker:
                 self.metrics_dir, self.tracker.exempt_paths
             )
             self.tracker.on_response = self._request_metrics.observe
+        if self.counts is not None:
+            self._keep_counts(self.counts)
         self.state.registry = reg
         self._say("running the application's start-up hooks")
         async with asyncio.timeout(cfg.start_timeout):
@@ -777,6 +782,21 @@ class Worker:
 
     # -- whole life ----------------------------------------------------------------------
 
+    def _keep_counts(self, counts: RequestStats) -> None:
+        """A canary's counts of the application's responses (health probes left out):
+        kept by the metrics with their own when there are metrics, else by a hook of
+        their own."""
+        if self._request_metrics is not None:
+            self._request_metrics.stats = counts
+            return
+        exempt = self.tracker.exempt_paths
+
+        def keep(request: web.BaseRequest, status: int, seconds: float) -> None:
+            if request.path not in exempt:
+                counts.record(status, seconds)
+
+        self.tracker.on_response = keep
+
     async def run(self) -> ExitCode:
         """Start, serve until stopped or retired, drain; a force exits at once at any point.
 
@@ -787,9 +807,8 @@ class Worker:
         if (interval := self.notifier.watchdog_interval) is not None:
             watchdog = asyncio.create_task(_watchdog(self.notifier, interval))
         stats = None
-        if self.supervised:
-            self.tracker.stats = RequestStats()
-            stats = asyncio.create_task(_report_stats(self.notifier, self.tracker.stats))
+        if self.counts is not None:
+            stats = asyncio.create_task(_report_stats(self.notifier, self.counts))
         sampling = None
         if self.metrics_dir is not None:
             sampling = asyncio.create_task(self._sample_metrics())
