@@ -14,15 +14,20 @@ case.
 - The health probes (and ``/metrics``) are left out unless ``access_log_probes``.
 - ``access_log_sample`` logs that share of the requests (chosen at random); a 5xx is
   always logged.
-- Logging never blocks the event loop, and costs it little: the loop appends the
-  request's values to a bounded queue, and a thread of the access log's own formats
+- Logging never blocks the event loop, and costs it little. No middleware: sdserve's
+  protocol (:class:`sdserve.drain.TrackedRequestHandler`) calls :meth:`AccessLog.begin`
+  before the handler, :meth:`AccessLog.prepared` as the response's headers go out and
+  :meth:`AccessLog.ended` once it is written. The loop appends a tuple of what it
+  already has (the parsed request line and headers, the status, the timing) to a
+  bounded queue, and a thread of the access log's own picks the fields out, formats
   them and writes them in batches (one ``write`` for many lines; one datagram per entry
   to journald), bypassing :mod:`logging` (whose records cost the loop some 40 us each).
   When the queue is full an entry is dropped and counted
   (``sdserve_log_lines_dropped_total``).
 
 Trace ids (W3C Trace Context): a valid ``traceparent`` header gives the request's trace
-id; without one, a new one is generated. The application finds it in
+id; without one, a new one is generated (128 random bits from :mod:`random`, which is
+seeded afresh in every process: no system call per request). The application finds it in
 ``request["trace_id"]`` (or :func:`trace_id`); the response carries ``traceparent``
 (the same trace id, with a span id of this server's) and ``X-Request-Id`` (the client's
 own if it sent a sane one, else the trace id). Trace ids are on with the access log, or
@@ -40,11 +45,12 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
 from collections.abc import Set as AbstractSet
-from typing import Literal
+from random import getrandbits
+from typing import Any, Literal, Protocol
 
 from aiohttp import web
+from multidict import istr
 
 from .journal import JournalSender
 from .log import NOTE_INTERVAL, LogQueue, StderrFormatter, fields
@@ -54,10 +60,11 @@ _log = logging.getLogger("sdserve.accesslog")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 _REQUEST_ID = re.compile(r"^[\w.:/+=@-]{1,128}$")
 _ZERO_TRACE = "0" * 32
+# header names as multidict's istr: no case folding per look-up
+_TRACEPARENT_HEADER = istr("traceparent")
+_REQUEST_ID_HEADER = istr("X-Request-Id")
 TRACE_KEY = "trace_id"
 REQUEST_ID_KEY = "request_id"
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def trace_id(request: web.Request) -> str | None:
@@ -76,7 +83,7 @@ def parse_traceparent(value: str | None) -> str | None:
     return found.group(1)
 
 
-#: the names of an entry's values, in the order the loop queues them
+#: the names of a line's values, in the order :func:`_values` gives them
 FIELDS = (
     "METHOD",
     "PATH",
@@ -93,7 +100,11 @@ FIELDS = (
 QUEUE_SIZE = 10_000
 #: seconds the writer lets entries gather before it writes them
 BATCH_PAUSE = 0.05
-Entry = tuple[float, str, str, int, float, int, int, str, str, str, str]
+#: what the loop queues: (time, the parsed request (aiohttp's RawRequestMessage,
+#: immutable), status, milliseconds, body bytes out, the client behind a trusted proxy or
+#: None, the connection's peer, request id, trace id); the writer thread picks the rest
+Entry = tuple[float, Any, int, float, int, "str | None", Any, str, str]
+Values = tuple[float, str, str, int, float, int, int, str, str, str, str]
 Target = Literal["journal", "stderr", "syslog-stderr", "json"]
 
 
@@ -111,9 +122,26 @@ def current_target() -> Target:
     return "stderr"
 
 
-def _message(e: Entry) -> str:
-    _t, method, path, status, ms, _in, out, client, agent, rid, _trace = e
-    return f'{client} "{method} {path}" {status} {out} {ms:.1f}ms "{agent}" {rid}'
+def _values(e: Entry) -> Values:
+    """A queued entry's values, in the order of :data:`FIELDS` after the time."""
+    t, message, status, ms, out, client, peer, rid, trace = e
+    headers = message.headers
+    length = headers.get("Content-Length", "0")
+    if client is None:
+        client = str(peer[0]) if isinstance(peer, (list, tuple)) else str(peer or "-")
+    return (
+        t,
+        message.method,
+        message.path,
+        status,
+        ms,
+        int(length) if length.isdigit() else 0,
+        out,
+        client,
+        headers.get("User-Agent", "-"),
+        rid,
+        trace,
+    )
 
 
 class AccessWriter(threading.Thread):
@@ -134,6 +162,9 @@ class AccessWriter(threading.Thread):
         self._journal = JournalSender() if target == "journal" else None
         self._fd = 1 if target == "json" else 2
         self._pid = os.getpid()
+        #: the text lines' prefix, and the second its time stamp is of
+        self._second = -1
+        self._prefix = ""
 
     def put(self, entry: Entry) -> None:
         if len(self.pending) >= self.limit:
@@ -172,12 +203,12 @@ class AccessWriter(threading.Thread):
         try:
             if self._journal is not None:
                 for entry in batch:
-                    self._journal.send(self._journal_entry(entry))
+                    self._journal.send(self._journal_entry(_values(entry)))
                 return
             if self.target == "json":
-                text = "".join(map(_json_line, batch))
+                text = "".join(_json_line(_values(e)) for e in batch)
             else:
-                text = "".join(map(self._text_line, batch))
+                text = "".join(self._text_line(_values(e)) for e in batch)
             data = memoryview(text.encode("utf-8", "replace"))
             while data:
                 data = data[os.write(self._fd, data) :]
@@ -203,7 +234,7 @@ class AccessWriter(threading.Thread):
             extra=fields("log-dropped", dropped=lost, dropped_total=dropped),
         )
 
-    def _text_line(self, e: Entry) -> str:
+    def _text_line(self, e: Values) -> str:
         t, method, path, status, ms, bytes_in, out, client, agent, rid, trace = e
         text = (
             f'{client} "{method} {path}" {status} {out} {ms:.1f}ms "{agent}" {rid} '
@@ -214,11 +245,15 @@ class AccessWriter(threading.Thread):
         )
         if self.target == "syslog-stderr":
             return "<6>" + text
-        stamp = time.strftime("%H:%M:%S", time.localtime(t))
-        return f"{stamp} INFO    sdserve.access[{self._pid}]: {text}"
+        second = int(t)
+        if second != self._second:  # localtime() is slow: once a second
+            self._second = second
+            stamp = time.strftime("%H:%M:%S", time.localtime(t))
+            self._prefix = f"{stamp} INFO    sdserve.access[{self._pid}]: "
+        return self._prefix + text
 
     @staticmethod
-    def _journal_entry(e: Entry) -> bytes:
+    def _journal_entry(e: Values) -> bytes:
         # the native protocol's NAME=value lines: no value here can hold a newline (HTTP
         # forbids one in a request line or a header; ids and numbers are plain)
         _t, method, path, status, ms, bytes_in, out, client, agent, rid, trace = e
@@ -232,7 +267,7 @@ class AccessWriter(threading.Thread):
         ).encode("utf-8", "replace")
 
 
-def _json_line(e: Entry) -> str:
+def _json_line(e: Values) -> str:
     t, method, path, status, ms, bytes_in, out, client, agent, rid, trace = e
     q = _quote
     return (
@@ -245,8 +280,19 @@ def _json_line(e: Entry) -> str:
 _quote = json.JSONEncoder(ensure_ascii=False).encode
 
 
+class Connection(Protocol):
+    """What the access log reads and writes of sdserve's protocol (per request)."""
+
+    trace: str
+    request_id: str
+    #: the client behind a trusted proxy (:mod:`sdserve.proxies`), else None
+    client: str | None
+    request_began: float
+
+
 class AccessLog:
-    """The middleware and response hook of one application."""
+    """Trace ids and access log lines of one worker's application socket(s), called by
+    sdserve's protocol at the request's start, its response's prepare and its end."""
 
     def __init__(
         self,
@@ -257,68 +303,57 @@ class AccessLog:
         exempt: AbstractSet[str],
         writer: AccessWriter | None = None,
     ) -> None:
-        self.enabled = enabled
+        self.enabled = enabled and writer is not None
         self.sample = sample
         self.probes = probes
         #: paths left out of the log (the health probes), read at each request
         self.exempt = exempt
         self.writer = writer
 
-    def install(self, app: web.Application) -> None:
-        """Outside every middleware but the proxies' (install those after)."""
-        app.middlewares.insert(0, self._middleware)
-        app.on_response_prepare.append(self._on_response_prepare)
-
-    @web.middleware
-    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        began = time.monotonic()
+    @staticmethod
+    def begin(conn: Connection, request: web.BaseRequest) -> None:
+        """Before the handler: the request's trace id and request id, on ``conn`` and in
+        ``request["trace_id"]`` and ``request["request_id"]`` for the application."""
         headers = request.headers
-        trace = parse_traceparent(headers.get("traceparent")) or os.urandom(16).hex()
-        request[TRACE_KEY] = trace
-        given = headers.get("X-Request-Id")
-        request[REQUEST_ID_KEY] = given if given and _REQUEST_ID.match(given) else trace
-        if not self.enabled:
-            return await handler(request)
-        status = 500
-        response: web.StreamResponse | None = None
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
-            writer = self.writer
-            if (
-                writer is not None
-                and (status >= 500 or self.sample >= 1.0 or random.random() < self.sample)
-                and (self.probes or request.path not in self.exempt)
-            ):
-                out = 0
-                if response is not None:
-                    out = response.content_length or response.body_length or 0
-                writer.put(
-                    (
-                        time.time(),
-                        request.method,
-                        request.path_qs,
-                        status,
-                        round((time.monotonic() - began) * 1000, 3),
-                        request.content_length or 0,
-                        out,
-                        request.remote or "-",
-                        headers.get("User-Agent", "-"),
-                        request[REQUEST_ID_KEY],
-                        trace,
-                    )
-                )
+        given = headers.get(_TRACEPARENT_HEADER)
+        trace = (given and parse_traceparent(given)) or f"{getrandbits(128):032x}"
+        request[TRACE_KEY] = conn.trace = trace
+        rid = headers.get(_REQUEST_ID_HEADER)
+        if not rid or not _REQUEST_ID.match(rid):
+            rid = trace
+        request[REQUEST_ID_KEY] = conn.request_id = rid
+        conn.client = None
 
-    async def _on_response_prepare(
-        self, request: web.BaseRequest, response: web.StreamResponse
+    @staticmethod
+    def prepared(conn: Connection, response: web.StreamResponse) -> None:
+        """The response's headers are about to go out: the trace id (with a span id of this
+        server's) and the request id go with them."""
+        headers = response.headers
+        headers[_TRACEPARENT_HEADER] = f"00-{conn.trace}-{getrandbits(64) or 1:016x}-01"
+        headers[_REQUEST_ID_HEADER] = conn.request_id
+
+    def ended(
+        self, conn: Connection, request: web.BaseRequest, response: web.StreamResponse
     ) -> None:
-        trace = request.get(TRACE_KEY)
-        if trace is None:
-            return  # not through the middleware (an error before it)
-        response.headers["traceparent"] = f"00-{trace}-{os.urandom(8).hex()}-01"
-        response.headers["X-Request-Id"] = request[REQUEST_ID_KEY]
+        """The response is written: its line, unless it is a probe's or not sampled (a 5xx
+        always is)."""
+        status = response._status  # response.status, without a property call
+        sample = self.sample
+        if status < 500 and sample < 1.0 and (sample <= 0.0 or random.random() >= sample):
+            return
+        if not self.probes and request.path in self.exempt:
+            return
+        self.writer.put(  # type: ignore[union-attr]
+            (
+                time.time(),
+                request._message,
+                status,
+                round((time.monotonic() - conn.request_began) * 1000, 3),
+                # the body's length; a streamed one's: what was written, headers too
+                response.content_length or response._body_length,
+                conn.client,
+                request._transport_peername,
+                conn.request_id,
+                conn.trace,
+            )
+        )

@@ -78,6 +78,7 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.streams import EmptyStreamReader
 from aiohttp.web_protocol import RequestHandler
 
+from .accesslog import AccessLog
 from .admission import Admission, Priority
 
 log = logging.getLogger("sdserve.drain")
@@ -274,10 +275,12 @@ class Tracker:
         #: response of a tracked request is prepared: the metrics and a canary's counts
         #: (:mod:`sdserve.metrics`, :mod:`sdserve.canary`); None: nothing counts them
         self.on_response: ResponseHook | None = None
-        #: body bytes of the requests answered on the application's sockets (by their
-        #: Content-Length) and of their responses (as written)
+        #: trace ids and the access log of the application's socket(s) (None: off)
+        self.access: AccessLog | None = None
+        #: bytes of the requests answered on the application's sockets: their bodies (by
+        #: Content-Length), and their responses as written (headers included)
         self.body_bytes_in = 0
-        self.body_bytes_out = 0
+        self.response_bytes = 0
         self.completed_in_drain = 0
         self.idle_closed = 0
         #: adaptive limit, wait queue, priorities (None: only max_concurrency, a static cap)
@@ -425,6 +428,8 @@ class Tracker:
         response: web.StreamResponse,
     ) -> None:
         """``response``'s headers go out (aiohttp's prepare)."""
+        if self.access is not None and proto.main and proto.request_began:
+            self.access.prepared(proto, response)
         hook = self.on_response
         if hook is not None and (began := proto.request_began):
             # A request of the application (a refusal began no handler), counted as its
@@ -679,12 +684,15 @@ class TrackedRequestHandler(RequestHandler):
         "_header_timer",
         "admitted_at",
         "at_boundary",
+        "client",
         "last_rx",
         "main",
         "offered",
         "refused",
         "request_began",
+        "request_id",
         "rx_cpu",
+        "trace",
         "tracker",
     )
 
@@ -716,6 +724,11 @@ class TrackedRequestHandler(RequestHandler):
         self.request_began = 0.0
         #: the admission controller's clock when it let the request in (None: not counted)
         self.admitted_at: float | None = None
+        #: the request's trace id and request id (:mod:`sdserve.accesslog`), and its
+        #: client behind a trusted proxy (:mod:`sdserve.proxies`; None: the peer)
+        self.trace = ""
+        self.request_id = ""
+        self.client: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -819,6 +832,9 @@ class TrackedRequestHandler(RequestHandler):
         if tracker.limits.request_timeout and request.path not in tracker.exempt_paths:
             request_handler = functools.partial(tracker.bounded, request_handler)
         # the handler starts
+        access = tracker.access if self.main else None
+        if access is not None:
+            access.begin(self, request)
         if body and self.main:
             tracker.body_bytes_in += request.content_length or 0
         self.request_began = time.monotonic()
@@ -835,9 +851,11 @@ class TrackedRequestHandler(RequestHandler):
         finally:
             # answered (its response written), or cancelled (None)
             del tracker.inflight[self]
-            self.request_began = 0.0  # no request being handled (for the counts at prepare)
             if response is not None and self.main:
-                tracker.body_bytes_out += response._body_length  # response.body_length
+                tracker.response_bytes += response._body_length  # as written, headers too
+                if access is not None and access.enabled:
+                    access.ended(self, request, response)
+            self.request_began = 0.0  # no request being handled (for the counts at prepare)
             if self.admitted_at is not None or tracker.draining:
                 tracker.ended(self)
 

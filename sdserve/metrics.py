@@ -19,7 +19,7 @@ all.
 
 The request path: each response costs a dictionary look-up (by the matched route
 object, so no route template is computed), a bisection and three additions to doubles
-in a memory map (:class:`RequestMetrics`, no lock, no system call). The body byte
+in a memory map (:class:`RequestMetrics`, no lock, no system call). The byte
 counters are the tracker's plain integers (:class:`sdserve.drain.Tracker`), written to
 the map every :data:`SAMPLE_PERIOD` and once more after a drain: a worker killed
 outright loses at most its last period of byte counts, never a request's count.
@@ -88,8 +88,8 @@ DURATION = "sdserve_request_duration_seconds"
 DURATION_HELP = "time from the request's headers to the handler's response"
 BYTES_IN = "sdserve_request_body_bytes"
 BYTES_IN_HELP = "request body bytes (by Content-Length), of the application's sockets"
-BYTES_OUT = "sdserve_response_body_bytes"
-BYTES_OUT_HELP = "response body bytes written, of the application's sockets"
+BYTES_OUT = "sdserve_response_bytes"
+BYTES_OUT_HELP = "response bytes written (headers included), of the application's sockets"
 
 
 def setup_directory(environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
@@ -301,11 +301,11 @@ class RequestMetrics:
         if (stats := self.stats) is not None:
             stats.record(status, seconds)
 
-    def set_bytes(self, body_in: int, body_out: int) -> None:
-        """This process's request and response body bytes so far (sampled)."""
+    def set_bytes(self, body_in: int, out: int) -> None:
+        """This process's request body bytes and response bytes so far (sampled)."""
         values = self._counters.values
         values[self._bytes_in] = body_in
-        values[self._bytes_out] = body_out
+        values[self._bytes_out] = out
 
 
 def _le(bound: float) -> str:

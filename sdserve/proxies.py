@@ -24,6 +24,8 @@ from aiohttp import web
 from aiohttp_remotes import ForwardedRelaxed, XForwardedFiltered
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .drain import TrackedRequestHandler
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 UNIX = "unix"
@@ -55,6 +57,7 @@ class TrustedProxies:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if not self.trusts(request):
             return await handler(request)
+        handler = _telling(request, handler)
         headers = request.headers
         if "X-Forwarded-For" in headers:
             if len(hops := headers.getall("X-Forwarded-For")) > 1:
@@ -69,6 +72,19 @@ class TrustedProxies:
         return await handler(request)
 
 
+def _telling(request: web.Request, handler: Handler) -> Handler:
+    """``handler``, telling the connection which client the proxy's headers named (the
+    access log, which sees the request before this middleware, logs that one)."""
+    proto = request.protocol
+
+    async def tell(resolved: web.Request) -> web.StreamResponse:
+        if isinstance(proto, TrackedRequestHandler):
+            proto.client = resolved.remote
+        return await handler(resolved)
+
+    return tell
+
+
 def install(app: web.Application, trusted: Sequence[str]) -> None:
-    """Outermost: every other middleware, the access log included, sees the client."""
+    """Outermost: every other middleware sees the client (and the access log logs it)."""
     app.middlewares.insert(0, TrustedProxies(trusted).middleware)

@@ -301,7 +301,7 @@ class Worker:
             {name: (r.ok, r.duration) for name, r in self.state.results.items()},
         )
         if self._request_metrics is not None:
-            self._request_metrics.set_bytes(tracker.body_bytes_in, tracker.body_bytes_out)
+            self._request_metrics.set_bytes(tracker.body_bytes_in, tracker.response_bytes)
 
     async def _sample_metrics(self) -> None:
         while True:
@@ -356,14 +356,13 @@ class Worker:
                 self.access_writer = accesslog.AccessWriter(target)
                 self.access_writer.start()
                 atexit.register(self.access_writer.stop)
-            access = accesslog.AccessLog(
+            self.tracker.access = accesslog.AccessLog(
                 enabled=cfg.access_log,
                 sample=cfg.access_log_sample,
                 probes=cfg.access_log_probes,
                 exempt=self.tracker.exempt_paths,
                 writer=self.access_writer,
             )
-            access.install(app)
         if not admin and cfg.trusted_proxies:
             proxies.install(app, cfg.trusted_proxies)  # outermost: the others see the client
         prepare_app(app)  # its drain event, before aiohttp freezes it
