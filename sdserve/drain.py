@@ -692,6 +692,7 @@ class TrackedRequestHandler(RequestHandler):
         "request_began",
         "request_id",
         "rx_cpu",
+        "span",
         "trace",
         "tracker",
     )
@@ -727,6 +728,7 @@ class TrackedRequestHandler(RequestHandler):
         #: the request's trace id and request id (:mod:`sdserve.accesslog`), and its
         #: client behind a trusted proxy (:mod:`sdserve.proxies`; None: the peer)
         self.trace = ""
+        self.span = ""
         self.request_id = ""
         self.client: str | None = None
 
