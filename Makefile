@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Debian packages the build, the tests and the demo need.
 APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libsystemd-dev \
 	wrk systemd-container debootstrap iproute2 procps curl ca-certificates chromium fuse3 \
-	podman runc haproxy prometheus
+	podman runc haproxy prometheus valgrind
 
 # Extra prerequisites of `make test`, appended to by the fragments included below.
 TEST_PREREQS :=
