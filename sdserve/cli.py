@@ -275,6 +275,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_worker(cfg, Notifier())
 
 
+def cmd_template(args: argparse.Namespace) -> int:
+    """The supervisor's warm template (:mod:`sdserve.template`; not for direct use)."""
+    from .template import run_template
+
+    return run_template()
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.help_keys:
         sys.stdout.write(reference.render_text())
@@ -322,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker")  # internal: started by the supervisor
     _add_config_flags(worker)
     worker.set_defaults(func=cmd_worker)
+    template = sub.add_parser("template")  # internal: the supervisor's warm template
+    template.set_defaults(func=cmd_template)
     return parser
 
 

@@ -486,6 +486,15 @@ class Config:
             "yes also elsewhere (sdserve becomes a child subreaper), no never"
         },
     )
+    warm_template: bool = field(
+        default=False,
+        metadata={
+            "doc": "fork new workers from a process that has imported the libraries (not "
+            "the application), instead of starting each by fork and exec: a reload costs "
+            "the workers serving less; rebuilt when a library changes on disk; off with "
+            "reap_orphans = no (the supervisor adopts its workers and reaps other orphans)"
+        },
+    )
     access_log: bool = field(
         default=False,
         metadata={

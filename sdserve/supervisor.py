@@ -74,6 +74,7 @@ from .loops import factory
 from .notify import Notifier
 from .probes import START_CHECKS, StartupProbes, start_check_entries
 from .reaper import reaping
+from .template import Adopted, Template
 from .worker import serve_in_process, service_facts
 
 log = logging.getLogger("sdserve.supervisor")
@@ -95,9 +96,10 @@ _PR_SET_PDEATHSIG = 1
 
 
 class WorkerProcess:
-    """One worker process: the Popen, and a pidfd that tells when it exits."""
+    """One worker process: the Popen (or the template's worker, adopted), and a pidfd that
+    tells when it exits."""
 
-    def __init__(self, worker: int, popen: subprocess.Popen[bytes], link: Link) -> None:
+    def __init__(self, worker: int, popen: subprocess.Popen[bytes] | Adopted, link: Link) -> None:
         self.worker = worker
         self.popen = popen
         self.pidfd = os.pidfd_open(popen.pid)
@@ -188,6 +190,10 @@ class Supervisor:
         #: the stop under way is part of a restart (idle connections go to the store)
         self._stop_is_restart = False
         self._control = ControlServer(self._on_reload_request, on_status=self.snapshot)
+        #: the warm template new workers are forked from (sdserve.template), or None
+        self._template: Template | None = None
+        if uses_template(config):
+            self._template = Template(_inheritable_env())
 
     # -- events in -----------------------------------------------------------------------
 
@@ -527,11 +533,7 @@ class Supervisor:
             self.notifier.send(f"EXTEND_TIMEOUT_USEC={action.usec}")
 
     def _worker_env(self, action: lc.Spawn) -> dict[str, str]:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("LISTEN_", "WATCHDOG_", "NOTIFY_SOCKET"))
-        }
+        env = _inheritable_env()
         assert self._channel is not None
         env["NOTIFY_SOCKET"] = self._channel.address
         env[ENV_FDS] = ",".join(f"{ls.fd}:{ls.name}" for ls in self.listeners)
@@ -552,16 +554,21 @@ class Supervisor:
         ours, theirs = link_pair()
         env = self._worker_env(action)
         env[ENV_LINK] = str(theirs.fileno())
+        fds = [ls.fd for ls in self.listeners] + [theirs.fileno()]
         try:
             try:
-                popen = subprocess.Popen(
-                    argv,
-                    env=env,
-                    pass_fds=[ls.fd for ls in self.listeners] + [theirs.fileno()],
-                    stdin=subprocess.DEVNULL,
-                    # its own session: a terminal's Ctrl-C reaches the supervisor only
-                    start_new_session=True,
-                )
+                popen: subprocess.Popen[bytes] | Adopted | None = None
+                if self._template is not None:
+                    popen = self._template.spawn(argv, env, fds)
+                if popen is None:
+                    popen = subprocess.Popen(
+                        argv,
+                        env=env,
+                        pass_fds=fds,
+                        stdin=subprocess.DEVNULL,
+                        # its own session: a terminal's Ctrl-C reaches the supervisor only
+                        start_new_session=True,
+                    )
             finally:
                 theirs.close()
             proc = WorkerProcess(action.worker, popen, Link(ours, self._from_worker))
@@ -575,8 +582,12 @@ class Supervisor:
         self.feed(lc.Spawned(action.worker, proc.pid))
 
     def worker_pids(self) -> set[int]:
-        """The workers' PIDs: their exit statuses are this supervisor's to collect."""
-        return {proc.pid for proc in self.procs.values()}
+        """The workers' PIDs (and the warm template's): their exit statuses are this
+        supervisor's to collect."""
+        pids = {proc.pid for proc in self.procs.values()}
+        if self._template is not None and (pid := self._template.pid) is not None:
+            pids.add(pid)
+        return pids
 
     # -- whole life ----------------------------------------------------------------------
 
@@ -596,10 +607,14 @@ class Supervisor:
         pinger: asyncio.Task[None] | None = None
         if self._watchdog_interval is not None:
             pinger = asyncio.create_task(self._ping_systemd(self._watchdog_interval))
+        if self._template is not None:
+            self._template.start()  # ready for the first reload; the first workers exec
         self.feed(lc.Start())
         try:
             return await self._done
         finally:
+            if self._template is not None:
+                self._template.close()
             if pinger is not None:
                 pinger.cancel()
             for timer in self._timers.values():
@@ -659,7 +674,10 @@ def supervise(
             probes=probes,
             metrics_dir=metrics_dir,
         )
-        with reaping(config.reap_orphans, owned=supervisor.worker_pids):
+        # the workers of a warm template are adopted: the supervisor is then a child
+        # subreaper, and collects the other orphans too
+        mode = "yes" if uses_template(config) else config.reap_orphans
+        with reaping(mode, owned=supervisor.worker_pids):
             return await supervisor.run()
 
     try:
@@ -667,6 +685,21 @@ def supervise(
     finally:
         if metrics_dir is not None:
             metrics.remove_directory(metrics_dir)
+
+
+def uses_template(config: Config) -> bool:
+    """Whether workers are forked from a warm template (:mod:`sdserve.template`)."""
+    return config.warm_template and config.reap_orphans != "no"
+
+
+def _inheritable_env() -> dict[str, str]:
+    """This process's environment less what is for it alone (systemd's sockets, watchdog
+    and notify socket)."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LISTEN_", "WATCHDOG_", "NOTIFY_SOCKET"))
+    }
 
 
 # -- the worker side -------------------------------------------------------------------

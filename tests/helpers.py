@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdserve.template import is_template
 from tests.apps.release import source
 
 HOST = "127.0.0.1"
@@ -246,8 +247,9 @@ def write_app(directory: Path, version: str, extra: str = "") -> None:
 
 
 def children(pid: int) -> list[int]:
+    """``pid``'s children, but a warm template (a supervisor's: they are its workers)."""
     text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    return [int(p) for p in text.split()]
+    return [int(p) for p in text.split() if not is_template(int(p))]
 
 
 def process_state(pid: int) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdserve.drill.resources import children
+from sdserve.template import is_template
 
 ActionFn = Callable[[], Awaitable[object]]
 PidSource = Callable[[], Awaitable[int | None]]
@@ -170,13 +171,14 @@ def send_signal(sig: signal.Signals, pid: PidSource) -> ActionFn:
 
 
 def kill_worker(pid: PidSource, sig: signal.Signals = signal.SIGKILL) -> ActionFn:
-    """An action that sends ``sig`` (SIGKILL by default) to the oldest child of the target."""
+    """An action that sends ``sig`` (SIGKILL by default) to the oldest child of the target
+    (a worker: not a warm template, :mod:`sdserve.template`)."""
 
     async def act() -> str:
         parent = await pid()
         if parent is None:
             raise ActionError("no target PID to find a worker under")
-        kids = children(parent)
+        kids = [kid for kid in children(parent) if not is_template(kid)]
         if not kids:
             raise ActionError(f"process {parent} has no worker to kill")
         try:
