@@ -33,12 +33,15 @@ def _p99(result: DrillResult, phase: str) -> float:
     return float(value) if value is not None else float("nan")
 
 
-async def _with_service(workers: int, body: Callable[[Launcher, int], Awaitable[str]]) -> str:
+async def _with_service(
+    workers: int, body: Callable[[Launcher, int], Awaitable[str]], *, template: bool = False
+) -> str:
     sock = socket.create_server(("127.0.0.1", 0), backlog=4096)
     port = sock.getsockname()[1]
     workdir = Path(tempfile.mkdtemp(prefix="sds-bench-"))
     argv = [sys.executable, "-m", "sdserve", "run", "sdserve.demo:create_app"]
     argv += ["--workers", str(workers), "--log", "stderr"]
+    argv.append("--warm-template" if template else "--no-warm-template")
     launcher = Launcher(argv, [("http", sock)], workdir=workdir)
     try:
         await launcher.start()
@@ -52,7 +55,7 @@ async def _with_service(workers: int, body: Callable[[Launcher, int], Awaitable[
 _SPAWN = "import aiohttp.web, sdserve.worker"
 
 
-async def _drill_through(kind: str) -> tuple[DrillResult, list[float]]:
+async def _drill_through(kind: str, template: bool = False) -> tuple[DrillResult, list[float]]:
     took: list[float] = []
 
     async def body(launcher: Launcher, port: int) -> str:
@@ -83,7 +86,7 @@ async def _drill_through(kind: str) -> tuple[DrillResult, list[float]]:
         return ""
 
     results: list[DrillResult] = []
-    await _with_service(2, body)
+    await _with_service(2, body, template=template)
     return results[0], took
 
 
@@ -109,14 +112,18 @@ async def _throughput(workers: int) -> float:
 RELOADS = 5
 
 
-async def _reload_cost(workers: int = 2) -> str:
+async def _reload_cost(workers: int = 2, *, template: bool = False) -> str:
     """What starting one worker of a reload costs: its CPU time and page faults up to the
-    end of the reload, with no load (so nothing but its start is counted)."""
+    end of the reload, with no load (so nothing but its start is counted). With the warm
+    template, the first reload may come before it is ready (its workers exec): one
+    reload is made before the counted ones."""
     costs: list[tuple[float, int, int]] = []
 
     async def body(launcher: Launcher, port: int) -> str:
         supervisor = launcher.pid
         assert supervisor is not None
+        if template:
+            await launcher.reload(timeout=60)
         for _ in range(RELOADS):
             before = set(tree(supervisor)[1:])
             await launcher.reload(timeout=60)
@@ -124,13 +131,14 @@ async def _reload_cost(workers: int = 2) -> str:
                 costs.append(cost(pid))
         return ""
 
-    await _with_service(workers, body)
+    await _with_service(workers, body, template=template)
     n = len(costs)
     cpu = sorted(c[0] for c in costs)
     minor = sorted(c[1] for c in costs)
     major = sorted(c[2] for c in costs)
+    how = "forked from the warm template" if template else "fork and exec"
     return (
-        f"reload cost per new worker ({n} workers over {RELOADS} reloads, no load): "
+        f"reload cost per new worker, {how} ({n} workers over {RELOADS} reloads, no load): "
         f"CPU {cpu[n // 2] * 1000:.0f} ms (median; {cpu[0] * 1000:.0f}-{cpu[-1] * 1000:.0f}), "
         f"minor page faults {minor[n // 2]:,} ({minor[0]:,}-{minor[-1]:,}), "
         f"major {major[n // 2]} ({major[0]}-{major[-1]})"
@@ -143,17 +151,25 @@ async def _main() -> str:
         "controls: 'nothing' waits 0.6 s (the phases' own bias); 'spawn' starts one Python "
         "process that imports what a worker imports (what any process start costs here)"
     )
-    for kind in ("nothing", "spawn", "reload", "restart"):
-        result, took = await _drill_through(kind)
+    for kind, template in (
+        ("nothing", False),
+        ("spawn", False),
+        ("reload", False),
+        ("reload", True),
+        ("restart", False),
+    ):
+        result, took = await _drill_through(kind, template)
         steady, during = _p99(result, "steady"), _p99(result, "during")
         counts = result.phases()["overall"]
+        name = f"{kind} (warm template)" if template else kind
         lines.append(
-            f"{kind:>7}: requests {counts['requests']}, failures {counts['failures']} "
+            f"{name:>23}: requests {counts['requests']}, failures {counts['failures']} "
             f"{dict(counts['classes'])}; p99 steady {steady:.1f} ms, during {during:.1f} ms, "
             f"ratio {during / steady:.2f}{' (goal <= 1.5)' if kind == 'reload' else ''}; "
             f"{kind} took {min(took):.2f}-{max(took):.2f}s"
         )
     lines.append(await _reload_cost())
+    lines.append(await _reload_cost(template=True))
     one, two = await _throughput(1), await _throughput(2)
     lines.append(
         f"throughput (closed loop, 64 keep-alive clients, the drill on the same 2 cores): "
