@@ -116,9 +116,11 @@ class Server:
 async def start(kind: str, limit: int = 0) -> Server:
     server = Server(kind)
     if kind == "sdserve adaptive":
-        await server.start_sdserve({})
+        await server.start_sdserve({"SDSERVE_OVERLOAD__ENABLED": "true"})
     elif kind == "sdserve target 25ms":
-        await server.start_sdserve({"SDSERVE_OVERLOAD__QUEUE_TARGET": "25ms"})
+        await server.start_sdserve(
+            {"SDSERVE_OVERLOAD__ENABLED": "true", "SDSERVE_OVERLOAD__QUEUE_TARGET": "25ms"}
+        )
     elif kind == "sdserve no limit":
         await server.start_sdserve({"SDSERVE_OVERLOAD__ENABLED": "false"})
     elif kind == "aiohttp":
