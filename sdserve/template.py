@@ -279,7 +279,8 @@ def run_template() -> int:
     gc.collect()
     gc.freeze()
     seen = _files()
-    sock.sendall(READY)
+    if not _say(sock, READY):
+        return 0
     while True:
         try:
             data, ancdata, _flags, _addr = sock.recvmsg(
@@ -292,18 +293,30 @@ def run_template() -> int:
         fds = _received_fds(ancdata)
         if (path := _changed(seen)) is not None:
             _close(fds)
-            sock.sendall(STALE)
-            print(f"sdserve template: {path} changed: exiting", file=sys.stderr)
+            if _say(sock, STALE):
+                print(f"sdserve template: {path} changed: exiting", file=sys.stderr)
             return 0
         try:
             request = json.loads(data)
             pid = _fork_worker(sock, request, fds)
         except (OSError, ValueError, KeyError) as exc:
-            sock.sendall(f"error {exc}".encode()[:200])
+            answer = f"error {exc}".encode()[:200]
         else:
-            sock.sendall(f"pid {pid}".encode())
+            answer = f"pid {pid}".encode()
         finally:
             _close(fds)
+        if not _say(sock, answer):
+            return 0
+
+
+def _say(sock: socket.socket, message: bytes) -> bool:
+    """Send to the supervisor; False if it is gone (it may end, a failed start say,
+    while the template imports: nothing to report then, and no one to report it to)."""
+    try:
+        sock.sendall(message)
+    except (BrokenPipeError, ConnectionResetError):
+        return False
+    return True
 
 
 def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
