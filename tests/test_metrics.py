@@ -152,7 +152,9 @@ async def test_prometheus_counts_every_request_through_reloads_kills_and_recycli
         await prom.scraped_after(series, began, timeout=30)  # the counter at 0, before the load
         killed = 0
         async with load(HOST, port, keepalive=4, newconn=2) as stats:
-            await stats.wait_ok(500, timeout=30)
+            # Two workers that each recycle past 3,500 requests: by 7,500 one has (the
+            # reloads below replace the workers before they could, when they are quick).
+            await stats.wait_ok(7500, timeout=90)
             for i in range(10):
                 if i in (2, 5, 8):
                     # the newest worker: the one most likely to be serving
