@@ -487,7 +487,7 @@ class Config:
         },
     )
     warm_template: bool = field(
-        default=False,
+        default=True,
         metadata={
             "doc": "fork new workers from a process that has imported the libraries (not "
             "the application), instead of starting each by fork and exec: a reload costs "
