@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import HOST, get, load
+from tests.helpers import HOST, children, get, load
 from tests.pid1 import (
     JsonLog,
     free_port,
@@ -129,7 +129,7 @@ async def test_pid1_reaps_orphans_keeps_its_workers_exit_statuses_and_reloads(
         if workers:
             # a worker's exit status stays the supervisor's to collect: killed, it is seen
             # killed (a stolen status would read as exit status 0), and it is replaced
-            (worker,) = host_children(server.init)
+            (worker,) = children(server.init)  # not the warm template beside it
             os.kill(worker, signal.SIGKILL)
             (died,) = await server.log.expect(
                 "the worker's death", lambda x: x.get("phase") == "worker-died"
