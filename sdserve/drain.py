@@ -67,6 +67,7 @@ import logging
 import socket
 import termios
 import time
+import warnings
 import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -271,6 +272,9 @@ class Tracker:
         self.pending_accepts = 0
         self.draining = False
         self.requests_total = 0
+        #: a static cap, admission control or request_timeout: a request may be held
+        #: back (set by :meth:`install`, once they are)
+        self.gated = False
         #: called with (request, status, seconds since its handler began) as the
         #: response of a tracked request is prepared: the metrics and a canary's counts
         #: (:mod:`sdserve.metrics`, :mod:`sdserve.canary`); None: nothing counts them
@@ -319,15 +323,12 @@ class Tracker:
         own keeps it, and gets the hook as an ``on_response_prepare`` signal (None)."""
         if self.admission is not None:
             app[ADMISSION] = self.admission
+        self.gated = bool(
+            self.max_concurrency or self.admission is not None or self.limits.request_timeout
+        )
         if type(app)._make_request is web.Application._make_request:
-            make: Callable[..., web.BaseRequest] = app._make_request
-
-            def tracked_request(
-                message: Any, payload: Any, protocol: Any, writer: Any, task: Any
-            ) -> web.BaseRequest:
-                return make(message, payload, protocol, writer, task, TrackedRequest)
-
-            return tracked_request
+            # a partial (C), not a closure: no Python frame more per request
+            return functools.partial(app._make_request, _cls=TrackedRequest)
         app.on_response_prepare.append(self._on_response_prepare)
         return None
 
@@ -662,7 +663,17 @@ class TrackedRequest(web.Request):
 
     async def _prepare_hook(self, response: web.StreamResponse) -> None:
         proto: TrackedRequestHandler = self._protocol  # type: ignore[assignment]
-        proto.tracker.prepared(proto, self, response)
+        tracker = proto.tracker
+        if type(response) is web.Response and not tracker.draining:
+            # the usual case, without a call more (Tracker.prepared does the same, and
+            # the rest): the trace headers, and the counts
+            if (access := proto.access) is not None and proto.request_began:
+                access.prepared(proto, response)
+            hook = tracker.on_response
+            if hook is not None and (began := proto.request_began):
+                hook(self, response._status, time.monotonic() - began)
+        else:
+            tracker.prepared(proto, self, response)
         match_info = self._match_info
         if match_info is None:
             return
@@ -682,6 +693,7 @@ class TrackedRequestHandler(RequestHandler):
 
     __slots__ = (
         "_header_timer",
+        "access",
         "admitted_at",
         "at_boundary",
         "client",
@@ -712,6 +724,9 @@ class TrackedRequestHandler(RequestHandler):
         self.tracker = tracker
         #: a connection of the application (not of the admin socket): it may be handed over
         self.main = main
+        #: trace ids and the access log (the tracker's, set before connections come), for
+        #: the application's connections only
+        self.access = tracker.access if main else None
         self.last_rx = 0.0
         #: the process's CPU time when bytes last came (None: no admission control)
         self.rx_cpu: float | None = None
@@ -757,7 +772,6 @@ class TrackedRequestHandler(RequestHandler):
         tracker = self.tracker
         if tracker.admission is not None:
             self.rx_cpu = time.process_time()  # the work ahead of it, for admission
-        started_at_boundary = self.at_boundary
         messages = self._messages
         queued = len(messages)
         _data_received(self, data)
@@ -766,17 +780,12 @@ class TrackedRequestHandler(RequestHandler):
         # whole request with a Content-Length body in one read is checked by its
         # length. Anything else (a body over several reads) is taken as not at a
         # boundary: that connection is not handed over, only drained.
-        ends = data.endswith(b"\r\n\r\n")
-        self.at_boundary = ends or (
-            started_at_boundary and _one_request_with_body(self, data, queued)
-        )
-        if (
-            ends
-            or self._header_timer is not None
-            or len(messages) > queued
-            or self._request_in_progress
-        ):
-            return  # no request line and headers left incomplete (the usual case: no timer)
+        if data.endswith(b"\r\n\r\n"):
+            self.at_boundary = True
+            return  # no request line and headers left incomplete (the usual case)
+        self.at_boundary = self.at_boundary and _one_request_with_body(self, data, queued)
+        if self._header_timer is not None or len(messages) > queued or self._request_in_progress:
+            return  # a deadline runs already, or nothing is left incomplete
         # bytes of a request whose line and headers are not all here: they must follow in
         # time (from these first bytes; later bytes do not move the deadline)
         timeout = tracker.limits.header_timeout
@@ -805,7 +814,13 @@ class TrackedRequestHandler(RequestHandler):
         request_handler: RequestHandlerFunc,
     ) -> tuple[web.StreamResponse, bool]:
         """aiohttp's handling of one request, tracked: refused at a limit, or counted in
-        flight from its handler's start until its response is written."""
+        flight from its handler's start until its response is written.
+
+        An admitted request is handled here as aiohttp's ``_handle_request`` does (the
+        same steps, in the same order: the handler, its exceptions as 500, 504 or their
+        own response, ``finish_response``, then the flags aiohttp's shutdown waits on),
+        not by awaiting it: a coroutine less per request. ``tests/test_handling.py``
+        holds aiohttp's version this follows, and fails when it changes."""
         timer = self._header_timer
         if timer is not None:  # its line and headers are complete
             timer.cancel()
@@ -816,29 +831,32 @@ class TrackedRequestHandler(RequestHandler):
             return await _handle_request(self, request, start_time, request_handler)
         tracker = self.tracker
         body = type(request._payload) is not EmptyStreamReader  # request.body_exists
-        if body or tracker.max_concurrency:
-            refusal = tracker.refusal(request)
-            if refusal is not None:
-                answer = (
-                    _raising(refusal)
-                    if isinstance(refusal, web.HTTPException)
-                    else _answering(refusal)
-                )
-                return await _handle_request(self, request, start_time, answer)
-        admission = tracker.admission
-        if admission is not None and self.main and request.path not in tracker.exempt_paths:
-            shed = await tracker.admit(self, request, admission)
-            if shed is not None:
-                return await _handle_request(self, request, start_time, _answering(_shed(shed)))
-            self.admitted_at = admission.clock()
-        if tracker.limits.request_timeout and request.path not in tracker.exempt_paths:
-            request_handler = functools.partial(tracker.bounded, request_handler)
+        if body or tracker.gated:
+            # a limit may refuse it, admission control may queue or shed it
+            if body or tracker.max_concurrency:
+                refusal = tracker.refusal(request)
+                if refusal is not None:
+                    refuse = (
+                        _raising(refusal)
+                        if isinstance(refusal, web.HTTPException)
+                        else _answering(refusal)
+                    )
+                    return await _handle_request(self, request, start_time, refuse)
+            admission = tracker.admission
+            if admission is not None and self.main and request.path not in tracker.exempt_paths:
+                shed = await tracker.admit(self, request, admission)
+                if shed is not None:
+                    refused = _answering(_shed(shed))
+                    return await _handle_request(self, request, start_time, refused)
+                self.admitted_at = admission.clock()
+            if tracker.limits.request_timeout and request.path not in tracker.exempt_paths:
+                request_handler = functools.partial(tracker.bounded, request_handler)
+            if body and self.main:
+                tracker.body_bytes_in += request.content_length or 0
         # the handler starts
-        access = tracker.access if self.main else None
+        access = self.access
         if access is not None:
             access.begin(self, request)
-        if body and self.main:
-            tracker.body_bytes_in += request.content_length or 0
         self.request_began = time.monotonic()
         tracker.requests_total += 1
         if tracker.requests_total == tracker.request_limit and tracker.on_limit is not None:
@@ -848,8 +866,39 @@ class TrackedRequestHandler(RequestHandler):
             tracker._cancel_timer(self)  # a drain's idle grace: the connection is not idle
         response: web.StreamResponse | None = None  # None: cancelled
         try:
-            response, reset = await _handle_request(self, request, start_time, request_handler)
-            return response, reset
+            self._request_in_progress = True
+            try:
+                try:
+                    self._current_request = request
+                    answer = await request_handler(request)
+                finally:
+                    self._current_request = None
+            except web.HTTPException as exc:
+                answer, reset = await self.finish_response(request, exc, start_time)
+            except asyncio.CancelledError:
+                raise
+            except TimeoutError as exc:
+                self.log_debug("Request handler timed out.", exc_info=exc)
+                answer = self.handle_error(request, 504)
+                answer, reset = await self.finish_response(request, answer, start_time)
+            except Exception as exc:
+                answer = self.handle_error(request, 500, exc)
+                answer, reset = await self.finish_response(request, answer, start_time)
+            else:
+                if getattr(answer, "__http_exception__", False):
+                    warnings.warn(
+                        "returning HTTPException object is deprecated (#2415) and will be "
+                        "removed, please raise the exception instead",
+                        DeprecationWarning,
+                        stacklevel=1,
+                    )
+                answer, reset = await self.finish_response(request, answer, start_time)
+            finally:
+                self._request_in_progress = False
+                if (waiter := self._handler_waiter) is not None:
+                    waiter.set_result(None)
+            response = answer
+            return answer, reset
         finally:
             # answered (its response written), or cancelled (None)
             del tracker.inflight[self]

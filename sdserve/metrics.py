@@ -229,8 +229,9 @@ class RequestMetrics:
         self._exempt = exempt
         #: a canary's counts, kept with the same responses (None: not kept)
         self.stats: RequestStats | None = None
-        #: by (route, method, status): the series to count in, or None (not counted)
-        self._by_route: dict[tuple[Any, str, int], _Series | None] = {}
+        #: by route (one of a single method) and status: the series to count in, or None
+        #: (not counted)
+        self._by_route: dict[Any, dict[int, _Series | None]] = {}
         self._series: dict[tuple[str, str, int], _Series] = {}
         self._hist: dict[tuple[str, str], tuple[list[int], int]] = {}
         self._bounds = DURATION_BUCKETS[:-1]
@@ -238,6 +239,10 @@ class RequestMetrics:
         self._bytes_out = self._counters.slot(
             _key(BYTES_OUT, BYTES_OUT + "_total", {}, BYTES_OUT_HELP)
         )
+        #: the files' values, as :meth:`observe` writes them (renewed by :meth:`_new`,
+        #: whose new slots may grow the files)
+        self._counts = self._counters.values
+        self._durations = self._histograms.values
 
     def known_routes(self, app: web.Application) -> None:
         """Series at 0 for each route's methods (HEAD and exempt paths left out), so
@@ -268,6 +273,8 @@ class RequestMetrics:
             _key(REQUESTS, REQUESTS + "_total", labels | {"code": f"{cls}xx"}, REQUESTS_HELP)
         )
         series = self._series[(method, route, cls)] = _Series(count, hist[0], hist[1])
+        self._counts = self._counters.values
+        self._durations = self._histograms.values
         return series
 
     def _series_for(self, resource: Any, method: str, status: int) -> _Series | None:
@@ -280,26 +287,33 @@ class RequestMetrics:
 
     def observe(self, request: web.BaseRequest, status: int, seconds: float) -> None:
         """One response (the tracker calls it as the response is prepared)."""
-        method = request.method
-        if method not in METHODS:
-            method = "other"  # a client's made-up methods must not make new series
         # match_info.route without its two property calls (a per-request cost)
         route = request._match_info._route  # type: ignore[attr-defined]
-        key = (route, method, status)
-        series = self._by_route.get(key, _UNSEEN)
+        statuses = self._by_route.get(route)
+        series = _UNSEEN if statuses is None else statuses.get(status, _UNSEEN)
         if series is _UNSEEN:
-            series = self._series_for(route.resource, method, status)
-            if not isinstance(route, self._system_route):
-                # a 404 or 405 has a route object of its own: not remembered
-                self._by_route[key] = series
+            series = self._first(request, route, status)
         if series is None:
             return
-        self._counters.values[series.count] += 1
-        hist = self._histograms.values
+        self._counts[series.count] += 1
+        hist = self._durations
         hist[series.buckets[bisect.bisect_left(self._bounds, seconds)]] += 1
         hist[series.sum] += seconds
         if (stats := self.stats) is not None:
             stats.record(status, seconds)
+
+    def _first(self, request: web.BaseRequest, route: Any, status: int) -> _Series | None:
+        """The series of a response not seen before by its route and status (remembered
+        for a route of one method: a request only matches it with that method)."""
+        method = request.method
+        if method not in METHODS:
+            method = "other"  # a client's made-up methods must not make new series
+        series = self._series_for(route.resource, method, status)
+        if not isinstance(route, self._system_route) and route.method == method:
+            # a 404 or 405 has a route object of its own, and a route of any method
+            # ("*") counts each method apart: neither is remembered here
+            self._by_route.setdefault(route, {})[status] = series
+        return series
 
     def set_bytes(self, body_in: int, out: int) -> None:
         """This process's request body bytes and response bytes so far (sampled)."""

@@ -67,6 +67,57 @@ def test_a_hot_file_grows_and_keeps_its_values(tmp_path: Path) -> None:
     assert all(_value(text, f'm_total{{i="{i}"}}') == slot for i, slot in enumerate(slots))
 
 
+@pytest.mark.asyncio
+async def test_responses_are_counted_by_method_route_and_class(tmp_path: Path) -> None:
+    """What a worker counts per response: a route of one method (remembered by route and
+    status), a route of any method (each method apart), HEAD, a 404, an exempt path; and
+    counts written after the files grew under the views :meth:`observe` writes through."""
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/items/{id}", handler)
+    app.router.add_route("*", "/any", handler)
+    app.router.add_get("/livez", handler)
+    # enough routes that their histograms outgrow the file's first size (1 MiB)
+    for i in range(500):
+        app.router.add_get(f"/many/{i}", handler)
+    counted = metrics.RequestMetrics(tmp_path, exempt={"/livez"}, pid=1)
+
+    async def respond(method: str, path: str, status: int, repeat: int = 1) -> None:
+        request = make_mocked_request(method, path, app=app)
+        request._match_info = await app.router.resolve(request)
+        for _ in range(repeat):
+            counted.observe(request, status, 0.002)
+
+    await respond("GET", "/items/1", 200, 3)
+    await respond("GET", "/items/2", 503)
+    await respond("POST", "/any", 201, 2)
+    await respond("DELETE", "/any", 204)
+    await respond("HEAD", "/items/1", 200)
+    await respond("GET", "/nowhere", 404, 2)
+    await respond("GET", "/livez", 200, 5)
+    for i in range(500):
+        await respond("GET", f"/many/{i}", 200)
+    assert (tmp_path / "histogram_hot1.db").stat().st_size > 1 << 20  # it grew
+    await respond("GET", "/items/1", 200)  # after the growth, through the cached series
+    text = metrics.render(tmp_path).decode()
+    total = "sdserve_requests_total"
+    assert _value(text, f'{total}{{code="2xx",method="GET",route="/items/{{id}}"}}') == 4
+    assert _value(text, f'{total}{{code="5xx",method="GET",route="/items/{{id}}"}}') == 1
+    assert _value(text, f'{total}{{code="2xx",method="POST",route="/any"}}') == 2
+    assert _value(text, f'{total}{{code="2xx",method="DELETE",route="/any"}}') == 1
+    assert _value(text, f'{total}{{code="2xx",method="HEAD",route="/items/{{id}}"}}') == 1
+    assert _value(text, f'{total}{{code="4xx",method="GET",route="none"}}') == 2
+    assert _value(text, f'{total}{{code="2xx",method="GET",route="/many/499"}}') == 1
+    assert "/livez" not in text
+    duration = 'sdserve_request_duration_seconds_count{method="GET",route="/items/{id}"}'
+    assert _value(text, duration) == 5
+
+
 # -- a service: supervised workers with a TCP admin socket --------------------------------
 
 

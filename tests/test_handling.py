@@ -1,0 +1,97 @@
+"""sdserve handles a request's outcomes as aiohttp does.
+
+sdserve's protocol does aiohttp's ``RequestHandler._handle_request`` steps itself (one
+coroutine less per request: :meth:`sdserve.drain.TrackedRequestHandler._handle_request`).
+Each way a handler can end (a response, a raised or returned HTTP error, an exception, a
+timeout, no response at all) is sent to sdserve and to bare aiohttp ``run_app`` serving the
+same app, over one keep-alive connection each: the answers must be the same. And aiohttp's
+own version, which sdserve's follows, is pinned here: when an upgrade changes it, this
+fails, and sdserve's copy of its steps is to be read again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+from aiohttp.web_protocol import RequestHandler
+
+from tests.conftest import LauncherFactory
+from tests.helpers import Response, read_response, request_bytes
+
+HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parents[1]
+APP = "tests.apps.answers:create_app"
+PATHS = ("/ok", "/raised", "/returned", "/crashes", "/times-out", "/nothing", "/ok", "/absent")
+#: sha256 of the source of aiohttp 3.14's RequestHandler._handle_request (its steps are
+#: those of 3.11, the oldest sdserve runs on, with newer annotations)
+AIOHTTP_HANDLE_REQUEST = "a88a34ee65a2714c6b392d23963ba9a80e7d50d4889905cd949a94d479102d8f"
+
+
+async def answers(port: int) -> list[tuple[int, str, bytes]]:
+    """Each of PATHS in turn, on one keep-alive connection until a response closes it
+    (then on a new one): status, Connection header, body."""
+    got: list[tuple[int, str, bytes]] = []
+    async with asyncio.timeout(30):
+        writer = None
+        try:
+            for path in PATHS:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(HOST, port)
+                writer.write(request_bytes(path))
+                response: Response = await read_response(reader)
+                got.append((response.status, response.headers.get("connection", ""), response.body))
+                if response.closes:
+                    writer.close()
+                    writer = None
+        finally:
+            if writer is not None:
+                writer.close()
+    return got
+
+
+def test_aiohttp_handle_request_is_the_version_sdserve_follows() -> None:
+    source = inspect.getsource(RequestHandler._handle_request)
+    assert hashlib.sha256(source.encode()).hexdigest() == AIOHTTP_HANDLE_REQUEST, (
+        "aiohttp's RequestHandler._handle_request changed: read it against "
+        "sdserve.drain.TrackedRequestHandler._handle_request, then update the digest"
+    )
+
+
+@pytest.mark.asyncio
+async def test_each_outcome_is_answered_as_bare_aiohttp_answers_it(
+    make_launcher: LauncherFactory, port: int
+) -> None:
+    launcher = make_launcher(app=APP)
+    await launcher.start()
+    served = await answers(port)
+    assert await launcher.stop() == 0
+
+    with socket.create_server((HOST, 0)) as sock:
+        code = (
+            "import socket, sys; from aiohttp import web; import tests.apps.answers as a; "
+            "web.run_app(a.create_app(), sock=socket.socket(fileno=int(sys.argv[1])), "
+            "print=None, access_log=None)"
+        )
+        bare = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            code,
+            str(sock.fileno()),
+            cwd=ROOT,
+            pass_fds=[sock.fileno()],
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            expected = await answers(sock.getsockname()[1])  # queued until it serves
+        finally:
+            bare.terminate()
+            await asyncio.wait_for(bare.wait(), 30)
+
+    assert [status for status, _, _ in served] == [200, 409, 202, 500, 504, 500, 200, 404]
+    assert served == expected
