@@ -108,11 +108,12 @@ FIELDS = (
 QUEUE_SIZE = 10_000
 #: seconds the writer lets entries gather before it writes them
 BATCH_PAUSE = 0.05
-#: what the loop queues: (time, method, path, status, milliseconds, the Content-Length
-#: header, body bytes out, the client behind a trusted proxy or None, the connection's
-#: peer, user agent, request id, trace id), values it already has; the writer thread
-#: turns the two marked into the log's (:func:`_values`)
-Entry = tuple[float, str, str, int, float, str, int, "str | None", Any, str, str, str]
+#: what the loop queues: (time, method, path, status, seconds, the request's
+#: Content-Length header, the response's, the bytes written of it (headers too), the
+#: client behind a trusted proxy or None, the connection's peer, user agent, request id,
+#: trace id): values it already has, as they are; the writer thread turns them into the
+#: log's (:func:`_values`)
+Entry = tuple[float, str, str, int, float, str, "str | None", int, "str | None", Any, str, str, str]
 Values = tuple[float, str, str, int, float, int, int, str, str, str, str]
 Target = Literal["journal", "stderr", "syslog-stderr", "json"]
 
@@ -133,11 +134,14 @@ def current_target() -> Target:
 
 def _values(e: Entry) -> Values:
     """A queued entry's values, in the order of :data:`FIELDS` after the time."""
-    t, method, path, status, ms, length, out, client, peer, agent, rid, trace = e
+    t, method, path, status, seconds, length, out_length, written, client, peer = e[:10]
     if client is None:
         client = str(peer[0]) if isinstance(peer, (list, tuple)) else str(peer or "-")
     bytes_in = int(length) if length.isdigit() else 0
-    return (t, method, path, status, ms, bytes_in, out, client, agent, rid, trace)
+    # the body's length; a streamed one's (no Content-Length), or none: what was written
+    out = (int(out_length) if out_length and out_length.isdigit() else 0) or written
+    ms = round(seconds * 1000, 3)
+    return (t, method, path, status, ms, bytes_in, out, client, e[10], e[11], e[12])
 
 
 class AccessWriter(threading.Thread):
@@ -163,6 +167,7 @@ class AccessWriter(threading.Thread):
         self._prefix = ""
 
     def put(self, entry: Entry) -> None:
+        """Queue ``entry`` (:meth:`AccessLog.ended` does the same, inline)."""
         if len(self.pending) >= self.limit:
             self.dropped += 1
             return
@@ -314,15 +319,17 @@ class AccessLog:
     def begin(self, conn: Connection, request: web.BaseRequest) -> None:
         """Before the handler: the request's trace id and request id, on ``conn`` and in
         ``request["trace_id"]`` and ``request["request_id"]`` for the application."""
-        headers = request.headers
+        headers = request._message.headers  # request.headers, without a property call
         given = headers.get(_TRACEPARENT_HEADER)
         conn.span = low = f"{(next(self._count) * _SCRAMBLE) & _MASK64:016x}"
         trace = (given and parse_traceparent(given)) or self._prefix + low
-        request[TRACE_KEY] = conn.trace = trace
+        # request[...] = ..., without aiohttp's check of the key's type per call
+        state = request._state
+        state[TRACE_KEY] = conn.trace = trace
         rid = headers.get(_REQUEST_ID_HEADER)
         if not rid or not _REQUEST_ID.match(rid):
             rid = trace
-        request[REQUEST_ID_KEY] = conn.request_id = rid
+        state[REQUEST_ID_KEY] = conn.request_id = rid
         conn.client = None
 
     @staticmethod
@@ -344,19 +351,26 @@ class AccessLog:
             return
         message = request._message  # the request line and headers as aiohttp parsed them
         path = message.path
-        if not self.probes and path.partition("?")[0] in self.exempt:
+        if not self.probes and (
+            path in self.exempt or ("?" in path and path.partition("?")[0] in self.exempt)
+        ):
+            return
+        writer: AccessWriter = self.writer  # type: ignore[assignment]
+        pending = writer.pending
+        if len(pending) >= writer.limit:
+            writer.dropped += 1
             return
         headers = message.headers
-        self.writer.put(  # type: ignore[union-attr]
+        pending.append(
             (
                 time.time(),
                 message.method,
                 path,
                 status,
-                round((time.monotonic() - conn.request_began) * 1000, 3),
+                time.monotonic() - conn.request_began,
                 headers.get(_CONTENT_LENGTH_HEADER, "0"),
-                # the body's length; a streamed one's: what was written, headers too
-                response.content_length or response._body_length,
+                response._headers.get(_CONTENT_LENGTH_HEADER),
+                response._body_length,
                 conn.client,
                 request._transport_peername,
                 headers.get(_USER_AGENT_HEADER, "-"),
@@ -364,3 +378,6 @@ class AccessLog:
                 conn.trace,
             )
         )
+        wake = writer.wake
+        if not wake.is_set():
+            wake.set()
