@@ -114,7 +114,7 @@ BATCH_PAUSE = 0.05
 #: trace id): values it already has, as they are; the writer thread turns them into the
 #: log's (:func:`_values`)
 Entry = tuple[float, str, str, int, float, str, "str | None", int, "str | None", Any, str, str, str]
-Values = tuple[float, str, str, int, float, int, int, str, str, str, str]
+Values = tuple[float, str, str, str, str, str, str, str, str, str, str, str]
 Target = Literal["journal", "stderr", "syslog-stderr", "json"]
 
 
@@ -132,16 +132,27 @@ def current_target() -> Target:
     return "stderr"
 
 
+def _count_text(header: str | None) -> str:
+    """A Content-Length header's value as a plain decimal (JSON's too), else ""."""
+    if header and header.isascii() and header.isdigit():
+        return header if header[0] != "0" or header == "0" else str(int(header))
+    return ""
+
+
 def _values(e: Entry) -> Values:
-    """A queued entry's values, in the order of :data:`FIELDS` after the time."""
+    """A queued entry's values as the text the log's lines hold, each converted once,
+    numbers as plain decimals (valid JSON too): the time, then those of :data:`FIELDS`
+    in order, with the message's duration (rounded to 0.1 ms) after DURATION_MS."""
     t, method, path, status, seconds, length, out_length, written, client, peer = e[:10]
     if client is None:
         client = str(peer[0]) if isinstance(peer, (list, tuple)) else str(peer or "-")
-    bytes_in = int(length) if length.isdigit() else 0
     # the body's length; a streamed one's (no Content-Length), or none: what was written
-    out = (int(out_length) if out_length and out_length.isdigit() else 0) or written
+    out = _count_text(out_length)
+    if not out or out == "0":
+        out = str(written)
     ms = round(seconds * 1000, 3)
-    return (t, method, path, status, ms, bytes_in, out, client, e[10], e[11], e[12])
+    return (t, method, path, str(status), repr(ms), f"{ms:.1f}", _count_text(length) or "0",
+            out, client, e[10], e[11], e[12])  # fmt: skip
 
 
 class AccessWriter(threading.Thread):
@@ -207,9 +218,9 @@ class AccessWriter(threading.Thread):
                     self._journal.send(self._journal_entry(_values(entry)))
                 return
             if self.target == "json":
-                text = "".join(_json_line(_values(e)) for e in batch)
+                text = "".join([_json_line(_values(e)) for e in batch])
             else:
-                text = "".join(self._text_line(_values(e)) for e in batch)
+                text = "".join([self._text_line(_values(e)) for e in batch])
             data = memoryview(text.encode("utf-8", "replace"))
             while data:
                 data = data[os.write(self._fd, data) :]
@@ -236,30 +247,31 @@ class AccessWriter(threading.Thread):
         )
 
     def _text_line(self, e: Values) -> str:
-        t, method, path, status, ms, bytes_in, out, client, agent, rid, trace = e
-        text = (
-            f'{client} "{method} {path}" {status} {out} {ms:.1f}ms "{agent}" {rid} '
+        t, method, path, status, ms, short, bytes_in, out, client, agent, rid, trace = e
+        if self.target == "syslog-stderr":
+            prefix = "<6>"
+        else:
+            second = int(t)
+            if second != self._second:  # localtime() is slow: once a second
+                self._second = second
+                stamp = time.strftime("%H:%M:%S", time.localtime(t))
+                self._prefix = f"{stamp} INFO    sdserve.access[{self._pid}]: "
+            prefix = self._prefix
+        return (
+            f'{prefix}{client} "{method} {path}" {status} {out} {short}ms "{agent}" {rid} '
             f"SDSERVE_PHASE=access SDSERVE_METHOD={method} SDSERVE_PATH={path} "
             f"SDSERVE_STATUS={status} SDSERVE_DURATION_MS={ms} SDSERVE_BYTES_IN={bytes_in} "
             f"SDSERVE_BYTES_OUT={out} SDSERVE_CLIENT={client} SDSERVE_USER_AGENT={agent} "
             f"SDSERVE_REQUEST_ID={rid} SDSERVE_TRACE_ID={trace}\n"
         )
-        if self.target == "syslog-stderr":
-            return "<6>" + text
-        second = int(t)
-        if second != self._second:  # localtime() is slow: once a second
-            self._second = second
-            stamp = time.strftime("%H:%M:%S", time.localtime(t))
-            self._prefix = f"{stamp} INFO    sdserve.access[{self._pid}]: "
-        return self._prefix + text
 
     @staticmethod
     def _journal_entry(e: Values) -> bytes:
         # the native protocol's NAME=value lines: no value here can hold a newline (HTTP
         # forbids one in a request line or a header; ids and numbers are plain)
-        _t, method, path, status, ms, bytes_in, out, client, agent, rid, trace = e
+        _t, method, path, status, ms, short, bytes_in, out, client, agent, rid, trace = e
         return (
-            f'MESSAGE={client} "{method} {path}" {status} {out} {ms:.1f}ms "{agent}" {rid}\n'
+            f'MESSAGE={client} "{method} {path}" {status} {out} {short}ms "{agent}" {rid}\n'
             "PRIORITY=6\nSYSLOG_IDENTIFIER=sdserve\nLOGGER=sdserve.access\n"
             f"SDSERVE_PHASE=access\nSDSERVE_METHOD={method}\nSDSERVE_PATH={path}\n"
             f"SDSERVE_STATUS={status}\nSDSERVE_DURATION_MS={ms}\nSDSERVE_BYTES_IN={bytes_in}\n"
@@ -269,7 +281,7 @@ class AccessWriter(threading.Thread):
 
 
 def _json_line(e: Values) -> str:
-    t, method, path, status, ms, bytes_in, out, client, agent, rid, trace = e
+    t, method, path, status, ms, _short, bytes_in, out, client, agent, rid, trace = e
     q = _quote
     return (
         f'{{"time":{t:.6f},"method":{q(method)},"path":{q(path)},"status":{status},'

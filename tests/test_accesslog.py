@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sdserve.accesslog import parse_traceparent
+from sdserve.accesslog import _json_line, _values, parse_traceparent
 from sdserve.exitcodes import ExitCode
 from tests.conftest import LauncherFactory
 from tests.helpers import HOST, Response, read_response
@@ -68,6 +68,30 @@ def test_traceparent_parsing() -> None:
         f"ff-{TRACE}-00f067aa0ba902b7-01",
     ):
         assert parse_traceparent(bad) is None, bad
+
+
+def test_an_entry_becomes_the_values_of_its_line() -> None:
+    """What the loop queues, as it is, becomes the line's text: the bytes in from the
+    request's Content-Length, the bytes out from the response's (else what was written),
+    the client from the peer, the duration in ms (and rounded for the message); every
+    number a plain decimal, so that the JSON line is valid JSON."""
+    ids = ("curl/8", "rid", TRACE)
+    peer = ("127.0.0.1", 40000)
+    entry = (1.5, "POST", "/p?q=1", 201, 0.0123456, "0012", "34", 200, None, peer, *ids)
+    values = _values(entry)
+    assert values == (1.5, "POST", "/p?q=1", "201", "12.346", "12.3", "12", "34",
+                      "127.0.0.1", *ids)  # fmt: skip
+    # a streamed response (no Content-Length) and an empty one: what was written
+    streamed = (1.5, "GET", "/", 200, 0.001, "0", None, 5000, None, peer, *ids)
+    assert _values(streamed)[6:8] == ("0", "5000")
+    empty = (1.5, "GET", "/", 204, 0.001, "0", "0", 120, None, "/run/s.sock", *ids)
+    assert _values(empty)[6:9] == ("0", "120", "/run/s.sock")
+    # the client behind a trusted proxy wins over the peer
+    proxied = (1.5, "GET", "/", 200, 0.001, "0", "2", 2, "203.0.113.9", peer, *ids)
+    assert _values(proxied)[8] == "203.0.113.9"
+    line = json.loads(_json_line(values))
+    assert (line["duration_ms"], line["bytes_in"], line["bytes_out"]) == (12.346, 12, 34)
+    assert (line["status"], line["client"], line["trace_id"]) == (201, "127.0.0.1", TRACE)
 
 
 @pytest.mark.asyncio
