@@ -391,6 +391,8 @@ class Supervisor:
         close_fds(list(message.fds))  # connections come over the links, never here
         worker = self._by_pid.get(message.pid)
         if worker is None:
+            if message.fields.get("READY") == "1":
+                self._stray(message.pid)
             return
         fields = message.fields
         if fields.get("WATCHDOG") == "1":
@@ -418,6 +420,24 @@ class Supervisor:
             except ValueError:
                 failure = StartFailure(f"an unreadable report: {report[:200]!r}")
             self.feed(lc.StartFailedReport(worker, failure))
+
+    def _stray(self, pid: int) -> None:
+        """A child that says it is a ready worker, but none this supervisor started (one a
+        failed warm template started after all, adopted): it drains and exits."""
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                parent = int(stat.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return  # gone already
+        if parent != os.getpid():
+            return  # not this supervisor's: not its to stop
+        log.warning(
+            "process %d says it is a ready worker, but is none of this supervisor's: stopping it",
+            pid,
+            extra=_fields("stray", pid=pid),
+        )
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
 
     def _on_exit(self, worker: int) -> None:
         # what it sent before it exited (its start failure...) comes before its exit
@@ -560,6 +580,14 @@ class Supervisor:
                 popen: subprocess.Popen[bytes] | Adopted | None = None
                 if self._template is not None:
                     popen = self._template.spawn(argv, env, fds)
+                    if popen is None:
+                        # a template that failed may yet have started a worker with this
+                        # link: the one started here gets a link of its own
+                        ours.close()
+                        theirs.close()
+                        ours, theirs = link_pair()
+                        env[ENV_LINK] = str(theirs.fileno())
+                        fds[-1] = theirs.fileno()
                 if popen is None:
                     popen = subprocess.Popen(
                         argv,

@@ -30,7 +30,10 @@ How:
   is started for the next.
 - Anything else that goes wrong (no answer within :data:`ANSWER_TIMEOUT`, the template
   gone) falls back to fork and exec too: the template only makes a start cheaper, never
-  possible.
+  possible. A template that did not answer is killed at once and replaced: the
+  supervisor's loop waits for it no longer than that. A worker it may yet have started
+  holds a link the supervisor has closed (the worker exec'd instead gets a new one), and
+  the supervisor stops it when it says it is ready (:mod:`sdserve.supervisor`).
 
 The supervisor reaps its other adopted orphans (:mod:`sdserve.reaper`), so the template
 is off with ``reap_orphans = "no"``, and with ``warm_template = false``.
@@ -66,8 +69,9 @@ WARM_MODULES = (
     "sdserve.supervisor",
     "sdserve.builtin_checks",
 )
-#: seconds the supervisor waits for the template's answer to a spawn
-ANSWER_TIMEOUT = 5.0
+#: seconds the supervisor waits for the template's answer to a spawn (it forks twice: a
+#: few milliseconds), on its loop, before it starts the worker by fork and exec
+ANSWER_TIMEOUT = 1.0
 #: the environment variable that gives the template its end of the socket pair
 ENV_SOCKET = "_SDSERVE_TEMPLATE_FD"
 #: the template's process name; the workers it forks are named as exec'd ones are (their
@@ -191,17 +195,21 @@ class Template:
         if why:
             log.warning("warm template: %s: starting a new one", why, extra=_FIELDS)
         self.fallbacks += 1
-        self.close()
+        # a stale one exits on its own; one that failed is not waited for
+        self.close(kill=bool(why))
         self.start()
 
-    def close(self) -> None:
-        """End the template (it exits when its socket closes) and collect it."""
+    def close(self, *, kill: bool = False) -> None:
+        """End the template (it exits when its socket closes; ``kill``: at once, by
+        SIGKILL) and collect it."""
         if self._sock is not None:
             self._sock.close()
             self._sock = None
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        if kill:
+            proc.kill()
         try:
             proc.wait(timeout=ANSWER_TIMEOUT)
         except subprocess.TimeoutExpired:

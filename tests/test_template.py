@@ -4,6 +4,7 @@ start workers by fork and exec again, and a new template."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
@@ -11,11 +12,12 @@ from pathlib import Path
 import pytest
 
 from sdserve.template import is_template
-from tests.conftest import MakeSupervised
-from tests.helpers import children, load, versions, write_app
+from tests.conftest import LauncherFactory, MakeSupervised
+from tests.helpers import children, get, load, read_response, versions, write_app
 
 pytestmark = pytest.mark.asyncio
 HOST = "127.0.0.1"
+ORPHANS_APP = "tests.apps.orphans:create_app"
 #: reloads, at most, before the template has imported everything and forks the new workers
 #: (the first reload may come before it is ready: its workers are then exec'd)
 RELOADS = 5
@@ -32,6 +34,11 @@ def parent(pid: int) -> int:
 def templates(supervisor: int) -> list[int]:
     text = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text()
     return [pid for pid in map(int, text.split()) if is_template(pid)]
+
+
+def all_children(pid: int) -> set[int]:
+    """``pid``'s children, its template too."""
+    return set(map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split()))
 
 
 def alive(pid: int) -> bool:
@@ -134,3 +141,74 @@ async def test_the_template_is_named_apart_from_the_workers(
     assert worker != template
     assert await launcher.stop() == 0
     assert not alive(template)  # it ends with the supervisor
+
+
+async def test_a_template_that_does_not_answer_is_replaced_and_the_reload_execs(
+    supervised: MakeSupervised, port: int, tmp_path: Path
+) -> None:
+    launcher = supervised("--warm-template", workers=1)
+    supervisor = await launcher.start()
+    (stuck,) = templates(supervisor.pid)
+    for i in range(2, 2 + RELOADS):  # until the template is ready: it forks a worker
+        before = set(children(supervisor.pid))
+        write_app(tmp_path / "app", f"v{i}")
+        await launcher.reload(timeout=60)
+        (worker,) = set(children(supervisor.pid)) - before
+        if forked(worker):
+            break
+    assert forked(worker)
+    os.kill(stuck, signal.SIGSTOP)  # it takes the next request, and never answers
+    async with load(HOST, port, keepalive=4, newconn=4) as stats:
+        before = all_children(supervisor.pid)
+        write_app(tmp_path / "app", "v9")
+        await launcher.reload(timeout=60)
+        assert await versions(port, 5) == {"v9"}
+        new = all_children(supervisor.pid) - before
+        await stats.wait_ok(stats.total_ok + 50, timeout=30)
+    assert not stats.failed, dict(stats.failed)
+    # the worker is exec'd after the template's silence, and a new template started
+    assert len(new) == 2, [cmdline(w) for w in new]
+    (execd,) = (w for w in new if cmdline(w)[-2:] == ["worker", "relapp:create_app"])
+    (fresh,) = new - {execd}
+    assert cmdline(fresh)[-2:] == ["sdserve", "template"]
+    assert not alive(stuck)  # killed at once, and collected
+    assert await launcher.stop() == 0
+    assert "it did not start a worker" in supervisor.log_text()
+
+
+async def test_a_ready_process_the_supervisor_did_not_start_is_stopped(
+    make_launcher: LauncherFactory, port: int
+) -> None:
+    """As a worker a failed template started after all would: an orphan of a worker,
+    adopted by the supervisor, that says READY=1 on its channel is told to stop."""
+    launcher = make_launcher("--workers", "1", "--warm-template", app=ORPHANS_APP)
+    supervisor = await launcher.start()
+    (worker,) = children(supervisor.pid)
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(b"POST /stray HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+        response = await asyncio.wait_for(read_response(reader), 30)
+    finally:
+        writer.close()
+    stray = int(response.body)
+    gone = os.pidfd_open(stray)
+    try:
+        loop = asyncio.get_running_loop()
+        ended = loop.create_future()
+
+        def readable() -> None:
+            if not ended.done():
+                ended.set_result(None)
+
+        loop.add_reader(gone, readable)
+        try:
+            await asyncio.wait_for(ended, 30)  # it said READY=1, and was stopped
+        finally:
+            loop.remove_reader(gone)
+    finally:
+        os.close(gone)
+    assert alive(worker)  # and the worker serves on
+    assert (await get(HOST, port, "/")).status == 200
+    assert await launcher.stop() == 0
+    log = supervisor.log_text()
+    assert f"process {stray} says it is a ready worker" in log
