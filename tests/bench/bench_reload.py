@@ -5,6 +5,12 @@ The demo app runs under the supervisor, behind a launcher that holds the socket
 intended send time, so a stall cannot hide) and runs the action on a schedule;
 its "during" phase covers each action, "steady" the time away from them. Each
 ratio is p99 during the actions over steady p99, measured in the same run.
+
+The launcher keeps a file descriptor store as the shipped units ask systemd to
+(``FileDescriptorStoreMax=4096``): a restart puts the idle keep-alive connections there
+for the next instance. A last row restarts without it, as a unit without the store
+does: idle connections are then closed as the drain starts, and a client that reuses
+one at that moment sees it closed (HTTP's keep-alive race; a client retries it).
 """
 
 from __future__ import annotations
@@ -49,8 +55,16 @@ def _p99_window(result: DrillResult) -> float:
     return float(value) if value is not None else float("nan")
 
 
+#: the shipped units' FileDescriptorStoreMax=: a restart keeps idle connections in the store
+FD_STORE = 4096
+
+
 async def _with_service(
-    workers: int, body: Callable[[Launcher, int], Awaitable[str]], *, template: bool = False
+    workers: int,
+    body: Callable[[Launcher, int], Awaitable[str]],
+    *,
+    template: bool = False,
+    fd_store: int = FD_STORE,
 ) -> str:
     sock = socket.create_server(("127.0.0.1", 0), backlog=4096)
     port = sock.getsockname()[1]
@@ -58,7 +72,7 @@ async def _with_service(
     argv = [sys.executable, "-m", "sdserve", "run", "sdserve.demo:create_app"]
     argv += ["--workers", str(workers), "--log", "stderr"]
     argv.append("--warm-template" if template else "--no-warm-template")
-    launcher = Launcher(argv, [("http", sock)], workdir=workdir)
+    launcher = Launcher(argv, [("http", sock)], workdir=workdir, fd_store_max=fd_store)
     try:
         await launcher.start()
         return await body(launcher, port)
@@ -71,7 +85,9 @@ async def _with_service(
 _SPAWN = "import aiohttp.web, sdserve.worker"
 
 
-async def _drill_through(kind: str, template: bool = False) -> tuple[DrillResult, list[float]]:
+async def _drill_through(
+    kind: str, template: bool = False, fd_store: int = FD_STORE
+) -> tuple[DrillResult, list[float]]:
     took: list[float] = []
 
     async def body(launcher: Launcher, port: int) -> str:
@@ -102,7 +118,7 @@ async def _drill_through(kind: str, template: bool = False) -> tuple[DrillResult
         return ""
 
     results: list[DrillResult] = []
-    await _with_service(2, body, template=template)
+    await _with_service(2, body, template=template, fd_store=fd_store)
     return results[0], took
 
 
@@ -167,20 +183,22 @@ async def _main() -> str:
         "controls: 'nothing' waits 0.6 s (the phases' own bias); 'spawn' starts one Python "
         "process that imports what a worker imports (what any process start costs here)"
     )
-    for kind, template in (
-        ("nothing", False),
-        ("spawn", False),
-        ("reload", False),
-        ("reload", True),
-        ("restart", False),
+    for kind, template, store in (
+        ("nothing", False, FD_STORE),
+        ("spawn", False, FD_STORE),
+        ("reload", False, FD_STORE),
+        ("reload", True, FD_STORE),
+        ("restart", False, FD_STORE),
+        ("restart", False, 0),
     ):
-        result, took = await _drill_through(kind, template)
+        result, took = await _drill_through(kind, template, store)
         steady, during = _p99(result, "steady"), _p99(result, "during")
         window = _p99_window(result)
         counts = result.phases()["overall"]
         name = f"{kind} (warm template)" if template else kind
+        name = name if store else f"{name} (no fd store)"
         lines.append(
-            f"{name:>23}: requests {counts['requests']}, failures {counts['failures']} "
+            f"{name:>24}: requests {counts['requests']}, failures {counts['failures']} "
             f"{dict(counts['classes'])}; p99 steady {steady:.1f} ms, during {during:.1f} ms, "
             f"ratio {during / steady:.2f}{' (goal <= 1.5)' if kind == 'reload' else ''}, "
             f"in the {WINDOW:g} s from its start {window:.1f} ms, ratio {window / steady:.2f}; "
