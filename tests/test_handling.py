@@ -4,7 +4,8 @@ sdserve's protocol does aiohttp's ``RequestHandler._handle_request`` steps itsel
 coroutine less per request: :meth:`sdserve.drain.TrackedRequestHandler._handle_request`).
 Each way a handler can end (a response, a raised or returned HTTP error, an exception, a
 timeout, no response at all) is sent to sdserve and to bare aiohttp ``run_app`` serving the
-same app, over one keep-alive connection each: the answers must be the same. And aiohttp's
+same app, over keep-alive connections (a new one after a response that closes its own):
+the answers must be the same, statuses, ``Connection`` headers and bodies. And aiohttp's
 own version, which sdserve's follows, is pinned here: when an upgrade changes it, this
 fails, and sdserve's copy of its steps is to be read again.
 """

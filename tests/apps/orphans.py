@@ -46,7 +46,7 @@ os.read(ready_r, 1)  # end of file once every child has closed its end: all set 
 
 
 STRAY = """
-import os, signal, select, socket, sys
+import os, signal, select, socket
 helper = os.getpid()
 said_r, said_w = os.pipe()
 pid = os.fork()
