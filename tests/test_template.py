@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from sdserve.launcher import Launcher
 from sdserve.template import is_template
 from tests.conftest import LauncherFactory, MakeSupervised
 from tests.helpers import children, get, load, read_response, versions, write_app
@@ -48,6 +49,19 @@ def alive(pid: int) -> bool:
 def forked(pid: int) -> bool:
     """A worker forked from the template keeps the template's command line."""
     return cmdline(pid)[-2:] == ["sdserve", "template"]
+
+
+async def reload_until_forked(launcher: Launcher, supervisor: int, appdir: Path) -> int:
+    """Reload a one-worker service (new code each time) until its new worker is forked
+    from the template, i.e. the template is ready; that worker."""
+    for i in range(2, 2 + RELOADS):
+        before = set(children(supervisor))
+        write_app(appdir, f"v{i}")
+        await launcher.reload(timeout=60)
+        (worker,) = set(children(supervisor)) - before - set(templates(supervisor))
+        if forked(worker):
+            return worker
+    raise AssertionError(f"no worker forked from the template in {RELOADS} reloads")
 
 
 async def test_reloads_fork_workers_that_the_supervisor_adopts_and_lose_nothing(
@@ -100,14 +114,7 @@ async def test_a_library_changed_on_disk_means_exec_and_a_new_template(
     launcher = supervised("--warm-template", workers=1, env={"PYTHONPATH": str(site)})
     supervisor = await launcher.start()
     (first,) = templates(supervisor.pid)
-    for i in range(2, 2 + RELOADS):  # until the template forks
-        before = set(children(supervisor.pid))
-        write_app(tmp_path / "app", f"v{i}")
-        await launcher.reload(timeout=60)
-        (worker,) = set(children(supervisor.pid)) - before - {first}
-        if forked(worker):
-            break
-    assert forked(worker)
+    await reload_until_forked(launcher, supervisor.pid, tmp_path / "app")
     # an upgrade: the file the template imported is not the one on disk any more
     custom.write_text("# a new release of a library\n")
     before = set(children(supervisor.pid))
@@ -149,14 +156,7 @@ async def test_a_template_that_does_not_answer_is_replaced_and_the_reload_execs(
     launcher = supervised("--warm-template", workers=1)
     supervisor = await launcher.start()
     (stuck,) = templates(supervisor.pid)
-    for i in range(2, 2 + RELOADS):  # until the template is ready: it forks a worker
-        before = set(children(supervisor.pid))
-        write_app(tmp_path / "app", f"v{i}")
-        await launcher.reload(timeout=60)
-        (worker,) = set(children(supervisor.pid)) - before
-        if forked(worker):
-            break
-    assert forked(worker)
+    await reload_until_forked(launcher, supervisor.pid, tmp_path / "app")  # it is ready
     os.kill(stuck, signal.SIGSTOP)  # it takes the next request, and never answers
     async with load(HOST, port, keepalive=4, newconn=4) as stats:
         before = all_children(supervisor.pid)
