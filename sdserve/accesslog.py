@@ -156,7 +156,9 @@ def _values(e: Entry) -> Values:
 
 
 class AccessWriter(threading.Thread):
-    """Formats and writes the queued entries; the loop only appends a tuple (:meth:`put`)."""
+    """Formats and writes the queued entries: the loop only appends a tuple to
+    :attr:`pending` and sets :attr:`wake` (:meth:`AccessLog.ended`), or counts it in
+    :attr:`dropped` when ``limit`` are waiting."""
 
     def __init__(self, target: Target, limit: int = QUEUE_SIZE) -> None:
         super().__init__(name="sdserve-access-log", daemon=True)
@@ -176,15 +178,6 @@ class AccessWriter(threading.Thread):
         #: the text lines' prefix, and the second its time stamp is of
         self._second = -1
         self._prefix = ""
-
-    def put(self, entry: Entry) -> None:
-        """Queue ``entry`` (:meth:`AccessLog.ended` does the same, inline)."""
-        if len(self.pending) >= self.limit:
-            self.dropped += 1
-            return
-        self.pending.append(entry)
-        if not self.wake.is_set():
-            self.wake.set()
 
     def stop(self, timeout: float = 2.0) -> None:
         """Write what is queued, for at most ``timeout`` seconds."""

@@ -429,8 +429,9 @@ class Tracker:
         response: web.StreamResponse,
     ) -> None:
         """``response``'s headers go out (aiohttp's prepare)."""
-        if self.access is not None and proto.main and proto.request_began:
-            self.access.prepared(proto, response)
+        # as TrackedRequest._prepare_hook does for the usual response, inline
+        if (access := proto.access) is not None and proto.request_began:
+            access.prepared(proto, response)
         hook = self.on_response
         if hook is not None and (began := proto.request_began):
             # A request of the application (a refusal began no handler), counted as its

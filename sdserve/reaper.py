@@ -58,6 +58,23 @@ def wants_reaping(mode: ReapOrphans, pid: int | None = None) -> bool:
     return mode == "yes" or (mode == "auto" and (os.getpid() if pid is None else pid) == 1)
 
 
+def _stat(path: Path) -> tuple[str, str, int]:
+    """A process's command name, state and parent PID, from its ``stat`` file."""
+    stat = path.read_text()
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+    state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+    return comm, state, int(ppid)
+
+
+def parent_of(pid: int, proc: Path = Path("/proc")) -> int | None:
+    """Process ``pid``'s parent, or None: it is gone."""
+    try:
+        return _stat(proc / str(pid) / "stat")[2]
+    except OSError:
+        return None
+
+
 def zombie_children(pid: int, proc: Path = Path("/proc")) -> dict[int, str]:
     """The zombie children of process ``pid`` (the PIDs of the namespace of ``proc``),
     with their command names."""
@@ -66,13 +83,10 @@ def zombie_children(pid: int, proc: Path = Path("/proc")) -> dict[int, str]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            comm, state, ppid = _stat(entry / "stat")
         except OSError:  # gone meanwhile (reaped by its parent)
             continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
-        if state == "Z" and int(ppid) == pid:
+        if state == "Z" and ppid == pid:
             found[int(entry.name)] = comm
     return found
 

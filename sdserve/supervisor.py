@@ -73,7 +73,7 @@ from .log import fields as _fields
 from .loops import factory
 from .notify import Notifier
 from .probes import START_CHECKS, StartupProbes, start_check_entries
-from .reaper import reaping
+from .reaper import parent_of, reaping
 from .template import Adopted, Template
 from .worker import serve_in_process, service_facts
 
@@ -424,13 +424,8 @@ class Supervisor:
     def _stray(self, pid: int) -> None:
         """A child that says it is a ready worker, but none this supervisor started (one a
         failed warm template started after all, adopted): it drains and exits."""
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as stat:
-                parent = int(stat.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            return  # gone already
-        if parent != os.getpid():
-            return  # not this supervisor's: not its to stop
+        if parent_of(pid) != os.getpid():
+            return  # gone already, or not this supervisor's: not its to stop
         log.warning(
             "process %d says it is a ready worker, but is none of this supervisor's: stopping it",
             pid,
