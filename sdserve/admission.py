@@ -46,16 +46,31 @@ times the mean service time over the limit): a request that has entered the queu
 served, unless the handlers slow down or stop while it waits: then it is refused at
 its deadline, by one timer for the whole queue (counted in :attr:`Admission.expired`).
 
+**Admissions paced by turns of the loop under sustained overload.** A handler that
+does not await runs its whole course in one step of the loop, so a limit on requests
+*in flight* never binds for it: every request read in one turn would run in the next, one after the
+other, and the loop would not read its sockets again until all had run. Under sustained
+overload sdserve therefore paces the admissions by turns of the loop: a turn admits as
+many normal requests as fit in a fifth of ``queue_target`` of CPU time (measured: the
+CPU time of a turn over the requests it admitted; one, for a handler of 1 ms and the
+default 5 ms target), the others wait in the queue, served newest first. The loop then
+reads its sockets every millisecond or so, and a request that cannot be served in time
+is refused as soon as it is read (:meth:`Admission.shed_on_read`): its expected wait is
+the requests ahead of it (queued, or read and not yet at admission) times the measured
+length of a turn over the admissions per turn. Such a refusal costs no task and no
+request object, and it leaves within about one turn. A handler that awaits (I/O) costs
+little CPU per request, so many fit in a turn and the pacing does not hold it back.
+
 The wait counts from the moment the request's bytes were read: in one event loop a
 handler that does not await (CPU work) runs to its end before the next starts, so the
 queue of a saturated worker is mostly implicit, requests read and waiting for the loop.
 A request that has already waited past its deadline there is refused before its
-handler, for the price of a 503 instead of the handler's. That wait is measured in the
-worker's CPU time (the work done for the requests ahead of it), not in wall time: on a
-host whose CPUs are shared, the time the kernel gives to other processes is no queue
-that refusing requests would shorten, and counting it refused requests the worker had
-the time to serve (measured: on a 2-core host at load average 8, wall-time waits shed
-94% at 3x and kept goodput at 18% of capacity).
+handler, for the price of a 503 instead of the handler's. Past the deadline, that wait
+counts no more than the worker's CPU time meanwhile (the work done for the requests
+ahead of it): on a host whose CPUs are shared, the time the kernel gives to other
+processes is no queue that refusing requests would shorten, and counting it refused
+requests the worker had the time to serve (measured: on a 2-core host at load average
+8, wall-time waits shed 94% at 3x and kept goodput at 18% of capacity).
 
 **Priorities.** Health probes and the admin socket never reach this module. A path
 prefix (``critical_paths``, ``sheddable_paths``) or a header (``priority_header``:
@@ -225,8 +240,29 @@ class Admission:
         self.service = 0.0
         #: the last time the worker was idle (nothing queued, the loop not saturated)
         self._last_idle = clock()
-        #: the last time a request was decided or ended (the loop was busy then)
-        self._last_busy = 0.0
+        #: the last time a request was decided or ended (the loop was busy then): for a
+        #: request :meth:`admit` just let in, when it was admitted
+        self.last_busy = 0.0
+        # the turns of the loop under sustained overload (see the module docstring):
+        #: the CPU time a turn may admit (a fifth of the target: the loop reads often)
+        self.turn_budget = s.queue_target / 5
+        #: requests admitted in this turn of the loop, and how many a turn may admit
+        #: (0: not measured yet, no cap)
+        self._turn_admitted = 0
+        self.per_turn = 0
+        #: a call of :meth:`_next_turn` is pending (the turns are being paced)
+        self.pacing = False
+        #: when the current turn began, on the clock and in CPU time (0: not measured)
+        self._turn_at = 0.0
+        self._turn_cpu = 0.0
+        #: the mean length of a turn while paced, and CPU time per admitted request
+        self.turn = 0.0
+        self.cost = 0.0
+        #: requests read in this turn and in the last (not yet at admission)
+        self._reads = 0
+        self._reads_before = 0
+        #: refusals decided as the request was read (:meth:`shed_on_read`)
+        self.shed_on_read_count = 0
         # per client token buckets: address -> [tokens, last refill]
         self._buckets: dict[str, list[float]] = {}
         rate = s.client_rate
@@ -273,13 +309,13 @@ class Admission:
         the work this process did meanwhile, not the time the host gave to others."""
         now = self.clock()
         s = self.settings
-        if arrived - self._last_busy > IDLE_GAP and not (self._normal or self._critical):
+        if arrived - self.last_busy > IDLE_GAP and not (self._normal or self._critical):
             self._last_idle = now  # read after the loop had nothing left to do
-        self._last_busy = now
+        self.last_busy = now
         if s.client_rate and client is not None and not self._take_token(client, now):
             return self._refuse(CLIENT_RATE)
         overloaded = now - self._last_idle > s.queue_interval
-        waited = now - arrived if work_since is None else self.cpu_clock() - work_since
+        waited = now - arrived
         if priority is Priority.CRITICAL:
             deadline = s.queue_interval
         elif priority is Priority.SHEDDABLE:
@@ -288,6 +324,10 @@ class Admission:
             deadline = s.queue_target
         else:
             deadline = s.queue_target if overloaded else s.queue_interval
+        if waited > deadline and work_since is not None:
+            # the wall time includes what the host gave to others: count the work done
+            # for the requests ahead (a clock read only for a request that waited)
+            waited = min(waited, self.cpu_clock() - work_since)
         if waited > deadline:
             return self._refuse(QUEUE_DEADLINE)
         inflight = self.inflight
@@ -295,10 +335,15 @@ class Admission:
             free = not self.hard_cap or inflight < self.hard_cap
         else:
             free = inflight < self.limit and not self._critical and not self._normal
+            if free and overloaded:
+                free = not self.per_turn or self._turn_admitted < self.per_turn
+                if free:
+                    self._take_turn()
         if free:
             self.inflight = inflight + 1
             self.admitted += 1
-            self._window_max = max(self._window_max, inflight + 1)
+            if inflight >= self._window_max:
+                self._window_max = inflight + 1
             return None
         # full: wait in the queue, if it has room and the wait fits the deadline
         if priority is Priority.SHEDDABLE:
@@ -311,12 +356,91 @@ class Admission:
         ahead = len(self._critical)
         if queue is self._normal and not overloaded:
             ahead += len(self._normal)
-        if (ahead + 1) * self.service / max(self.limit, 1) > deadline - waited:
+        if (ahead + 1) * self._slot() > deadline - waited:
             return self._refuse(QUEUE_DEADLINE)
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         queue.append((arrived, future))
         self._arm_expiry(now)
         return future
+
+    def shed_on_read(self, now: float, priority: Priority = Priority.NORMAL) -> str | None:
+        """A request just read, while the turns are paced: the reason to refuse it now,
+        before any task or request object exists, or None (it goes on to :meth:`admit`,
+        which decides again, with its client's rate too). Its expected wait is the
+        requests ahead of it, queued or read and not yet at admission, times a turn."""
+        if not self.pacing or priority is Priority.CRITICAL:
+            return None
+        s = self.settings
+        if now - self._last_idle <= s.queue_interval:
+            return None  # not (or no longer) a sustained overload
+        if priority is Priority.SHEDDABLE:
+            self.shed_on_read_count += 1
+            return self._refuse(QUEUE_DEADLINE)
+        ahead = len(self._critical) + len(self._normal) + self._reads + self._reads_before
+        if ahead >= s.queue_size:
+            reason = LIMIT
+        elif (ahead + 1) * self._slot() > s.queue_target:
+            reason = QUEUE_DEADLINE
+        else:
+            self._reads += 1
+            return None
+        self.shed_on_read_count += 1
+        return self._refuse(reason)
+
+    def _slot(self) -> float:
+        """The expected wait per request ahead in the queue: the service time over the
+        limit, or while the turns are paced a turn's length over its admissions."""
+        per = self.service / max(self.limit, 1)
+        if self.pacing and self.per_turn:
+            return max(per, self.turn / self.per_turn)
+        return per
+
+    def _take_turn(self) -> None:
+        """A request is admitted in this turn (under sustained overload); the turns are
+        paced from now on, until a turn admits nothing and lets no read through."""
+        self._turn_admitted += 1
+        if not self.pacing:
+            self.pacing = True
+            if not self._turn_at:
+                self._turn_at = self.clock()
+                self._turn_cpu = self.cpu_clock()
+            self._soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        """A new turn of the loop (called once per turn while paced): measure the last
+        one, and admit the next queued requests, newest first."""
+        now = self.clock()
+        cpu = self.cpu_clock()
+        if self._turn_at:
+            length = now - self._turn_at
+            self.turn += (length - self.turn) * 0.1 if self.turn else length
+            if self._turn_admitted:
+                each = (cpu - self._turn_cpu) / self._turn_admitted
+                self.cost += (each - self.cost) * 0.1 if self.cost else each
+                self.per_turn = max(1, int(self.turn_budget / max(self.cost, 1e-9)))
+        # the last turn admitted or read requests: the next one is paced too, even if
+        # nothing is queued now (a turn without either ends the pacing: an idle loop
+        # does not spin)
+        active = self._turn_admitted or self._reads
+        self._turn_at = now
+        self._turn_cpu = cpu
+        self._turn_admitted = 0
+        self._reads_before, self._reads = self._reads, 0
+        self.pacing = False
+        if self._critical or self._normal:
+            self._wake(now)  # paces on when it admits one under sustained overload
+        if not self.pacing and active and self.overloaded(now):
+            self.pacing = True
+            self._soon(self._next_turn)
+        if not self.pacing:
+            self._turn_at = 0.0  # the next paced turn is measured from its own start
+            self._reads_before = 0
+
+    def _soon(self, fn: Callable[[], None]) -> None:
+        if self._schedule is not None:
+            self._schedule(0.0, fn)
+        else:
+            asyncio.get_running_loop().call_soon(fn)
 
     def _deadline(self, now: float, critical: bool) -> float:
         """How long a queued request of the normal or the critical queue may wait now."""
@@ -360,7 +484,7 @@ class Admission:
     def release(self, admitted_at: float) -> None:
         """An admitted request ended (``admitted_at``: the clock when it was admitted)."""
         now = self.clock()
-        self._last_busy = now
+        self.last_busy = now
         self.inflight -= 1
         rtt = now - admitted_at
         self.service += (rtt - self.service) * 0.05 if self.service else rtt
@@ -392,6 +516,8 @@ class Admission:
         lifo = self.overloaded(now)
         served = False
         while (self._critical or self._normal) and self.inflight < self.limit:
+            if lifo and self.per_turn and self._turn_admitted >= self.per_turn:
+                break  # this turn's share under sustained overload: the next goes on
             queue = self._critical if self._critical else self._normal
             arrived, future = queue.pop() if lifo else queue.popleft()
             if future.done():
@@ -405,8 +531,14 @@ class Admission:
             self.inflight += 1
             self.admitted += 1
             self.queued += 1
-        if served and not self._critical and not self._normal:
-            self._last_idle = now  # the queue emptied by serving (not by its deadline)
+            if lifo:
+                self._take_turn()
+        if served and not lifo and not self._critical and not self._normal:
+            # the queue emptied by serving (not by its deadline). Not under sustained
+            # overload: the turns are paced then, and refusals as read keep the queue
+            # short, so it empties by serving while the loop is never idle (a read
+            # long after the last busy moment says when it is: admit)
+            self._last_idle = now
 
     # -- per client -----------------------------------------------------------------------
 
@@ -517,6 +649,7 @@ class Admission:
             "admitted": self.admitted,
             "queued": self.queued,
             "expired": self.expired,
+            "shed_on_read": self.shed_on_read_count,
             "rejected": dict(self.rejected),
             "shedding": self.shedding,
         }

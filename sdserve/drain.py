@@ -75,9 +75,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSCloseCode, web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
-from aiohttp.streams import EmptyStreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD, EmptyStreamReader
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from .accesslog import AccessLog
 from .admission import Admission, Priority
@@ -352,27 +355,30 @@ class Tracker:
                 return web.HTTPRequestEntityTooLarge(max_size=most, actual_size=length)
         return None
 
-    async def admit(
+    def admit(
         self, proto: TrackedRequestHandler, request: web.BaseRequest, admission: Admission
-    ) -> str | None:
-        """Admission control for ``request``: None once admitted (perhaps after a wait in
-        the queue), else the reason it is shed."""
+    ) -> str | asyncio.Future[str | None] | None:
+        """Admission control for ``request``: None: admitted; a reason: shed; a future:
+        queued (:meth:`queued`). A plain call, not a coroutine: the usual answer is
+        None, at once."""
         arrived = proto.last_rx or admission.clock()
-        priority = Priority.NORMAL
         if admission.classifies:
             header = admission.settings.priority_header
             mark = request.headers.get(header) if header else None
             priority = admission.priority_of(request.path, mark)
+        else:
+            priority = Priority.NORMAL
         client = request.remote if admission.settings.client_rate else None
-        got = admission.admit(arrived, priority, client, proto.rx_cpu)
-        if got is None:
-            return None
-        if isinstance(got, str):
-            return got
+        return admission.admit(arrived, priority, client, proto.rx_cpu)
+
+    @staticmethod
+    async def queued(admission: Admission, waiting: asyncio.Future[str | None]) -> str | None:
+        """A queued request's wait: None once admitted, or the reason it is refused at
+        its deadline."""
         try:
-            return await got  # queued: admitted (None), or refused at its deadline
+            return await waiting
         except asyncio.CancelledError:
-            admission.abandon(got)
+            admission.abandon(waiting)
             raise
 
     def ended(self, proto: TrackedRequestHandler) -> None:
@@ -771,11 +777,23 @@ class TrackedRequestHandler(RequestHandler):
             return
         self.last_rx = now = self._loop.time()
         tracker = self.tracker
-        if tracker.admission is not None:
-            self.rx_cpu = time.process_time()  # the work ahead of it, for admission
         messages = self._messages
         queued = len(messages)
-        _data_received(self, data)
+        admission = tracker.admission
+        if admission is None:
+            _data_received(self, data)
+        else:
+            self.rx_cpu = time.process_time()  # the work ahead of it, for admission
+            if (
+                admission.pacing  # sustained overload
+                and self.main
+                and not queued
+                and is_parked(self)
+                and not tracker.draining  # (a drain's answers close their connection)
+            ):
+                self._feed_shedding(data, admission, now)
+            else:
+                _data_received(self, data)
         # Whether these bytes end where a request ends. Without a body, a request ends
         # with its header block (and a chunked body with its empty last chunk); a
         # whole request with a Content-Length body in one read is checked by its
@@ -794,6 +812,96 @@ class TrackedRequestHandler(RequestHandler):
             timeout = min(timeout, tracker.idle_grace)
         if timeout > 0:
             self._header_timer = self._loop.call_at(now + timeout, self._header_late)
+
+    def _feed_shedding(self, data: bytes, admission: Admission, now: float) -> None:
+        """aiohttp's ``data_received`` for a connection parked between requests while
+        the worker sheds load (:attr:`Admission.pacing`): a request that
+        :meth:`Admission.shed_on_read` refuses is answered 503 here, as it is read, and
+        never queued, so no task, request object or response is made for it and the
+        answer does not wait for the handlers ahead. Only a whole request without a
+        body that keeps its HTTP/1.1 connection alive, and not a probe; anything else
+        is queued as aiohttp queues it (the same steps: ``tests/test_handling.py`` holds
+        aiohttp's version this follows, and fails when it changes)."""
+        parser = self._parser
+        if (
+            parser is None
+            or self._payload_parser is not None
+            or self._upgraded
+            or self._force_close
+            or self._close
+            or not self._keepalive_timeout
+        ):
+            _data_received(self, data)
+            return
+        messages: list[tuple[Any, Any]]
+        try:
+            messages, upgraded, tail = parser.feed_data(data)
+        except HttpProcessingError as exc:
+            messages = [(_ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD)]
+            upgraded, tail = False, b""
+        if len(messages) == 1 and not upgraded:
+            message, payload = messages[0]
+            if (
+                payload is EMPTY_PAYLOAD
+                and type(message) is RawRequestMessage
+                and (reason := self._shed_reason(message, admission, now)) is not None
+            ):
+                self._request_count += 1
+                consumed = getattr(parser, "message_consumed", None)  # aiohttp >= 3.14
+                if consumed is not None:
+                    consumed()
+                self._shed_now(reason, now)
+                return
+        # aiohttp's steps: queue them, wake the request loop, pause a full queue
+        for item in messages:
+            self._request_count += 1
+            self._messages.append(item)
+        waiter = self._waiter
+        if messages and waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        most = getattr(self, "_max_msg_queue_size", 0)  # aiohttp >= 3.14
+        if most and not self._buffer_paused and len(self._messages) >= most:
+            self._pause_reading_for_buffer()
+        self._upgraded = upgraded
+        if upgraded and tail:
+            self._message_tail = tail
+
+    def _shed_reason(
+        self, message: RawRequestMessage, admission: Admission, now: float
+    ) -> str | None:
+        """Why to refuse ``message`` as it is read, or None (it goes on to be handled)."""
+        if (
+            message.method == "HEAD"
+            or message.version != HttpVersion11
+            or message.should_close
+            or message.upgrade
+        ):
+            return None  # answered by the usual path, which knows how to close or not
+        path = message.path
+        if path[:1] != "/" or "?" in path or "%" in path:
+            path = message.url.path  # decoded, as request.path (see _path)
+        if path in self.tracker.exempt_paths:
+            return None
+        priority = Priority.NORMAL
+        if admission.classifies:
+            header = admission.settings.priority_header
+            mark = message.headers.get(header) if header else None
+            priority = admission.priority_of(path, mark)
+        return admission.shed_on_read(now, priority)
+
+    def _shed_now(self, reason: str, now: float) -> None:
+        """Answer the request just read with the 503 of ``reason`` (the usual path's
+        status, headers and body); the connection stays open for the next request,
+        under aiohttp's keep-alive timeout as after any response."""
+        self._cancel_header_timer()  # its line and headers are complete
+        transport = self.transport
+        assert transport is not None
+        transport.write(_shed_raw(reason))
+        self._keepalive = True
+        close_time = now + self._keepalive_timeout
+        self._next_keepalive_close_time = close_time
+        if self._keepalive_handle is None:
+            self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
 
     @property
     def request_arriving(self) -> bool:
@@ -844,13 +952,15 @@ class TrackedRequestHandler(RequestHandler):
                     )
                     return await _handle_request(self, request, start_time, refuse)
             admission = tracker.admission
-            if admission is not None and self.main and request.path not in tracker.exempt_paths:
-                shed = await tracker.admit(self, request, admission)
+            if admission is not None and self.main and _path(request) not in tracker.exempt_paths:
+                shed = tracker.admit(self, request, admission)
+                if shed is not None and not isinstance(shed, str):
+                    shed = await tracker.queued(admission, shed)
                 if shed is not None:
                     refused = _answering(_shed(shed))
                     return await _handle_request(self, request, start_time, refused)
-                self.admitted_at = admission.clock()
-            if tracker.limits.request_timeout and request.path not in tracker.exempt_paths:
+                self.admitted_at = admission.last_busy  # when admit() let it in
+            if tracker.limits.request_timeout and _path(request) not in tracker.exempt_paths:
                 request_handler = functools.partial(tracker.bounded, request_handler)
             if body and self.main:
                 tracker.body_bytes_in += request.content_length or 0
@@ -950,6 +1060,15 @@ class TrackedRequestHandler(RequestHandler):
         return response
 
 
+def _path(request: web.BaseRequest) -> str:
+    """``request.path`` (decoded), without decoding a plain one: a target that is a path
+    with no query and no escape is its own decoded path."""
+    raw: str = request._message.path
+    if raw[:1] == "/" and "?" not in raw and "%" not in raw:
+        return raw
+    return request.path
+
+
 def _raising(exc: web.HTTPException) -> RequestHandlerFunc:
     """A handler that answers with ``exc`` (a limit's status), as aiohttp answers a raise."""
 
@@ -998,6 +1117,34 @@ def _shed(reason: str) -> web.Response:
         content_type="text/plain",
         headers={"Retry-After": "1", "X-Sdserve-Shed": _SHED_REASON.get(reason, reason)},
     )
+
+
+#: (reason, Date) -> the bytes of a refusal as read (renewed each second, with the Date)
+_shed_bytes: dict[tuple[str, str], bytes] = {}
+
+
+def _shed_raw(reason: str) -> bytes:
+    """The bytes of :func:`_shed`'s response, written as the request is read."""
+    date = rfc822_formatted_time()  # aiohttp's, renewed each second
+    got = _shed_bytes.get((reason, date))
+    if got is None:
+        if len(_shed_bytes) > 2 * len(_SHED_REASON):
+            _shed_bytes.clear()  # an earlier second's
+        got = _shed_bytes[(reason, date)] = _render_shed(reason, date)
+    return got
+
+
+def _render_shed(reason: str, date: str) -> bytes:
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        "Content-Type: text/plain\r\n"
+        "Retry-After: 1\r\n"
+        f"X-Sdserve-Shed: {_SHED_REASON.get(reason, reason)}\r\n"
+        f"Content-Length: {len(_SHED_BODY)}\r\n"
+        f"Date: {date}\r\n"
+        f"Server: {SERVER_SOFTWARE}\r\n\r\n"
+    )
+    return head.encode("latin-1") + _SHED_BODY
 
 
 def set_nodelay(sock: socket.socket) -> None:

@@ -303,6 +303,138 @@ def test_the_wait_for_the_loop_counts_this_processs_work_not_the_hosts() -> None
     # read 300 ms ago (the host ran other processes), 2 ms of this process's work since
     cpu[0] += 0.002
     assert adm.admit(clock.now - 0.3, work_since=5.0) is None
-    # 150 ms of work for the requests ahead of it: past the deadline
+    # read 200 ms ago, and 150 ms of work for the requests ahead of it since: past the
+    # deadline
     cpu[0] += 0.15
-    assert adm.admit(clock.now, work_since=5.0) == QUEUE_DEADLINE
+    assert adm.admit(clock.now - 0.2, work_since=5.0) == QUEUE_DEADLINE
+    # 150 ms of work, but read 50 ms ago (other threads of the process): the wait is
+    # 50 ms, within the deadline
+    assert adm.admit(clock.now - 0.05, work_since=5.0) is None
+
+
+class Loop:
+    """Turns of an event loop serving handlers that do not await, as aiohttp does: a
+    request read in one turn (first offered to ``shed_on_read``, as the protocol does)
+    reaches admission two turns later (its connection's task, then its handler's), and
+    runs ``cost`` of CPU time in the turn it is admitted in, or in the next one when it
+    was woken from the queue."""
+
+    def __init__(self, clock: Clock, cost: float, **settings: object) -> None:
+        self.clock = clock
+        self.cpu = 0.0
+        self.cost = cost
+        self.adm = Admission(
+            Settings(**settings),  # type: ignore[arg-type]
+            clock=clock,
+            cpu_clock=lambda: self.cpu,
+            schedule=clock.schedule,
+        )
+        self.reading: list[list[float]] = [[], []]  # read two turns ago, one turn ago
+        self.woken: list[asyncio.Future[str | None]] = []
+        self.outcomes: list[str] = []
+
+    def run(self) -> None:
+        at = self.clock.now
+        self.cpu += self.cost
+        self.clock.now += self.cost
+        self.adm.release(at)
+        self.outcomes.append("admitted")
+
+    def turn(self, arrivals: int) -> list[str | None]:
+        """One turn; returns what shed_on_read said of each of its ``arrivals``."""
+        for future in self.woken:
+            if future.done() and future.result() is None:
+                self.run()
+            elif future.done():
+                self.outcomes.append(str(future.result()))
+        self.woken = [f for f in self.woken if not f.done()]
+        for arrived in self.reading.pop(0):
+            got = self.adm.admit(arrived)
+            if got is None:
+                self.run()
+            elif isinstance(got, str):
+                self.outcomes.append(got)
+            else:
+                self.woken.append(got)
+        said = []
+        read: list[float] = []
+        for _ in range(arrivals):
+            self.clock.now += 0.00002  # reading and parsing
+            early = self.adm.shed_on_read(self.clock.now)
+            said.append(early)
+            if early is None:
+                read.append(self.clock.now)
+            else:
+                self.outcomes.append(early)
+        self.reading.append(read)
+        # the callbacks made soon (call_soon) in this turn run in the next one, and
+        # what they make soon in the turn after
+        due = [t for t in self.clock.timers if t[0] <= self.clock.now]
+        for timer in due:
+            self.clock.timers.remove(timer)
+            timer[1]()
+        return said
+
+
+@pytest.mark.asyncio
+async def test_under_sustained_overload_a_turn_admits_what_its_cpu_budget_fits() -> None:
+    """Handlers of 1 ms CPU, 3 arriving per turn: past the interval, each turn admits one
+    (the loop reads between two handlers) and the rest is refused as it is read, before
+    any task; the queue's wait stays within the 5 ms target."""
+    loop = Loop(Clock(), cost=0.001)
+    for _ in range(100):  # past the 100 ms interval, and long enough to measure a turn
+        loop.turn(3)
+    adm = loop.adm
+    assert adm.overloaded(loop.clock.now)
+    assert adm.pacing
+    assert adm.per_turn == 1
+    assert adm.cost == pytest.approx(0.001, rel=0.2)
+    assert adm.turn == pytest.approx(0.00106, rel=0.2)
+    said = [loop.turn(3) for _ in range(20)]
+    early = sum(s is not None for turn in said for s in turn)
+    assert 30 <= early <= 45  # two of three, about: refused as read
+    assert all(s in (None, QUEUE_DEADLINE) for turn in said for s in turn)
+    # the handlers ran one per turn in those 20 turns, and what waits fits the target
+    assert loop.outcomes[-60:].count("admitted") in (19, 20, 21)
+    assert adm.queue_length * adm.turn <= adm.settings.queue_target
+
+
+@pytest.mark.asyncio
+async def test_handlers_that_await_are_not_held_to_one_a_turn() -> None:
+    """A handler that costs 20 us of CPU (the rest is awaiting I/O): a turn fits 50 of
+    them in its budget, so sustained load is not paced below what the loop can do."""
+    loop = Loop(Clock(), cost=0.00002)
+    for _ in range(400):
+        loop.turn(10)
+    adm = loop.adm
+    assert adm.overloaded(loop.clock.now)
+    assert adm.per_turn >= 20
+    said = [loop.turn(10) for _ in range(10)]
+    assert all(s is None for turn in said for s in turn)
+    assert loop.outcomes[-100:] == ["admitted"] * 100
+
+
+def test_a_refusal_as_read_only_while_paced_and_never_for_critical_requests() -> None:
+    clock = Clock()
+    adm = make(clock, queue_size=3)
+    assert adm.shed_on_read(clock.now) is None  # not paced: admission decides
+    adm.pacing = True
+    assert adm.shed_on_read(clock.now) is None  # paced, but not a sustained overload
+    clock.now += 0.2  # not idle for two intervals
+    adm.turn, adm.per_turn = 0.0001, 1
+    # the reads not yet at admission count ahead, up to the queue's size
+    assert [adm.shed_on_read(clock.now) for _ in range(4)] == [None, None, None, LIMIT]
+    assert adm.shed_on_read(clock.now, Priority.CRITICAL) is None
+    assert adm.shed_on_read(clock.now, Priority.SHEDDABLE) == QUEUE_DEADLINE
+    assert adm.shed_on_read_count == 2
+    assert adm.rejected == {LIMIT: 1, QUEUE_DEADLINE: 1}
+    # the next turn is paced too: it had reads; those still count ahead in it
+    adm._next_turn()
+    assert adm.pacing
+    assert adm.shed_on_read(clock.now) == LIMIT
+    # a turn with no read let through and nothing admitted ends the pacing (an idle loop
+    # does not spin): admission decides again
+    adm._next_turn()
+    assert not adm.pacing
+    assert adm.shed_on_read(clock.now) is None
+    assert adm.shed_on_read_count == 3

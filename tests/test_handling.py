@@ -7,7 +7,10 @@ timeout, no response at all) is sent to sdserve and to bare aiohttp ``run_app`` 
 same app, over keep-alive connections (a new one after a response that closes its own):
 the answers must be the same, statuses, ``Connection`` headers and bodies. And aiohttp's
 own version, which sdserve's follows, is pinned here: when an upgrade changes it, this
-fails, and sdserve's copy of its steps is to be read again.
+fails, and sdserve's copy of its steps is to be read again. So is aiohttp's
+``data_received``, whose steps sdserve does itself while it sheds load (a request refused
+as it is read: :meth:`sdserve.drain.TrackedRequestHandler._feed_shedding`); the bytes of
+that refusal are the response the usual path gives, as aiohttp writes it.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from sdserve.admission import REASONS
+from sdserve.drain import _shed, _shed_raw
 from tests.conftest import LauncherFactory
 from tests.helpers import Response, read_response, request_bytes
 
@@ -32,6 +38,8 @@ PATHS = ("/ok", "/raised", "/returned", "/crashes", "/times-out", "/nothing", "/
 #: sha256 of the source of aiohttp 3.14's RequestHandler._handle_request (its steps are
 #: those of 3.11, the oldest sdserve runs on, with newer annotations)
 AIOHTTP_HANDLE_REQUEST = "a88a34ee65a2714c6b392d23963ba9a80e7d50d4889905cd949a94d479102d8f"
+#: sha256 of the source of aiohttp 3.14's RequestHandler.data_received
+AIOHTTP_DATA_RECEIVED = "1ee57ebe052e6c80ced26c96e4ccb1223172e1d55afba460353c5e414914d3f6"
 
 
 async def answers(port: int) -> list[tuple[int, str, bytes]]:
@@ -54,6 +62,51 @@ async def answers(port: int) -> list[tuple[int, str, bytes]]:
             if writer is not None:
                 writer.close()
     return got
+
+
+def test_aiohttp_data_received_is_the_version_sdserve_follows() -> None:
+    source = inspect.getsource(RequestHandler.data_received)
+    assert hashlib.sha256(source.encode()).hexdigest() == AIOHTTP_DATA_RECEIVED, (
+        "aiohttp's RequestHandler.data_received changed: read it against "
+        "sdserve.drain.TrackedRequestHandler._feed_shedding, then update the digest"
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_refusal_as_read_is_the_answer_aiohttp_writes_for_the_usual_one() -> None:
+    """The bytes written for a request refused as it is read are, but for the Date, what
+    aiohttp writes for the usual path's refusal (the same status, headers and body)."""
+
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        return _shed(request.match_info["reason"])
+
+    app = web.Application()
+    app.router.add_get("/{reason}", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, HOST, 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with asyncio.timeout(10):
+            reader, writer = await asyncio.open_connection(HOST, port)
+            for reason in REASONS:
+                writer.write(request_bytes(f"/{reason}"))
+                usual = await read_response(reader)
+                fed = asyncio.StreamReader()
+                fed.feed_data(_shed_raw(reason))
+                fed.feed_eof()
+                raw = await read_response(fed)
+                assert fed.at_eof()  # nothing written past the body
+                assert raw.status == usual.status == 503
+                assert raw.body == usual.body
+                assert raw.headers.pop("date")
+                assert usual.headers.pop("date")
+                assert raw.headers == usual.headers
+                assert raw.headers["retry-after"] == "1"
+            writer.close()
+    finally:
+        await runner.cleanup()
 
 
 def test_aiohttp_handle_request_is_the_version_sdserve_follows() -> None:
