@@ -404,6 +404,8 @@ class Generation:
     failed_starts: int = 0
     #: the traceback of a failed start is logged once per generation
     failure_logged: bool = False
+    #: the reason then logged (a later worker failing the same way says so)
+    logged_reason: str = ""
     #: why the latest start failed (for STATUS= while retrying)
     last_failure: str = ""
     #: a reload's canary: this many workers start first and are judged over ``watch``
@@ -705,16 +707,16 @@ class Lifecycle:
         failure = event.failure
         if not gen.failure_logged:
             gen.failure_logged = True
+            gen.logged_reason = failure.reason
             text = f"{w.describe()} failed to start: {failure.reason}"
             if failure.traceback:
                 text += "\n" + failure.traceback
             more = {"app_file": failure.file, "app_line": failure.line} if failure.file else {}
             self._log(logging.ERROR, text, "start-failed", worker=w.id, **more)
         else:
-            first = next(
-                (o.failure for o in self.workers.values() if o is not w and o.failure), None
-            )
-            same = first is not None and first.reason == failure.reason
+            # compared with the generation's record: the worker that failed first may
+            # have exited (and left self.workers) before this report came
+            same = failure.reason == gen.logged_reason
             self._log(
                 logging.INFO,
                 f"{w.describe()} failed to start too"

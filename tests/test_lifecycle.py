@@ -316,6 +316,22 @@ def test_the_start_failure_traceback_is_logged_once_per_generation() -> None:
     assert len(full) == 1
 
 
+def test_a_worker_failing_as_the_first_did_says_so_after_the_first_has_exited() -> None:
+    """The first failed worker's exit can come before the next one's report (the CI
+    failure of test_probes' "reported once" test): the next still says "the same
+    reason", and a different reason is given in full."""
+    d = Driver(config(workers=3))
+    d.feed(lc.Start())
+    d.feed(lc.StartFailedReport(1, StartFailure("db down")))
+    d.kill(1)
+    d.feed(lc.StartFailedReport(2, StartFailure("db down")))
+    d.feed(lc.StartFailedReport(3, StartFailure("cache down")))
+    said = [a.message for a in d.actions if isinstance(a, lc.Log) and "to start" in a.message]
+    assert said[0].endswith("failed to start: db down")
+    assert said[1].endswith("failed to start too (the same reason)")
+    assert said[2].endswith("failed to start too: cache down")
+
+
 # -- case 6, 7, 8, 9, 10: reloads ----------------------------------------------------------
 
 
