@@ -133,6 +133,10 @@ class Priority(IntEnum):
 
 
 PRIORITY_NAMES = {p.name.lower(): p for p in Priority}
+# module constants: no attribute look-up on the class per request
+CRITICAL = Priority.CRITICAL
+NORMAL = Priority.NORMAL
+SHEDDABLE = Priority.SHEDDABLE
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,9 @@ class Admission:
         self.cpu_clock = cpu_clock
         #: whether a request's path or header can change its priority (else all normal)
         self.classifies = bool(s.critical_paths or s.sheddable_paths or s.priority_header)
+        #: every request is normal and no client has a rate: admit needs no more than
+        #: the times (the request path's usual case)
+        self.plain = not self.classifies and not s.client_rate
         self._schedule = schedule
         #: refusals by reason, since the start (for the metrics)
         self.rejected: Counter[str] = Counter()
@@ -316,9 +323,9 @@ class Admission:
             return self._refuse(CLIENT_RATE)
         overloaded = now - self._last_idle > s.queue_interval
         waited = now - arrived
-        if priority is Priority.CRITICAL:
+        if priority is CRITICAL:
             deadline = s.queue_interval
-        elif priority is Priority.SHEDDABLE:
+        elif priority is SHEDDABLE:
             if overloaded:
                 return self._refuse(QUEUE_DEADLINE)
             deadline = s.queue_target
@@ -331,7 +338,7 @@ class Admission:
         if waited > deadline:
             return self._refuse(QUEUE_DEADLINE)
         inflight = self.inflight
-        if priority is Priority.CRITICAL:
+        if priority is CRITICAL:
             free = not self.hard_cap or inflight < self.hard_cap
         else:
             free = inflight < self.limit and not self._critical and not self._normal
@@ -346,9 +353,9 @@ class Admission:
                 self._window_max = inflight + 1
             return None
         # full: wait in the queue, if it has room and the wait fits the deadline
-        if priority is Priority.SHEDDABLE:
+        if priority is SHEDDABLE:
             return self._refuse(LIMIT)
-        queue = self._critical if priority is Priority.CRITICAL else self._normal
+        queue = self._critical if priority is CRITICAL else self._normal
         if len(self._critical) + len(self._normal) >= s.queue_size:
             return self._refuse(LIMIT)
         # the requests served before this one: those ahead in FIFO; under overload (LIFO)
@@ -368,12 +375,12 @@ class Admission:
         before any task or request object exists, or None (it goes on to :meth:`admit`,
         which decides again, with its client's rate too). Its expected wait is the
         requests ahead of it, queued or read and not yet at admission, times a turn."""
-        if not self.pacing or priority is Priority.CRITICAL:
+        if not self.pacing or priority is CRITICAL:
             return None
         s = self.settings
         if now - self._last_idle <= s.queue_interval:
             return None  # not (or no longer) a sustained overload
-        if priority is Priority.SHEDDABLE:
+        if priority is SHEDDABLE:
             self.shed_on_read_count += 1
             return self._refuse(QUEUE_DEADLINE)
         ahead = len(self._critical) + len(self._normal) + self._reads + self._reads_before

@@ -83,7 +83,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, EmptyStreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from .accesslog import AccessLog
-from .admission import Admission, Priority
+from .admission import NORMAL, Admission, Priority
 
 log = logging.getLogger("sdserve.drain")
 
@@ -361,7 +361,7 @@ class Tracker:
         """Admission control for ``request``: None: admitted; a reason: shed; a future:
         queued (:meth:`queued`). A plain call, not a coroutine: the usual answer is
         None, at once."""
-        arrived = proto.last_rx or admission.clock()
+        arrived = proto.last_rx  # set as the connection was made, and at each read
         if admission.classifies:
             header = admission.settings.priority_header
             mark = request.headers.get(header) if header else None
@@ -382,11 +382,8 @@ class Tracker:
             raise
 
     def ended(self, proto: TrackedRequestHandler) -> None:
-        """A request of ``proto`` that was admitted by admission control, or that ended
-        during a drain, is answered (its response written) or cancelled."""
-        if proto.admitted_at is not None:
-            self.admission.release(proto.admitted_at)  # type: ignore[union-attr]
-            proto.admitted_at = None
+        """A request of ``proto`` that ended during a drain is answered (its response
+        written) or cancelled (its admission, if any, released already)."""
         if self.draining:
             self.completed_in_drain += 1
             # A response prepared before the drain kept the connection alive: that
@@ -953,7 +950,10 @@ class TrackedRequestHandler(RequestHandler):
                     return await _handle_request(self, request, start_time, refuse)
             admission = tracker.admission
             if admission is not None and self.main and _path(request) not in tracker.exempt_paths:
-                shed = tracker.admit(self, request, admission)
+                if admission.plain:  # every request normal, no rate per client
+                    shed = admission.admit(self.last_rx, NORMAL, None, self.rx_cpu)
+                else:
+                    shed = tracker.admit(self, request, admission)
                 if shed is not None and not isinstance(shed, str):
                     shed = await tracker.queued(admission, shed)
                 if shed is not None:
@@ -1018,7 +1018,10 @@ class TrackedRequestHandler(RequestHandler):
                 if access is not None and access.enabled:
                     access.ended(self, request, response)
             self.request_began = 0.0  # no request being handled (for the counts at prepare)
-            if self.admitted_at is not None or tracker.draining:
+            if (admitted_at := self.admitted_at) is not None:
+                self.admitted_at = None
+                tracker.admission.release(admitted_at)  # type: ignore[union-attr]
+            if tracker.draining:
                 tracker.ended(self)
 
     def _cancel_header_timer(self) -> None:
