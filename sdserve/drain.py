@@ -954,12 +954,14 @@ class TrackedRequestHandler(RequestHandler):
                     shed = admission.admit(self.last_rx, NORMAL, None, self.rx_cpu)
                 else:
                     shed = tracker.admit(self, request, admission)
+                let_in = admission.last_busy  # when admit() decided
                 if shed is not None and not isinstance(shed, str):
                     shed = await tracker.queued(admission, shed)
+                    let_in = admission.clock()  # after its wait in the queue
                 if shed is not None:
                     refused = _answering(_shed(shed))
                     return await _handle_request(self, request, start_time, refused)
-                self.admitted_at = admission.last_busy  # when admit() let it in
+                self.admitted_at = let_in
             if tracker.limits.request_timeout and _path(request) not in tracker.exempt_paths:
                 request_handler = functools.partial(tracker.bounded, request_handler)
             if body and self.main:
