@@ -48,9 +48,9 @@ its deadline, by one timer for the whole queue (counted in :attr:`Admission.expi
 
 **Admissions paced by turns of the loop under sustained overload.** A handler that
 does not await runs its whole course in one step of the loop, so a limit on requests
-*in flight* never binds for it: every request read in one turn would run in the next, one after the
-other, and the loop would not read its sockets again until all had run. Under sustained
-overload sdserve therefore paces the admissions by turns of the loop: a turn admits as
+*in flight* never binds for it: every request read in one turn would run in the next,
+one after the other, and the loop would not read its sockets again until all had run.
+Under sustained overload sdserve therefore paces the admissions by turns: a turn admits as
 many normal requests as fit in a fifth of ``queue_target`` of CPU time (measured: the
 CPU time of a turn over the requests it admitted; one, for a handler of 1 ms and the
 default 5 ms target), the others wait in the queue, served newest first. The loop then
