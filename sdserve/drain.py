@@ -875,8 +875,8 @@ class TrackedRequestHandler(RequestHandler):
         ):
             return None  # answered by the usual path, which knows how to close or not
         path = message.path
-        if path[:1] != "/" or "?" in path or "%" in path:
-            path = message.url.path  # decoded, as request.path (see _path)
+        if not _plain(path):
+            path = message.url.path  # decoded, as request.path
         if path in self.tracker.exempt_paths:
             return None
         priority = Priority.NORMAL
@@ -1065,13 +1065,16 @@ class TrackedRequestHandler(RequestHandler):
         return response
 
 
+def _plain(target: str) -> bool:
+    """A request target that is a path with no query and no escape: its own decoded
+    path (no URL to parse for it)."""
+    return target[:1] == "/" and "?" not in target and "%" not in target
+
+
 def _path(request: web.BaseRequest) -> str:
-    """``request.path`` (decoded), without decoding a plain one: a target that is a path
-    with no query and no escape is its own decoded path."""
+    """``request.path`` (decoded), without decoding a plain one."""
     raw: str = request._message.path
-    if raw[:1] == "/" and "?" not in raw and "%" not in raw:
-        return raw
-    return request.path
+    return raw if _plain(raw) else request.path
 
 
 def _raising(exc: web.HTTPException) -> RequestHandlerFunc:

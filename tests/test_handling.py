@@ -27,7 +27,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from sdserve.admission import REASONS
-from sdserve.drain import _shed, _shed_raw
+from sdserve.drain import _plain, _shed, _shed_raw
 from tests.conftest import LauncherFactory
 from tests.helpers import Response, read_response, request_bytes
 
@@ -99,6 +99,16 @@ async def test_a_refusal_as_read_is_the_answer_aiohttp_writes_for_the_usual_one(
             writer.close()
     finally:
         await runner.cleanup()
+
+
+def test_only_a_plain_target_is_taken_as_its_own_decoded_path() -> None:
+    """Probes are exempt from shedding by their decoded path: a target with a query, an
+    escape or in absolute form must be decoded (aiohttp's request.path), not compared raw."""
+    assert _plain("/livez")
+    assert not _plain("/livez?verbose=1")
+    assert not _plain("/live%7A")
+    assert not _plain("http://host/livez")
+    assert not _plain("*")
 
 
 @pytest.mark.parametrize(
