@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from aiohttp import web
 
 log = logging.getLogger("sdserve.checks")
+#: how a run past its time limit is described (the start-up gate tells it apart)
+_TIMED_OUT = "timed out after "
 
 CheckFunc = Callable[[], Awaitable[object]]
 T = TypeVar("T")
@@ -291,7 +293,7 @@ async def run_check(
     duration = time.monotonic() - started
     if not done:
         _abandon(task, check.name, reg)
-        ok, output = False, f"timed out after {limit:g}s"
+        ok, output = False, f"{_TIMED_OUT}{limit:g}s"
     elif task.cancelled():
         ok, output = False, "cancelled"
     elif (exc := task.exception()) is not None:
@@ -417,8 +419,12 @@ async def wait_until_ready(
         if remaining <= 0:
             break
         runs = await asyncio.gather(*(run_check(c, reg, limit=remaining) for c in pending))
-        for result in runs:
-            results[result.name] = result
+        for check, result in zip(pending, runs, strict=True):
+            cut = remaining < check.timeout and result.output.startswith(_TIMED_OUT)
+            if not (cut and result.name in results):
+                # a retry cut short by the start deadline says nothing of the dependency:
+                # the reason given stays the one of the last attempt that ran its course
+                results[result.name] = result
             _log_result(result, attempt)
         if record is not None:
             record(list(runs))
