@@ -89,8 +89,21 @@ worker is *shedding*: :attr:`Admission.on_shedding` hears when that starts and e
 worker says so in ``STATUS=``), and a summary goes to the journal at most every
 ``log_interval``.
 
-Cost: an admitted request with nobody queued costs a few comparisons and additions, no
-allocation and no task; a queued one costs one future.
+**Engaged only under pressure.** The bookkeeping above costs a hello-world handler about
+a tenth of its throughput, for nothing while the worker keeps up. So it is *engaged*
+only when a request waited ``queue_target`` for the loop after its bytes were read, or
+when half the limit is in flight; before that a request is let in and counted, no more,
+and one every :data:`SAMPLE_GAP` (or ``queue_target``) is timed, so that Gradient2's
+baseline is the latency of the calm service (a dependency that slows down later is seen
+as slower). The requests
+already in flight when it engages are counted from then on, so the limit and
+``max_concurrency`` hold at once. It disengages after :data:`CALM_WINDOWS` windows in a
+row with no sign of pressure: no request queued or refused, none that waited more than
+half the target, less than half the limit in flight. A rate per client keeps it engaged.
+
+Cost: engaged, an admitted request with nobody queued costs a few comparisons and
+additions, no allocation and no task; a queued one costs one future. Not engaged, a
+clock read and a counter.
 """
 
 from __future__ import annotations
@@ -124,6 +137,12 @@ SMOOTHING = 0.2
 IDLE_GAP = 0.0005
 #: clients remembered by the token buckets before the full (idle) ones are forgotten
 MAX_CLIENTS = 4096
+#: while not engaged, a request is timed (for the limit's baseline latency) if it began
+#: this long (or ``queue_target``, if longer) after the last one timed: twice the
+#: samples a window needs, at any rate
+SAMPLE_GAP = WINDOW / (2 * WINDOW_SAMPLES)
+#: windows in a row without a sign of pressure before the bookkeeping disengages
+CALM_WINDOWS = 10
 
 
 class Priority(IntEnum):
@@ -229,6 +248,22 @@ class Admission:
         self.inflight = 0
         #: the limit as a whole number (admission compares against it)
         self.limit = int(self.gradient.limit)
+        # engaged only under pressure (see the module docstring): a rate per client is
+        # kept at all times
+        self.always = bool(s.client_rate)
+        #: the bookkeeping is on: every request goes through :meth:`admit`
+        self.engaged = self.always
+        #: a request that waited this long for the loop, or this many requests in
+        #: flight, engage it
+        self.engage_wait = s.queue_target
+        self.engage_inflight = max(1, self.limit // 2)
+        #: how many times it engaged, and windows in a row with no sign of pressure
+        self.engagements = 0
+        self._calm = 0
+        #: when the last request timed while not engaged began (time.monotonic()), and
+        #: the time between two such
+        self.timed_at = 0.0
+        self.sample_gap = max(SAMPLE_GAP, s.queue_target)
         # the queue: (deadline, future) newest last; a future's result is None when the
         # request is admitted, or the reason it is refused
         self._critical: deque[tuple[float, asyncio.Future[str | None]]] = deque()
@@ -243,6 +278,11 @@ class Admission:
         self._window_sum = 0.0
         self._window_n = 0
         self._window_max = 0
+        #: the longest wait for the loop in the window, and the refusals before it began
+        self._window_wait = 0.0
+        self._window_refused = 0
+        #: refusals since the start, all reasons
+        self._refused = 0
         #: mean service time (admission to end), for the expected wait in the queue
         self.service = 0.0
         #: the last time the worker was idle (nothing queued, the loop not saturated)
@@ -323,6 +363,8 @@ class Admission:
             return self._refuse(CLIENT_RATE)
         overloaded = now - self._last_idle > s.queue_interval
         waited = now - arrived
+        if waited > self._window_wait:  # noqa: PLR1730 (no call: the request path)
+            self._window_wait = waited
         if priority is CRITICAL:
             deadline = s.queue_interval
         elif priority is SHEDDABLE:
@@ -493,19 +535,59 @@ class Admission:
         now = self.clock()
         self.last_busy = now
         self.inflight -= 1
-        rtt = now - admitted_at
+        self._record(now, now - admitted_at)
+        if self._critical or self._normal:
+            self._wake(now)
+
+    def sample(self, began: float) -> None:
+        """A request let in while not engaged, and timed (one every :data:`SAMPLE_GAP`:
+        ``began`` is the clock at its start), ended: its latency keeps the limit's
+        baseline and the service time current."""
+        now = self.clock()
+        self._record(now, now - began)
+
+    def _record(self, now: float, rtt: float) -> None:
         self.service += (rtt - self.service) * 0.05 if self.service else rtt
         self._window_sum += rtt
         self._window_n += 1
         if now - self._window_start >= WINDOW and self._window_n >= WINDOW_SAMPLES:
-            limit = self.gradient.update(self._window_sum / self._window_n, self._window_max)
-            self.limit = max(1, int(limit))
-            self._window_start = now
-            self._window_sum = 0.0
-            self._window_n = 0
-            self._window_max = self.inflight
-        if self._critical or self._normal:
-            self._wake(now)
+            self._end_window(now)
+
+    def _end_window(self, now: float) -> None:
+        """A window of Gradient2 is complete: a new limit; and, engaged, whether the
+        window showed pressure (or the bookkeeping may disengage)."""
+        limit = self.gradient.update(self._window_sum / self._window_n, self._window_max)
+        self.limit = max(1, int(limit))
+        self.engage_inflight = max(1, self.limit // 2)
+        if self.engaged and not self.always:
+            calm = (
+                not self.pacing
+                and not self._critical
+                and not self._normal
+                and self._window_max < self.engage_inflight
+                and self._window_wait <= self.engage_wait / 2
+                and self._refused == self._window_refused
+            )
+            self._calm = self._calm + 1 if calm else 0
+            if self._calm >= CALM_WINDOWS:
+                self.engaged = False
+                log.debug("admission bookkeeping off: no pressure for %d windows", CALM_WINDOWS)
+        self._window_start = now
+        self._window_sum = 0.0
+        self._window_n = 0
+        self._window_max = self.inflight
+        self._window_wait = 0.0
+        self._window_refused = self._refused
+
+    def engage(self, adopted: int = 0) -> None:
+        """Pressure: from now on every request goes through :meth:`admit`. ``adopted``:
+        requests in flight let in before, counted from now on (each will be released)."""
+        self.engaged = True
+        self._calm = 0
+        self.engagements += 1
+        self.inflight += adopted
+        self._window_max = max(self._window_max, self.inflight)
+        log.debug("admission bookkeeping on: %d in flight", self.inflight)
 
     def abandon(self, future: asyncio.Future[str | None]) -> None:
         """A queued request went away (its client left, its task was cancelled)."""
@@ -580,6 +662,7 @@ class Admission:
     # -- visibility -------------------------------------------------------------------------
 
     def _refuse(self, reason: str) -> str:
+        self._refused += 1
         self.rejected[reason] += 1
         self._since_log[reason] += 1
         self._since_tick += 1
@@ -659,6 +742,8 @@ class Admission:
             "shed_on_read": self.shed_on_read_count,
             "rejected": dict(self.rejected),
             "shedding": self.shedding,
+            "engaged": self.engaged,
+            "engagements": self.engagements,
         }
 
     @property

@@ -129,9 +129,10 @@ class OverloadConfig:
     enabled: bool = field(
         default=False,
         metadata={
-            "doc": "adaptive admission control (Gradient2 limit, CoDel queue); false (for "
-            "now the default, until `make bench` shows it ahead of the static cap): only "
-            "`max_concurrency`, a static cap"
+            "doc": "adaptive admission control (Gradient2 limit, CoDel queue), its "
+            "bookkeeping engaged only under pressure; false (the default: under "
+            "closed-loop saturation deeper than `queue_target`, it sheds clients a static "
+            "cap would serve): only `max_concurrency`, a static cap"
         },
     )
     initial_limit: int = field(

@@ -371,6 +371,23 @@ class Tracker:
         client = request.remote if admission.settings.client_rate else None
         return admission.admit(arrived, priority, client, proto.rx_cpu)
 
+    def engage(self) -> None:
+        """Pressure: admission control's bookkeeping engages, counting the application's
+        requests in flight from now on (each is then released at its end)."""
+        admission = self.admission
+        assert admission is not None
+        adopted = 0
+        for proto, request in self.inflight.items():
+            if not proto.main or (proto.admitted_at is not None and not proto.timed):
+                continue  # not the application's, or counted already
+            if _path(request) in self.exempt_paths:
+                continue
+            if proto.admitted_at is None:
+                proto.admitted_at = proto.request_began  # the admission clock: monotonic
+            proto.timed = False
+            adopted += 1
+        admission.engage(adopted)
+
     @staticmethod
     async def queued(admission: Admission, waiting: asyncio.Future[str | None]) -> str | None:
         """A queued request's wait: None once admitted, or the reason it is refused at
@@ -709,6 +726,7 @@ class TrackedRequestHandler(RequestHandler):
         "request_id",
         "rx_cpu",
         "span",
+        "timed",
         "trace",
         "tracker",
     )
@@ -744,6 +762,9 @@ class TrackedRequestHandler(RequestHandler):
         self.request_began = 0.0
         #: the admission controller's clock when it let the request in (None: not counted)
         self.admitted_at: float | None = None
+        #: the request was let in while admission was not engaged, and is only timed
+        #: (:meth:`Admission.sample`), not counted in flight
+        self.timed = False
         #: the request's trace id and request id (:mod:`sdserve.accesslog`), and its
         #: client behind a trusted proxy (:mod:`sdserve.proxies`; None: the peer)
         self.trace = ""
@@ -777,7 +798,7 @@ class TrackedRequestHandler(RequestHandler):
         messages = self._messages
         queued = len(messages)
         admission = tracker.admission
-        if admission is None:
+        if admission is None or not admission.engaged:  # off, or no pressure (its doc)
             _data_received(self, data)
         else:
             self.rx_cpu = time.process_time()  # the work ahead of it, for admission
@@ -937,6 +958,7 @@ class TrackedRequestHandler(RequestHandler):
             return await _handle_request(self, request, start_time, request_handler)
         tracker = self.tracker
         body = type(request._payload) is not EmptyStreamReader  # request.body_exists
+        began = 0.0  # the clock read for admission, when it did not wait (else read again)
         if body or tracker.gated:
             # a limit may refuse it, admission control may queue or shed it
             if body or tracker.max_concurrency:
@@ -950,18 +972,34 @@ class TrackedRequestHandler(RequestHandler):
                     return await _handle_request(self, request, start_time, refuse)
             admission = tracker.admission
             if admission is not None and self.main and _path(request) not in tracker.exempt_paths:
-                if admission.plain:  # every request normal, no rate per client
-                    shed = admission.admit(self.last_rx, NORMAL, None, self.rx_cpu)
+                if not admission.engaged:
+                    began = time.monotonic()
+                    if (
+                        began - self.last_rx > admission.engage_wait
+                        or len(tracker.inflight) >= admission.engage_inflight
+                    ):
+                        tracker.engage()  # pressure: it waited for the loop, or many run
+                if not admission.engaged:
+                    # no pressure: let in and counted; one every sample_gap timed
+                    admission.admitted += 1
+                    if began - admission.timed_at >= admission.sample_gap:
+                        admission.timed_at = began
+                        self.admitted_at = admission.clock()
+                        self.timed = True
                 else:
-                    shed = tracker.admit(self, request, admission)
-                let_in = admission.last_busy  # when admit() decided
-                if shed is not None and not isinstance(shed, str):
-                    shed = await tracker.queued(admission, shed)
-                    let_in = admission.clock()  # after its wait in the queue
-                if shed is not None:
-                    refused = _answering(_shed(shed))
-                    return await _handle_request(self, request, start_time, refused)
-                self.admitted_at = let_in
+                    if admission.plain:  # every request normal, no rate per client
+                        shed = admission.admit(self.last_rx, NORMAL, None, self.rx_cpu)
+                    else:
+                        shed = tracker.admit(self, request, admission)
+                    let_in = admission.last_busy  # when admit() decided
+                    if shed is not None and not isinstance(shed, str):
+                        shed = await tracker.queued(admission, shed)
+                        let_in = admission.clock()  # after its wait in the queue
+                        began = 0.0
+                    if shed is not None:
+                        refused = _answering(_shed(shed))
+                        return await _handle_request(self, request, start_time, refused)
+                    self.admitted_at = let_in
             if tracker.limits.request_timeout and _path(request) not in tracker.exempt_paths:
                 request_handler = functools.partial(tracker.bounded, request_handler)
             if body and self.main:
@@ -970,7 +1008,7 @@ class TrackedRequestHandler(RequestHandler):
         access = self.access
         if access is not None:
             access.begin(self, request)
-        self.request_began = time.monotonic()
+        self.request_began = began or time.monotonic()
         tracker.requests_total += 1
         if tracker.requests_total == tracker.request_limit and tracker.on_limit is not None:
             tracker.on_limit()
@@ -1022,7 +1060,11 @@ class TrackedRequestHandler(RequestHandler):
             self.request_began = 0.0  # no request being handled (for the counts at prepare)
             if (admitted_at := self.admitted_at) is not None:
                 self.admitted_at = None
-                tracker.admission.release(admitted_at)  # type: ignore[union-attr]
+                if self.timed:
+                    self.timed = False
+                    tracker.admission.sample(admitted_at)  # type: ignore[union-attr]
+                else:
+                    tracker.admission.release(admitted_at)  # type: ignore[union-attr]
             if tracker.draining:
                 tracker.ended(self)
 

@@ -12,9 +12,11 @@ from collections.abc import Callable
 import pytest
 
 from sdserve.admission import (
+    CALM_WINDOWS,
     CLIENT_RATE,
     LIMIT,
     QUEUE_DEADLINE,
+    WINDOW_SAMPLES,
     Admission,
     Gradient2,
     Priority,
@@ -283,7 +285,7 @@ def test_bad_overload_settings_are_errors_naming_the_key() -> None:
     assert "overload.critical_paths: a path prefix must start with '/', got 'pay'" in text
     assert "overload.priority_header: must be a header name" in text
     cfg = load_config(environ={"SDSERVE_MAX_CONCURRENCY": "8"})
-    assert not cfg.overload.enabled  # off by default until the benchmark says otherwise
+    assert not cfg.overload.enabled  # off by default (see its doc)
     assert cfg.overload.initial_limit == 20
 
 
@@ -438,3 +440,65 @@ def test_a_refusal_as_read_only_while_paced_and_never_for_critical_requests() ->
     assert not adm.pacing
     assert adm.shed_on_read(clock.now) is None
     assert adm.shed_on_read_count == 3
+
+
+def test_the_bookkeeping_engages_under_pressure_and_disengages_after_calm_windows() -> None:
+    clock = Clock()
+    adm = make(clock, initial_limit=20)
+    assert not adm.engaged  # nothing to do while the worker keeps up
+    assert (adm.engage_wait, adm.engage_inflight) == (0.005, 10)
+    adm.engage(adopted=3)  # three requests in flight let in before: counted from now
+    assert adm.engaged
+    assert adm.inflight == 3
+    assert adm.engagements == 1
+    for _ in range(3):
+        clock.now += 0.001
+        adm.release(clock.now - 0.002)
+    assert adm.inflight == 0
+    # a request that waited past half the target in a window: not calm, the count
+    # of calm windows starts again
+    serve_window(adm, clock, 2, 0.002)
+    assert adm.admit(clock.now - 0.004) is None
+    adm.release(clock.now)
+    serve_window(adm, clock, 2, 0.002)
+    assert adm.engaged
+    assert adm._calm == 0
+    for _ in range(CALM_WINDOWS - 1):
+        serve_window(adm, clock, 2, 0.002)
+    assert adm.engaged  # one window short
+    serve_window(adm, clock, 2, 0.002)
+    assert not adm.engaged
+    # a refusal in a window is pressure too
+    adm.engage()
+    for _ in range(CALM_WINDOWS - 1):
+        serve_window(adm, clock, 2, 0.002)
+    adm._refuse(LIMIT)
+    serve_window(adm, clock, 2, 0.002)
+    assert adm.engaged
+    assert adm._calm == 0
+
+
+def test_a_rate_per_client_keeps_the_bookkeeping_engaged() -> None:
+    clock = Clock()
+    adm = make(clock, client_rate=100)
+    assert adm.engaged
+    for _ in range(CALM_WINDOWS * 2):
+        serve_window(adm, clock, 2, 0.002)
+    assert adm.engaged
+
+
+def test_latencies_timed_while_disengaged_are_the_baseline_a_slow_dependency_is_seen_against() -> (
+    None
+):
+    clock = Clock()
+    adm = make(clock, initial_limit=20)
+    for _ in range(40):  # 2 ms, sampled: the baseline, and the limit did not move
+        for _ in range(WINDOW_SAMPLES):
+            clock.now += 0.01
+            adm.sample(clock.now - 0.002)
+    assert not adm.engaged
+    assert adm.limit == 20
+    assert adm.gradient.long_rtt == pytest.approx(0.002)
+    adm.engage()  # the dependency slows: many in flight
+    serve_window(adm, clock, 20, 0.2)
+    assert adm.limit < 20  # lowered from the first slow window

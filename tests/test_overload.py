@@ -6,7 +6,9 @@
   answered as the request is read, on keep-alive connections that go on serving;
 - a dependency whose latency jumps from 2 ms to 200 ms mid-run lowers the limit instead
   of letting the queue grow, STATUS= says the worker sheds, and once the dependency and
-  the load are back to normal the limit rises again.
+  the load are back to normal the limit rises again;
+- admission control's bookkeeping engages only under pressure, counting the requests
+  already in flight, and disengages when calm.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import socket
 import statistics
 from typing import Any
 
+import aiohttp
 import pytest
 
 from sdserve.drill import DrillSpec, Target, run_drill
@@ -189,3 +192,52 @@ async def test_a_slow_dependency_lowers_the_limit_and_the_limit_rises_again(
     assert by_phase["again"][-1] > lowest
     log = launcher.instances[-1].log_text()
     assert "no longer shedding load" in log
+
+
+async def test_admission_engages_only_under_pressure(
+    make_launcher: LauncherFactory, port: int
+) -> None:
+    """A worker that keeps up lets requests in without the bookkeeping (counted all the
+    same); ten requests in flight (half the initial limit) engage it, and it
+    counts those from then on; once calm for ten windows it disengages, every request
+    it counted released."""
+    launcher = make_launcher(app=APP, env={"SDSERVE_OVERLOAD__ENABLED": "true"})
+    await launcher.start()
+    sent = 0
+    for _ in range(40):
+        assert (await get(HOST, port, "/cpu?ms=0")).status == 200
+        sent += 1
+    sent += 1
+    adm = (await stats(port))["admission"]
+    assert adm["engaged"] is False
+    assert adm["engagements"] == 0
+    assert adm["admitted"] == sent
+    assert (await get(HOST, port, "/livez")).status == 200  # a probe: not counted
+    async with aiohttp.ClientSession() as session:
+        held = [await session.get(f"http://{HOST}:{port}/hold") for _ in range(10)]
+        sent += 10
+        assert [r.status for r in held] == [200] * 10  # their handlers wait: in flight
+        sent += 1
+        adm = (await stats(port))["admission"]
+        assert adm["engaged"] is True
+        assert adm["engagements"] == 1
+        assert adm["inflight"] == 11  # the ten, counted from then on, and this request
+        assert (await get(HOST, port, "/release")).status == 200
+        sent += 1
+        assert [await r.text() for r in held] == ["released\n"] * 10
+    engaged = True
+    for _ in range(100):  # bounded: ten calm windows of at least 100 ms take about 1 s
+        for _ in range(30):
+            assert (await get(HOST, port, "/cpu?ms=0")).status == 200
+            sent += 1
+        sent += 1
+        adm = (await stats(port))["admission"]
+        engaged = adm["engaged"]
+        if not engaged:
+            break
+    assert engaged is False
+    assert adm["inflight"] == 0  # all it counted were released
+    assert adm["engagements"] == 1
+    assert adm["admitted"] == sent
+    assert sum(adm["rejected"].values()) == 0
+    assert await launcher.stop() == 0

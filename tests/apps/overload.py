@@ -5,6 +5,8 @@
   ``TESTAPP_SLOW_AFTER`` calls it takes ``TESTAPP_SLOW_MS`` (200 ms), and after
   ``TESTAPP_FAST_AFTER`` more it is fast again. Each call records the worker's
   concurrency limit, requests in flight and queued, by its ordinal.
+- ``GET /hold``: sends its status and headers, then waits until ``GET /release``; the
+  client knows it is in flight once the headers came.
 - ``GET /control/stats``: the calls by path, the records of ``/io`` and the admission
   controller's snapshot, as JSON (the tests mark ``/control`` critical).
 """
@@ -20,6 +22,7 @@ from aiohttp import web
 from sdserve.drain import ADMISSION
 
 CALLS = web.AppKey("calls", dict[str, int])
+RELEASED = web.AppKey("released", asyncio.Event)
 RECORDS = web.AppKey("records", list[tuple[int, int, int, int]])
 
 
@@ -47,6 +50,19 @@ async def io(request: web.Request) -> web.Response:
     return web.Response(text="done\n")
 
 
+async def hold(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse()
+    await response.prepare(request)
+    await request.app[RELEASED].wait()
+    await response.write(b"released\n")
+    return response
+
+
+async def release(request: web.Request) -> web.Response:
+    request.app[RELEASED].set()
+    return web.Response(text="released\n")
+
+
 async def stats(request: web.Request) -> web.Response:
     adm = request.app.get(ADMISSION)
     return web.json_response(
@@ -62,7 +78,10 @@ def create_app() -> web.Application:
     app = web.Application()
     app[CALLS] = {"/cpu": 0, "/io": 0}
     app[RECORDS] = []
+    app[RELEASED] = asyncio.Event()
     app.router.add_get("/cpu", cpu)
     app.router.add_get("/io", io)
+    app.router.add_get("/hold", hold)
+    app.router.add_get("/release", release)
     app.router.add_get("/control/stats", stats)
     return app
