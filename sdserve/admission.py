@@ -109,6 +109,7 @@ clock read and a counter.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -270,6 +271,8 @@ class Admission:
         self._normal: deque[tuple[float, asyncio.Future[str | None]]] = deque()
         #: when the timer that expires queued requests fires (0: none pending)
         self._expiry_due = 0.0
+        #: the number of the last expiry timer armed (see :meth:`_expire`)
+        self._expiry_timer = 0
         #: queued requests refused at their deadline (the expected wait was wrong: the
         #: handlers slowed down, or none ended)
         self.expired = 0
@@ -512,14 +515,20 @@ class Admission:
         when = self._next_expiry(now)
         if when and (not self._expiry_due or when < self._expiry_due):
             self._expiry_due = when
-            self._later(max(when - now, 0.0), self._expire)
+            self._expiry_timer += 1
+            self._later(max(when - now, 0.0), functools.partial(self._expire, self._expiry_timer))
 
-    def _expire(self) -> None:
+    def _expire(self, timer: int) -> None:
         """The queue's deadline: refuse the queued requests whose wait ran out (the
-        oldest first: under overload, the deadline shrinks to the target for all)."""
+        oldest first: under overload, the deadline shrinks to the target for all).
+
+        ``timer`` tells the timers apart: only the last one armed acts (the others were
+        superseded by an earlier deadline). Not the clock: a loop may run a timer early
+        by its own clock's measure (uvloop's, of whole milliseconds, by up to a
+        millisecond), and then nothing expires yet and the timer is armed again."""
+        if timer != self._expiry_timer:
+            return
         now = self.clock()
-        if now < self._expiry_due:
-            return  # an earlier timer was superseded by a later one: that one will run
         self._expiry_due = 0.0
         for queue, critical in ((self._critical, True), (self._normal, False)):
             limit = self._deadline(now, critical)

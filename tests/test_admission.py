@@ -164,6 +164,27 @@ async def test_queued_requests_whose_handlers_never_end_are_refused_at_the_deadl
 
 
 @pytest.mark.asyncio
+async def test_a_deadline_timer_run_early_by_the_loop_is_armed_again() -> None:
+    """uvloop runs a timer up to a millisecond early by time.monotonic(): the queued
+    request is refused once its deadline is really past, not left waiting forever."""
+    clock = Clock()
+    adm = make(clock, initial_limit=2, min_limit=2, max_limit=2)
+    adm.admit(clock.now)
+    adm.admit(clock.now)
+    waiting = adm.admit(clock.now)
+    assert isinstance(waiting, asyncio.Future)
+    ((due, fire),) = clock.timers
+    clock.timers.clear()
+    clock.now = due - 0.0006  # the loop runs it 0.6 ms early
+    fire()
+    assert not waiting.done()  # not yet past its deadline
+    assert len(clock.timers) == 1  # and a timer for it again
+    clock.advance(0.001)
+    assert waiting.result() == QUEUE_DEADLINE
+    assert adm.expired == 1
+
+
+@pytest.mark.asyncio
 async def test_sustained_overload_shortens_the_deadline_and_serves_newest_first() -> None:
     clock = Clock()
     adm = make(clock, initial_limit=2, min_limit=2, max_limit=2, queue_size=50)

@@ -25,7 +25,7 @@ import pytest
 from sdserve.drill import DrillSpec, Target, run_drill
 from sdserve.drill.result import DrillResult
 from tests.conftest import LauncherFactory
-from tests.helpers import get
+from tests.helpers import Gate, get
 
 pytestmark = pytest.mark.asyncio
 HOST = "127.0.0.1"
@@ -241,3 +241,27 @@ async def test_admission_engages_only_under_pressure(
     assert adm["admitted"] == sent
     assert sum(adm["rejected"].values()) == 0
     assert await launcher.stop() == 0
+
+
+async def test_max_concurrency_holds_from_the_moment_the_bookkeeping_engages(
+    make_launcher: LauncherFactory, port: int, gate: Gate
+) -> None:
+    """A hard cap of 2 with admission control on: the second request in flight engages it
+    (half the limit of 2), and the first, let in before, is counted; so a third waits in
+    the queue and is refused at its deadline, and never reaches its handler."""
+    launcher = make_launcher("--max-concurrency", "2", env={"SDSERVE_OVERLOAD__ENABLED": "true"})
+    instance = await launcher.start()
+    held = [asyncio.create_task(get(HOST, port, f"/hold/{n}")) for n in ("a", "b")]
+    for n in ("a", "b"):
+        await gate.wait_held(n)
+    refused = await get(HOST, port, "/hold/c")
+    assert refused.status == 503
+    assert refused.headers["x-sdserve-shed"] == "queue deadline"
+    assert refused.headers["retry-after"] == "1"
+    assert "c" not in gate.held  # its handler never ran
+    assert (await get(HOST, port, "/livez")).status == 200  # probes are never shed
+    for n in ("a", "b"):
+        gate.release(n)
+    assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
+    assert await launcher.stop() == 0
+    assert "queue_deadline 1" in instance.log_text()  # the one refusal, at its deadline
