@@ -569,9 +569,10 @@ class Admission:
         self.limit = max(1, int(limit))
         self.engage_inflight = max(1, self.limit // 2)
         if self.engaged and not self.always:
+            # (not whether the turns are paced: one client that sends its next request
+            # at once looks like a saturated loop; a real overload shows in the waits)
             calm = (
-                not self.pacing
-                and not self._critical
+                not self._critical
                 and not self._normal
                 and self._window_max < self.engage_inflight
                 and self._window_wait <= self.engage_wait / 2

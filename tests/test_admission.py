@@ -489,7 +489,15 @@ def test_the_bookkeeping_engages_under_pressure_and_disengages_after_calm_window
     assert adm.engaged  # one window short
     serve_window(adm, clock, 2, 0.002)
     assert not adm.engaged
-    # a refusal in a window is pressure too
+    # paced turns alone are not: one client that sends its next request at once looks
+    # like a saturated loop, and its requests wait for nothing
+    adm.engage()
+    adm.pacing = True
+    for _ in range(CALM_WINDOWS):
+        serve_window(adm, clock, 2, 0.002)
+    assert not adm.engaged
+    adm.pacing = False
+    # a refusal in a window is pressure
     adm.engage()
     for _ in range(CALM_WINDOWS - 1):
         serve_window(adm, clock, 2, 0.002)
