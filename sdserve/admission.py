@@ -96,9 +96,10 @@ when half the limit is in flight; before that a request is let in and counted, n
 and one every :data:`SAMPLE_GAP` (or ``queue_target``) is timed, so that Gradient2's
 baseline is the latency of the calm service (a dependency that slows down later is seen
 as slower). The requests already in flight when it engages are counted from then on,
-so the limit and ``max_concurrency`` hold at once. It disengages after :data:`CALM_WINDOWS` windows in a
-row with no sign of pressure: no request queued or refused, none that waited more than
-half the target, less than half the limit in flight. A rate per client keeps it engaged.
+so the limit and ``max_concurrency`` hold at once. It disengages after
+:data:`CALM_WINDOWS` windows in a row with no sign of pressure: no request queued or
+refused, none that waited more than half the target, less than half the limit in
+flight. A rate per client keeps it engaged.
 
 Cost: engaged, an admitted request with nobody queued costs a few comparisons and
 additions, no allocation and no task; a queued one costs one future. Not engaged, a
