@@ -147,14 +147,20 @@ async def test_a_request_already_late_when_read_is_refused_before_its_handler() 
     assert adm.inflight == 1
 
 
-@pytest.mark.asyncio
-async def test_queued_requests_whose_handlers_never_end_are_refused_at_the_deadline() -> None:
-    clock = Clock()
+def one_queued(clock: Clock) -> tuple[Admission, asyncio.Future[str | None]]:
+    """A limit of 2 reached by two requests whose handlers do not end, and a third queued."""
     adm = make(clock, initial_limit=2, min_limit=2, max_limit=2)
     adm.admit(clock.now)
     adm.admit(clock.now)
     waiting = adm.admit(clock.now)
     assert isinstance(waiting, asyncio.Future)
+    return adm, waiting
+
+
+@pytest.mark.asyncio
+async def test_queued_requests_whose_handlers_never_end_are_refused_at_the_deadline() -> None:
+    clock = Clock()
+    adm, waiting = one_queued(clock)
     clock.advance(0.099)
     assert not waiting.done()
     clock.advance(0.002)
@@ -168,11 +174,7 @@ async def test_a_deadline_timer_run_early_by_the_loop_is_armed_again() -> None:
     """uvloop runs a timer up to a millisecond early by time.monotonic(): the queued
     request is refused once its deadline is really past, not left waiting forever."""
     clock = Clock()
-    adm = make(clock, initial_limit=2, min_limit=2, max_limit=2)
-    adm.admit(clock.now)
-    adm.admit(clock.now)
-    waiting = adm.admit(clock.now)
-    assert isinstance(waiting, asyncio.Future)
+    adm, waiting = one_queued(clock)
     ((due, fire),) = clock.timers
     clock.timers.clear()
     clock.now = due - 0.0006  # the loop runs it 0.6 ms early
