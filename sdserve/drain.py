@@ -610,6 +610,23 @@ class Tracker:
                 self._arm(proto)
         self._changed.set()
 
+    def stop_handing_over(self) -> None:
+        """The drain goes on without hand-over, as a drain without one from the start:
+        answers from now on close their connection, and each connection gets its grace
+        from now (then closes once idle; a request that arrives meanwhile is answered
+        first). From now: the answers just sent kept their connections alive for the
+        hand-over, and their clients may be sending the next request."""
+        if self.handover is None:
+            return
+        self.handover = None
+        self.handover_until = 0.0
+        for proto in self._to_hand:
+            proto.offered = False
+        self._to_hand.clear()
+        for proto in list(self.connections):
+            self._arm(proto)
+        self._changed.set()
+
     @property
     def busy(self) -> bool:
         return bool(self.connections or self.inflight or self.pending_accepts)

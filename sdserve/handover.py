@@ -15,7 +15,8 @@ refused. A connection that is *moved* is never closed, so there is no race:
 A stop cannot be told from a restart by its SIGTERM, and ``systemctl stop`` releases
 the store, closing what is in it under clients that may be sending: so idle
 connections go to the store only when a restart is known to follow
-(:mod:`sdserve.intent`); otherwise the stop drains as before.
+(:mod:`sdserve.intent`); otherwise the stop drains as before, and a worker retiring
+when it comes is told (:data:`DRAIN_HERE`) to drain what it holds too.
 
 Only the file descriptor moves. The kernel keeps the TCP connection as it is, and
 bytes the client sends meanwhile wait in its receive buffer, in order, for whoever
@@ -47,6 +48,9 @@ FD_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 _CONNECTIONS = b"C"
 #: down a link: "this stop is a restart, hand idle connections up for the fd store"
 RESTARTING = b"R"
+#: down a link: "this stop is no restart: hand nothing more up, drain what you hold" (to
+#: a retiring worker; the workers it handed its connections to are stopping too)
+DRAIN_HERE = b"D"
 
 
 def is_connection_name(name: str) -> bool:
@@ -116,15 +120,18 @@ class Link:
         on_connections: Callable[[list[int]], None],
         *,
         on_restarting: Callable[[], None] | None = None,
+        on_drain_here: Callable[[], None] | None = None,
     ) -> None:
         sock.setblocking(False)
         self.sock = sock
         self._on_connections = on_connections
         self._on_restarting = on_restarting
+        self._on_drain_here = on_drain_here
         import asyncio  # here: the sockets are taken before asyncio is imported
 
         self._loop = asyncio.get_running_loop()
-        self._outbox: deque[list[int]] = deque()
+        #: messages waiting to go out, in order: (payload, fds)
+        self._outbox: deque[tuple[bytes, list[int]]] = deque()
         self._writing = False
         self.closed = False
         #: connections lost in this link (not sent before it closed, or a send failed)
@@ -138,16 +145,21 @@ class Link:
             close_fds(fds)
             return
         for start in range(0, len(fds), MAX_FDS_PER_MESSAGE):
-            self._outbox.append(fds[start : start + MAX_FDS_PER_MESSAGE])
+            self._outbox.append((_CONNECTIONS, fds[start : start + MAX_FDS_PER_MESSAGE]))
         self._flush()
 
-    def _send_batch(self, batch: list[int]) -> None:
-        rights = array.array("i", batch)
-        self.sock.sendmsg([_CONNECTIONS], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+    def _send_batch(self, batch: tuple[bytes, list[int]]) -> None:
+        word, fds = batch
+        if not fds:
+            self.sock.send(word)
+            return
+        rights = array.array("i", fds)
+        self.sock.sendmsg([word], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
 
     def _flush(self) -> None:
         while self._outbox:
             batch = self._outbox[0]
+            fds = batch[1]
             try:
                 self._send_batch(batch)
             except (BlockingIOError, InterruptedError):
@@ -156,21 +168,31 @@ class Link:
                     self._writing = True
                 return
             except OSError as exc:
-                log.warning("handing %d connection(s) over failed: %s", len(batch), exc)
+                log.warning("handing %d connection(s) over failed: %s", len(fds), exc)
                 self._outbox.popleft()
-                self.lost += len(batch)
-                close_fds(batch)
+                self.lost += len(fds)
+                close_fds(fds)
                 continue
             self._outbox.popleft()
-            close_fds(batch)  # the kernel holds them in the message now
+            close_fds(fds)  # the kernel holds them in the message now
         if self._writing:
             self._loop.remove_writer(self.sock.fileno())
             self._writing = False
 
     def say_restarting(self) -> None:
         """Tell the worker at the other end that the stop coming is a restart."""
-        with contextlib.suppress(OSError):
-            self.sock.send(RESTARTING)
+        self._say(RESTARTING)
+
+    def say_drain_here(self) -> None:
+        """Tell the (retiring) worker at the other end to drain what it holds: the service
+        stops, and no restart follows."""
+        self._say(DRAIN_HERE)
+
+    def _say(self, word: bytes) -> None:
+        """A message without connections, in its turn after those queued before it."""
+        if not self.closed:
+            self._outbox.append((word, []))
+            self._flush()
 
     def drain(self) -> None:
         """Take every message already queued on the socket, now (its peer has exited)."""
@@ -194,6 +216,8 @@ class Link:
                 log.error("a message of connections was cut off: some were lost")
             if data == RESTARTING and self._on_restarting is not None:
                 self._on_restarting()
+            elif data == DRAIN_HERE and self._on_drain_here is not None:
+                self._on_drain_here()
             if data != _CONNECTIONS:
                 close_fds(fds)
                 continue
@@ -209,9 +233,9 @@ class Link:
             self._loop.remove_writer(self.sock.fileno())
             self._writing = False
         while self._outbox:
-            batch = self._outbox.popleft()
-            self.lost += len(batch)
-            close_fds(batch)
+            _word, fds = self._outbox.popleft()
+            self.lost += len(fds)
+            close_fds(fds)
         self.sock.close()
 
     def flush_blocking(self, timeout: float) -> None:
@@ -227,7 +251,7 @@ class Link:
                 except OSError:
                     return
                 self._outbox.popleft()
-                close_fds(batch)
+                close_fds(batch[1])
         finally:
             if not self.closed:
                 self.sock.setblocking(False)

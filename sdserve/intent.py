@@ -9,7 +9,9 @@ system bus (dbus-daemon) drops a connection from a user it cannot resolve. So th
 units run ``ExecStop=+sdserve stopping $MAINPID``: with ``+`` it runs as root, asks
 systemd over D-Bus (:mod:`sdserve.sdbus`) and, when the job is a restart, sends the
 service :data:`RESTART_HINT` (SIGUSR1) before systemd sends it SIGTERM. It never
-fails the stop.
+fails the stop. One stop gets no hint: a restart that comes while ``ExecReload=`` runs
+(systemd kills the reload and sends SIGTERM at once, without ``ExecStop=``; seen under
+systemd 254). It drains as a stop.
 
 :func:`restart_pending`, at SIGTERM, takes the first answer of: that hint; a launcher's
 flag file (``_SDSERVE_RESTART_FLAG``, for launchers other than systemd); systemd's job

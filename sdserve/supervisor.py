@@ -26,8 +26,9 @@ stop, exit status) is made there; see its docstring for the table.
   workers send them up too and the supervisor puts each in systemd's store under a
   name of its own; the next instance finds them in ``LISTEN_FDS``, takes them out of
   the store at once, and hands them to its workers once they are all ready. On a plain
-  stop, connections still on their way (a reload was moving them) go to a worker that
-  drains, so they get the drain's grace rather than a close.
+  stop, the retiring workers are told to drain what they hold instead of sending it up
+  (the workers it would go to are stopping too), and connections still on their way go
+  to a worker that drains, so they get the drain's grace rather than a close.
 - **Orphans:** workers ask the kernel for SIGTERM when the supervisor dies
   (PR_SET_PDEATHSIG): a SIGKILL of the supervisor leaves none behind, and each
   drains what it holds.
@@ -189,6 +190,9 @@ class Supervisor:
         self._restart_hinted = False
         #: the stop under way is part of a restart (idle connections go to the store)
         self._stop_is_restart = False
+        #: retiring workers told to drain what they hold (a stop that is no restart)
+        self._drain_here: set[int] = set()
+        self._stop_seen = False
         self._control = ControlServer(self._on_reload_request, on_status=self.snapshot)
         #: the warm template new workers are forked from (sdserve.template), or None
         self._template: Template | None = None
@@ -221,6 +225,10 @@ class Supervisor:
                     "internal error handling %r: %r", event, exc, exc_info=exc, extra=_fields("bug")
                 )
                 self._done.set_result(int(ExitCode.FAILURE))
+        if self.core.phase.stopping and not self._stop_seen:
+            self._stop_seen = True
+            if self.core.fatal is not None or not self._stop_is_restart:
+                self._retiring_drain_here()
         if self._pool:
             self._route()
         if self._metrics is not None:
@@ -333,16 +341,31 @@ class Supervisor:
         self.moved["to_workers"] += len(pool)
 
     def _draining(self) -> list[Link]:
-        """Links of the workers that served and now stop (not the retiring: those hand
-        over themselves)."""
+        """Links of the workers that served and now stop, and of the retiring ones told
+        to drain here (the others hand over themselves)."""
         return [
             proc.link
             for w in self.core.workers.values()
-            if w.state is lc.WState.STOPPING
+            if (
+                w.state is lc.WState.STOPPING
+                or (w.state is lc.WState.RETIRING and w.id in self._drain_here)
+            )
             and w.ready_at is not None  # it serves: one stopped in its start would not
             and (proc := self.procs.get(w.id)) is not None
             and not proc.link.closed
         ]
+
+    def _retiring_drain_here(self) -> None:
+        """The service stops and no restart follows: the retiring workers (of a reload or
+        a recycle) drain what they hold instead of handing it up. They would hand it to
+        the serving workers, which are stopping too and may be gone first; then the
+        supervisor would have nobody to pass it to, and would have to close it under a
+        client that may be sending (seen: a restart 0.3 s after a reload, which systemd
+        runs without ExecStop=, so the stop cannot be told from a plain one)."""
+        for w in self.core.workers.values():
+            if w.state is lc.WState.RETIRING and (proc := self.procs.get(w.id)) is not None:
+                self._drain_here.add(w.id)
+                proc.link.say_drain_here()
 
     def _to_store(self) -> None:
         pool, self._pool = self._pool, []
@@ -439,6 +462,7 @@ class Supervisor:
         if self._channel is not None:
             self._channel.drain()
         self._stats.pop(worker, None)  # after its last report: it counts no more
+        self._drain_here.discard(worker)
         proc = self.procs.pop(worker)
         proc.link.drain()  # the connections it handed over just before it exited
         proc.link.close()

@@ -236,6 +236,9 @@ class Worker:
         #: the stop to come is part of a restart: said by the supervisor (over the link),
         #: or by `sdserve stopping` (ExecStop=, SIGUSR1) in single-process mode
         self.restart_follows = False
+        #: the supervisor's word that the service stops and no restart follows: a retiring
+        #: worker drains what it holds instead of handing it up
+        self.drain_here = False
         #: the supervisor's link: connections handed over go up, to serve come down
         self.link: Link | None = None
         self._stored = 0
@@ -532,6 +535,19 @@ class Worker:
     def note_restart(self) -> None:
         self.restart_follows = True
 
+    def note_drain_here(self) -> None:
+        """The service stops during this worker's retirement, and no restart follows: the
+        workers it hands its connections to are stopping too, so it hands nothing more
+        up and drains what it holds (answers close their connection, idle ones get their
+        grace), as a stopping worker does."""
+        self.drain_here = True
+        if self.tracker.draining and self.tracker.handover is not None:
+            log.info(
+                "the service stops: handing no more connections over, draining them here",
+                extra=_fields("handover"),
+            )
+            self.tracker.stop_handing_over()
+
     def close_unserved(self) -> None:
         """Close the connections never served (the start failed, or was stopped)."""
         later, self._adopt_later = self._adopt_later, []
@@ -557,7 +573,9 @@ class Worker:
             return None
         if self.link is not None:
             self.link.drain()  # the supervisor's word on this stop came before the signal
-            return self._to_link if retiring or self.restart_follows else None
+            if self.restart_follows or (retiring and not self.drain_here):
+                return self._to_link
+            return None
         if self.supervised or self.store_capacity <= 0 or retiring:
             return None
         restart = await hand_over_on_this_stop(os.environ, hinted=self.restart_follows, logger=log)
@@ -992,7 +1010,12 @@ async def serve_in_process(
         notifier.remove_stored(name)
         worker.adopt(sock)
     if link is not None:
-        worker.link = Link(link, worker.adopt_fds, on_restarting=worker.note_restart)
+        worker.link = Link(
+            link,
+            worker.adopt_fds,
+            on_restarting=worker.note_restart,
+            on_drain_here=worker.note_drain_here,
+        )
     control = None
     if not supervised:  # `sdserve reload` hears why there is no reload here
         control = ControlServer(

@@ -28,7 +28,18 @@ from sdserve.intent import ENV_RESTART_FLAG, restart_pending
 from sdserve.launcher import Launcher
 from tests.apps.release import BAD_RELEASES
 from tests.conftest import LauncherFactory, MakeSupervised
-from tests.helpers import HOST, PoolStats, get, pooled_load, read_response, request_bytes, write_app
+from tests.helpers import (
+    HOST,
+    Gate,
+    PoolStats,
+    children,
+    get,
+    pooled_load,
+    read_response,
+    request_bytes,
+    wait_exit,
+    write_app,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -365,6 +376,44 @@ async def test_a_second_stop_signal_during_a_handover_drain_still_exits_at_once(
     assert await asyncio.wait_for(asyncio.shield(instance.exited), 10) == 5
     writer.close()
     close_all(conns)
+
+
+async def test_a_stop_during_a_retirement_drains_what_the_retiring_worker_holds(
+    make_launcher: LauncherFactory, gate: Gate, port: int
+) -> None:
+    # A reload retires the old worker, which hands each of its connections to the new
+    # generation as it turns idle. A stop that is no restart comes, and the new worker,
+    # with nothing to drain, is gone first: the old one must not hand its last connection
+    # up then (the supervisor would have nobody to pass it to, and would close it under a
+    # client that may be sending), but answer it with Connection: close, as any drain.
+    launcher = make_launcher("--workers", "1", fd_store_max=64)
+    instance = await launcher.start()
+    reader, writer = await asyncio.open_connection(HOST, port)
+    writer.write(request_bytes("/hold/old"))
+    await gate.wait_held("old")
+    (old,) = children(instance.pid)
+    mark = len(launcher.sink.messages)
+    os.kill(instance.pid, signal.SIGHUP)
+    await launcher.wait_for(
+        instance,
+        lambda m: "draining 1 old worker(s)" in m.fields.get("STATUS", ""),
+        timeout=30,
+        start=mark,
+    )
+    (new,) = set(children(instance.pid)) - {old}
+    launcher.send_signal(signal.SIGTERM)  # no restart flag: a plain stop
+    await wait_exit(new, timeout=30)
+    gate.release("old")
+    response = await read_response(reader)
+    assert response.status == 200
+    assert response.body == b"released old\n"
+    assert response.closes, response.headers  # answered as in a drain, not kept for a move
+    assert await closed_by_server(reader)
+    writer.close()
+    assert await launcher.stop() == 0
+    log = instance.log_text()
+    assert "handing no more connections over, draining them here" in log
+    assert not re.search(r"connections handed over: .*, [1-9]\d* closed", log), log
 
 
 async def drill_through_restarts(launcher: Launcher, port: int, restarts_n: int) -> DrillResult:
