@@ -45,8 +45,25 @@ def load(box: Box, max_seconds: float) -> Iterator[Load]:
         yield running
 
 
-def no_failures(result: LoadResult) -> None:
-    assert result.failed == 0, result.summary() + "\n" + "\n".join(result.examples)
+def around_failures(box: Box, result: LoadResult, span: float = 1.0) -> str:
+    """The service's journal within ``span`` s of each failure the load saw (both clocks are
+    the host's CLOCK_MONOTONIC: a box has no time namespace), for the assertion message."""
+    times = [float(e.split()[0]) for e in result.examples]
+    if not times:
+        return ""
+    lines = []
+    for entry in box.journal(unit=SERVICE):
+        at = int(entry.get("__MONOTONIC_TIMESTAMP", "0")) / 1e6
+        if any(abs(at - t) <= span for t in times):
+            pid = entry.get("_PID", "?")
+            phase = entry.get("SDSERVE_PHASE", "")
+            lines.append(f"{at:.3f} [{pid}] {phase} {entry.get('MESSAGE', '')}")
+    return "\njournal around the failures:\n" + "\n".join(lines)
+
+
+def no_failures(result: LoadResult, box: Box) -> None:
+    context = around_failures(box, result) if result.failed else ""
+    assert result.failed == 0, result.summary() + "\n" + "\n".join(result.examples) + context
     assert result.ok == result.requests > 0
     assert result.hung_clients == 0
 
@@ -69,7 +86,7 @@ def test_restart_0_3_s_after_a_reload_loses_nothing(box: Box, flavour: str, reco
     record("reload, then restart 0.3 s later (x10)", result.summary())
     assert len(set(pids)) == 11, pids
     assert box.show(SOCKET, "ActiveState")["ActiveState"] == "active"
-    no_failures(result)
+    no_failures(result, box)
 
 
 @pytest.mark.slow
@@ -103,7 +120,7 @@ def test_stop_during_a_reload_loses_nothing(box: Box, flavour: str, record: Reco
         result = running.finish()
     record("stop during a reload (x5)", result.summary())
     assert box.show(SOCKET, "ActiveState")["ActiveState"] == "active"
-    no_failures(result)
+    no_failures(result, box)
 
 
 @pytest.mark.slow
@@ -133,5 +150,5 @@ def test_twenty_restarts_never_close_the_port(
     assert sock == {"ActiveState": "active", "Result": "success"}, sock
     assert box.show(SERVICE, "ActiveState")["ActiveState"] == "active"
     assert len(set(pids)) == 2
-    no_failures(result)
+    no_failures(result, box)
     assert result.requests > 20 * 20
