@@ -470,10 +470,11 @@ class Admission:
                 each = (cpu - self._turn_cpu) / self._turn_admitted
                 self.cost += (each - self.cost) * 0.1 if self.cost else each
                 self.per_turn = max(1, int(self.turn_budget / max(self.cost, 1e-9)))
-        # the last turn admitted or read requests: the next one is paced too, even if
-        # nothing is queued now (a turn without either ends the pacing: an idle loop
-        # does not spin)
-        active = self._turn_admitted or self._reads
+        # the last turn admitted or read requests, or the one before read some (a request
+        # reaches admission two turns after its read: its connection's task, then its
+        # handler's): the next one is paced too, even if nothing is queued now. Two turns
+        # without any end the pacing: an idle loop does not spin
+        active = self._turn_admitted or self._reads or self._reads_before
         self._turn_at = now
         self._turn_cpu = cpu
         self._turn_admitted = 0
