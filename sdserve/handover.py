@@ -168,7 +168,7 @@ class Link:
                     self._writing = True
                 return
             except OSError as exc:
-                log.warning("handing %d connection(s) over failed: %s", len(fds), exc)
+                log.warning("sending on the link failed (%d connection(s) lost): %s", len(fds), exc)
                 self._outbox.popleft()
                 self.lost += len(fds)
                 close_fds(fds)
