@@ -14,7 +14,11 @@ control; the rows are multiples of it. For each server and load:
   drill's own floor at 3x: the p50 latency of a request of no work (``/cpu?ms=0``) on an
   idle sdserve at the same rate, in the same run (the client and the loopback's share of
   any latency measured here);
-- rejected: the share answered 503; failed: timeouts and connection errors.
+- rejected: the share answered 503; failed: timeouts and connection errors;
+- for sdserve with its default admission control, the share of its refusals decided as
+  the request was read, before any task (``shed_on_read`` in its ``/control/stats``, over
+  the whole run): the cheap path under sustained overload, which the CPU the host leaves
+  the worker decides as much as sdserve does.
 
 Servers: sdserve (``--workers 0``) with its default admission control, and with a
 queue target of 25 ms instead of 5 (to show how much the target matters); sdserve with
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -49,6 +54,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from sdserve.drill import DrillSpec, Target, run_drill
 from sdserve.drill.result import DrillResult
@@ -126,7 +132,10 @@ class Server:
 async def start(kind: str, limit: int = 0) -> Server:
     server = Server(kind)
     if kind == "sdserve adaptive":
-        await server.start_sdserve({"SDSERVE_OVERLOAD__ENABLED": "true"})
+        # /control/stats (read between runs) is never shed
+        await server.start_sdserve(
+            {"SDSERVE_OVERLOAD__ENABLED": "true", "SDSERVE_OVERLOAD__CRITICAL_PATHS": "/control"}
+        )
     elif kind == "sdserve target 25ms":
         await server.start_sdserve(
             {"SDSERVE_OVERLOAD__ENABLED": "true", "SDSERVE_OVERLOAD__QUEUE_TARGET": "25ms"}
@@ -163,6 +172,27 @@ async def start(kind: str, limit: int = 0) -> Server:
         )
     await server.warm()
     return server
+
+
+async def admission_stats(port: int) -> dict[str, Any]:
+    """The overload app's ``/control/stats``: the admission controller's snapshot."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
+    try:
+        writer.write(b"GET /control/stats HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"/control/stats answered {head[:80]!r}")
+    found: dict[str, Any] = json.loads(body)["admission"]
+    return found
+
+
+def shed_as_read(before: dict[str, Any], after: dict[str, Any]) -> float:
+    """Of the refusals between two snapshots, the share decided as the request was read."""
+    refused = sum(after["rejected"].values()) - sum(before["rejected"].values())
+    return (after["shed_on_read"] - before["shed_on_read"]) / refused if refused else math.nan
 
 
 def pct(values: list[float], q: float) -> float:
@@ -291,7 +321,12 @@ async def _main() -> str:
         for load in LOADS:
             for _ in range(ROUNDS):
                 for kind, server in servers.items():
+                    counted = kind == "sdserve adaptive"
+                    if counted:
+                        snapshot = await admission_stats(server.port)
                     got = summarise(await open_loop(server.port, load * capacity))
+                    if counted:
+                        got["at_read"] = shed_as_read(snapshot, await admission_stats(server.port))
                     old = rows[kind].get(load)
                     if old is None or got["goodput"] > old["goodput"]:
                         rows[kind][load] = got
@@ -369,6 +404,10 @@ async def _main() -> str:
         f"drill's floor (< 1 ms); ahead of every other row at >= 2x: "
         f"{'yes' if ahead else 'no'}"
     )
+    shares = ", ".join(
+        f"{load:g}x {rows['sdserve adaptive'][load]['at_read']:.0%}" for load in LOADS if load >= 2
+    )
+    lines.append(f"sdserve adaptive: refusals decided as the request was read: {shares}")
     lines.append(
         f"10x ({10 * capacity:.0f} req/s) on sdserve adaptive: codes {dict(sorted(seen.items()))} "
         f"(4 timeout, 1 refused, 2 reset); goodput {t['goodput']:.0f}/s, rejected "
