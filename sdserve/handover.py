@@ -35,6 +35,10 @@ import os
 import socket
 from collections import deque
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger("sdserve.handover")
 
@@ -51,6 +55,12 @@ RESTARTING = b"R"
 #: down a link: "this stop is no restart: hand nothing more up, drain what you hold" (to
 #: a retiring worker; the workers it handed its connections to are stopping too)
 DRAIN_HERE = b"D"
+#: up a link: "I serve no more: send me nothing" (a worker whose drain is over)
+LEAVING = b"L"
+#: down a link, the answer to LEAVING: "nothing more comes after this"
+BYE = b"B"
+#: up a link: connections sent down that the worker could not serve any more, given back
+_RETURNED = b"U"
 
 
 def is_connection_name(name: str) -> bool:
@@ -111,7 +121,13 @@ class Link:
     connections it hands over up, the supervisor sends connections to serve down.
     Sending never blocks: what the socket cannot take now waits, in order, and goes
     out when it is writable. The fds given to :meth:`send` belong to the link from then
-    on: closed once sent, or when the link closes (counted in :attr:`lost`).
+    on: closed once sent; if they cannot be sent (the link closed, or its peer is gone)
+    they go to ``on_undelivered``, or are closed and counted in :attr:`lost`.
+
+    A worker ends its side with :meth:`leave`: it says LEAVING, gives back
+    (:meth:`give_back`) what still comes down, and closes only on the answer, BYE,
+    after which the supervisor sends nothing; so no connection is ever left in a
+    socket buffer that is about to close.
     """
 
     def __init__(
@@ -121,32 +137,63 @@ class Link:
         *,
         on_restarting: Callable[[], None] | None = None,
         on_drain_here: Callable[[], None] | None = None,
+        on_returned: Callable[[list[int]], None] | None = None,
+        on_undelivered: Callable[[list[int]], None] | None = None,
     ) -> None:
+        import asyncio  # here: the sockets are taken before asyncio is imported
+
         sock.setblocking(False)
         self.sock = sock
         self._on_connections = on_connections
         self._on_restarting = on_restarting
         self._on_drain_here = on_drain_here
-        import asyncio  # here: the sockets are taken before asyncio is imported
-
+        self._on_returned = on_returned
+        self._on_undelivered = on_undelivered
         self._loop = asyncio.get_running_loop()
         #: messages waiting to go out, in order: (payload, fds)
         self._outbox: deque[tuple[bytes, list[int]]] = deque()
         self._writing = False
         self.closed = False
+        #: the peer said LEAVING: it serves nothing more sent to it
+        self.peer_leaving = False
+        #: BYE came (or the link closed) after this end said LEAVING
+        self._bye: asyncio.Future[None] = self._loop.create_future()
+        self._left = False
+        #: a send failed: the peer is gone, nothing more is sent
+        self._broken = False
         #: connections lost in this link (not sent before it closed, or a send failed)
         self.lost = 0
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
+    @property
+    def open_to_serve(self) -> bool:
+        """Connections sent now would be served at the other end."""
+        return not (self.closed or self._broken or self.peer_leaving)
+
     def send(self, fds: list[int]) -> None:
         """Send these connections (in messages of at most MAX_FDS_PER_MESSAGE)."""
-        if self.closed:
-            self.lost += len(fds)
-            close_fds(fds)
+        self._queue(_CONNECTIONS, fds)
+
+    def give_back(self, fds: list[int]) -> None:
+        """Send connections that came down, unserved, back up (this end is leaving)."""
+        self._queue(_RETURNED, fds)
+
+    def _queue(self, word: bytes, fds: list[int]) -> None:
+        if self.closed or self._broken:
+            self._undelivered(fds)
             return
         for start in range(0, len(fds), MAX_FDS_PER_MESSAGE):
-            self._outbox.append((_CONNECTIONS, fds[start : start + MAX_FDS_PER_MESSAGE]))
+            self._outbox.append((word, fds[start : start + MAX_FDS_PER_MESSAGE]))
         self._flush()
+
+    def _undelivered(self, fds: list[int]) -> None:
+        if not fds:
+            return
+        if self._on_undelivered is not None:
+            self._on_undelivered(fds)
+            return
+        self.lost += len(fds)
+        close_fds(fds)
 
     def _send_batch(self, batch: tuple[bytes, list[int]]) -> None:
         word, fds = batch
@@ -168,13 +215,20 @@ class Link:
                     self._writing = True
                 return
             except OSError as exc:
-                log.warning("sending on the link failed (%d connection(s) lost): %s", len(fds), exc)
-                self._outbox.popleft()
-                self.lost += len(fds)
-                close_fds(fds)
-                continue
+                # the peer is gone: nothing more goes this way, but what it sent before it
+                # went is still to be read (until the end of the stream closes the link)
+                log.info("the link's other end is gone (%s): nothing more is sent on it", exc)
+                self._broken = True
+                self._stop_writing()
+                unsent = [fd for _word, fds in self._outbox for fd in fds]
+                self._outbox.clear()
+                self._undelivered(unsent)
+                return
             self._outbox.popleft()
             close_fds(fds)  # the kernel holds them in the message now
+        self._stop_writing()
+
+    def _stop_writing(self) -> None:
         if self._writing:
             self._loop.remove_writer(self.sock.fileno())
             self._writing = False
@@ -190,9 +244,26 @@ class Link:
 
     def _say(self, word: bytes) -> None:
         """A message without connections, in its turn after those queued before it."""
-        if not self.closed:
+        if not self.closed and not self._broken:
             self._outbox.append((word, []))
             self._flush()
+
+    def say_leaving(self) -> None:
+        """Tell the supervisor to send nothing more (once)."""
+        if not self._left:
+            self._left = True
+            self._say(LEAVING)
+
+    async def leave(self, timeout: float) -> None:
+        """Say LEAVING and wait (at most ``timeout`` seconds) for BYE, giving back what
+        comes down meanwhile; the caller has stopped serving."""
+        import asyncio
+
+        self.say_leaving()
+        if self.closed:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._bye), timeout)
 
     def drain(self) -> None:
         """Take every message already queued on the socket, now (its peer has exited)."""
@@ -218,25 +289,31 @@ class Link:
                 self._on_restarting()
             elif data == DRAIN_HERE and self._on_drain_here is not None:
                 self._on_drain_here()
-            if data != _CONNECTIONS:
+            elif data == LEAVING:
+                self.peer_leaving = True
+                self._say(BYE)  # after what is queued: the peer gives that back
+            elif data == BYE and not self._bye.done():
+                self._bye.set_result(None)
+            if data == _RETURNED and self._on_returned is not None:
+                self._on_returned(fds)
+            elif data in (_CONNECTIONS, _RETURNED):
+                self._on_connections(fds)
+            else:
                 close_fds(fds)
-                continue
-            self._on_connections(fds)
 
     def close(self) -> None:
-        """Stop; close what waits to be sent (counted in :attr:`lost`)."""
+        """Stop; what waits to be sent goes to ``on_undelivered`` (or is lost)."""
         if self.closed:
             return
         self.closed = True
         self._loop.remove_reader(self.sock.fileno())
-        if self._writing:
-            self._loop.remove_writer(self.sock.fileno())
-            self._writing = False
-        while self._outbox:
-            _word, fds = self._outbox.popleft()
-            self.lost += len(fds)
-            close_fds(fds)
+        self._stop_writing()
+        if not self._bye.done():
+            self._bye.set_result(None)
         self.sock.close()
+        unsent = [fd for _word, fds in self._outbox for fd in fds]
+        self._outbox.clear()
+        self._undelivered(unsent)
 
     def flush_blocking(self, timeout: float) -> None:
         """Before the process exits: send what waits, for at most ``timeout`` seconds."""

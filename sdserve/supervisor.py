@@ -166,8 +166,10 @@ class Supervisor:
         self._pool: list[int] = []
         self._inherited = list(connections)
         self._rr = 0
-        #: connections moved: to workers, to the store, closed for want of either
-        self.moved = {"to_workers": 0, "to_store": 0, "closed": 0}
+        #: connections passed on: to workers, to the fd store, closed (nobody to take them);
+        #: and of those to workers, how many came back first, sent to a worker that had
+        #: stopped serving (or was gone) and passed on again
+        self.moved = {"to_workers": 0, "to_store": 0, "closed": 0, "given_back": 0}
         self._loop = asyncio.get_running_loop()
         #: how often systemd wants WATCHDOG=1 (half of WatchdogSec=), or None
         self._watchdog_interval = notifier.watchdog_interval
@@ -291,13 +293,31 @@ class Supervisor:
         self._pool.extend(fds)
         self._route()
 
+    def _returned(self, fds: list[int]) -> None:
+        """Connections sent to a worker that had stopped serving, given back unserved."""
+        self.moved["to_workers"] -= len(fds)
+        self.moved["given_back"] += len(fds)
+        self._from_worker(fds)
+
+    def _undelivered(self, fds: list[int]) -> None:
+        """Connections a link could not send (its worker is gone): to another worker,
+        once the routing that sent them has returned."""
+        self.moved["to_workers"] -= len(fds)
+        self.moved["given_back"] += len(fds)
+        self._pool.extend(fds)
+        self._loop.call_soon(self._route_pool)
+
+    def _route_pool(self) -> None:
+        if self._pool and not self._done.done():
+            self._route()
+
     def _targets(self) -> list[Link]:
         core = self.core
         links = []
         for w in core.workers.values():
             if w.generation == core.current and w.state is lc.WState.READY:
                 proc = self.procs.get(w.id)
-                if proc is not None and not proc.link.closed:
+                if proc is not None and proc.link.open_to_serve:
                     links.append(proc.link)
         return links
 
@@ -352,7 +372,7 @@ class Supervisor:
             )
             and w.ready_at is not None  # it serves: one stopped in its start would not
             and (proc := self.procs.get(w.id)) is not None
-            and not proc.link.closed
+            and proc.link.open_to_serve
         ]
 
     def _retiring_drain_here(self) -> None:
@@ -618,7 +638,13 @@ class Supervisor:
                     )
             finally:
                 theirs.close()
-            proc = WorkerProcess(action.worker, popen, Link(ours, self._from_worker))
+            link = Link(
+                ours,
+                self._from_worker,
+                on_returned=self._returned,
+                on_undelivered=self._undelivered,
+            )
+            proc = WorkerProcess(action.worker, popen, link)
         except OSError as exc:
             ours.close()
             self.feed(lc.SpawnFailed(action.worker, str(exc)))
@@ -676,10 +702,12 @@ class Supervisor:
                 self._pool = []
             if any(self.moved.values()):
                 log.info(
-                    "connections handed over: %d to workers, %d to the fd store, %d closed",
+                    "connections handed over: %d to workers, %d to the fd store, %d closed "
+                    "(%d came back from a worker that had stopped, and were passed on)",
                     self.moved["to_workers"],
                     self.moved["to_store"],
                     self.moved["closed"],
+                    self.moved["given_back"],
                     extra=_fields("handover", **self.moved),
                 )
             if self._probes is not None:

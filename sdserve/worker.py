@@ -521,12 +521,29 @@ class Worker:
             self.adopt(sock)
 
     def adopt(self, sock: socket.socket) -> None:
-        if not self._accepting or self._main_factory is None:
+        if self.stage in (Stage.CLEANING, Stage.DONE):
+            self._give_back([sock])  # too late to serve it
+        elif not self._accepting or self._main_factory is None:
             self._adopt_later.append(sock)
-        elif self.stage in (Stage.CLEANING, Stage.DONE):
-            sock.close()  # too late to serve it (the supervisor sends only to the ready)
         else:
             self._connect(sock)
+
+    def _give_back(self, socks: list[socket.socket]) -> int:
+        """Connections this worker will not serve go back up the link, untouched, for
+        the supervisor to pass on; without a link they are closed. How many went back."""
+        link = self.link
+        if link is None or link.closed:
+            for sock in socks:
+                sock.close()
+            return 0
+        link.give_back([sock.detach() for sock in socks])
+        return len(socks)
+
+    def _leave_link(self) -> None:
+        """This worker serves nothing more: the supervisor is told to send nothing more
+        (what it sent meanwhile comes back up, see :meth:`adopt`)."""
+        if self.link is not None and not self.link.closed:
+            self.link.say_leaving()
 
     def _connect(self, sock: socket.socket) -> None:
         assert self._main_factory is not None
@@ -549,14 +566,22 @@ class Worker:
             self.tracker.stop_handing_over()
 
     def close_unserved(self) -> None:
-        """Close the connections never served (the start failed, or was stopped)."""
+        """The connections never served (the start failed, or was stopped): back to the
+        supervisor, if there is one, else closed."""
         later, self._adopt_later = self._adopt_later, []
-        for sock in later:
-            sock.close()
-        if later:
+        if not later:
+            return
+        back = self._give_back(later)
+        if back:
+            log.info(
+                "gave %d connection(s) never served back to the supervisor",
+                back,
+                extra=_fields("handover"),
+            )
+        if closed := len(later) - back:
             log.info(
                 "closed %d connection(s) handed over that were never served",
-                len(later),
+                closed,
                 extra=_fields("handover"),
             )
 
@@ -745,6 +770,7 @@ class Worker:
         """The apps' cleanup: after a drain only ``on_cleanup`` is left (``on_shutdown`` ran
         as the drain began); otherwise aiohttp's own shutdown and cleanup."""
         self.stage = Stage.CLEANING
+        self._leave_link()
         self._stop_probes()
         for acceptor in self._acceptors:
             acceptor.stop()
@@ -1022,14 +1048,20 @@ async def serve_in_process(
             lambda waiter: waiter.finish("refused", NO_RELOAD), on_status=worker.snapshot
         )
         await control.start()
+    code: ExitCode | None = None  # None: run() raised
     try:
         code = await worker.run()
     finally:
         if control is not None:
             control.close()
         close_listeners(listeners)
+        worker.stage = Stage.DONE  # (run() may have raised) what comes down now goes back
         worker.close_unserved()
         if worker.link is not None:
+            if code is not None and code is not ExitCode.FORCED:
+                # nothing may wait in the link's buffer when it closes: the supervisor's
+                # BYE says nothing more comes (bounded: it may be gone)
+                await worker.link.leave(timeout=1.0)
             worker.link.flush_blocking(timeout=1.0)  # connections handed over, bounded
             worker.link.close()
             if lost := worker.link.lost:
