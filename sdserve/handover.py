@@ -220,9 +220,7 @@ class Link:
                 log.info("the link's other end is gone (%s): nothing more is sent on it", exc)
                 self._broken = True
                 self._stop_writing()
-                unsent = [fd for _word, fds in self._outbox for fd in fds]
-                self._outbox.clear()
-                self._undelivered(unsent)
+                self._undelivered(self._take_unsent())
                 return
             self._outbox.popleft()
             close_fds(fds)  # the kernel holds them in the message now
@@ -311,9 +309,12 @@ class Link:
         if not self._bye.done():
             self._bye.set_result(None)
         self.sock.close()
+        self._undelivered(self._take_unsent())
+
+    def _take_unsent(self) -> list[int]:
         unsent = [fd for _word, fds in self._outbox for fd in fds]
         self._outbox.clear()
-        self._undelivered(unsent)
+        return unsent
 
     def flush_blocking(self, timeout: float) -> None:
         """Before the process exits: send what waits, for at most ``timeout`` seconds."""

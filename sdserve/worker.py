@@ -542,7 +542,7 @@ class Worker:
     def _leave_link(self) -> None:
         """This worker serves nothing more: the supervisor is told to send nothing more
         (what it sent meanwhile comes back up, see :meth:`adopt`)."""
-        if self.link is not None and not self.link.closed:
+        if self.link is not None:
             self.link.say_leaving()
 
     def _connect(self, sock: socket.socket) -> None:
@@ -1055,7 +1055,6 @@ async def serve_in_process(
         if control is not None:
             control.close()
         close_listeners(listeners)
-        worker.stage = Stage.DONE  # (run() may have raised) what comes down now goes back
         worker.close_unserved()
         if worker.link is not None:
             if code is not None and code is not ExitCode.FORCED:
