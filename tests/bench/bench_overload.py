@@ -31,7 +31,10 @@ Goals (issue 15): at 3x, goodput at least 90% of the capacity; admitted p99 at m
 the unloaded p99 (at 0.1x) + 100 ms; rejections under 1 ms (the server's share: above the
 drill's floor); sdserve ahead of every other row at 2x and above. Also a 10x run of
 sdserve: what the clients see, and whether the listen queue overflows (the kernel's
-ListenOverflows counter, and ss's Recv-Q).
+ListenOverflows counter, and ss's Recv-Q). Last, closed-loop saturation (wrk, 64
+connections, a handler of no work and of 1 ms) with admission control on and off: the
+2xx a second each serves, which is why it is off by default (a refused closed-loop client
+sends its next request at once, so refusing lowers no load, and spends CPU on 503s).
 
 The machine's other work comes and goes: all four servers run side by side, each load
 level runs on each in turn for ``SDS_BENCH_OVERLOAD_ROUNDS`` (default 2) rounds, and each
@@ -46,6 +49,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -257,6 +261,65 @@ async def open_loop(
     return await run_drill(spec)
 
 
+#: wrk's connections in the closed-loop comparison
+WRK_CONNECTIONS = 64
+
+
+def wrk_closed_loop(port: int, path: str) -> tuple[float, float]:
+    """wrk -c64 against ``path``: (2xx a second, the share answered otherwise)."""
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{WRK_CONNECTIONS}",
+            f"-d{DURATION:g}s",
+            f"http://127.0.0.1:{port}{path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=DURATION + 60,
+        check=True,
+    ).stdout
+    total = re.search(r"(\d+) requests in ([\d.]+)s", out)
+    if total is None:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    other = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    n, seconds = int(total.group(1)), float(total.group(2))
+    bad = int(other.group(1)) if other else 0
+    return (n - bad) / seconds, bad / max(n, 1)
+
+
+async def closed_loop_rows() -> list[str]:
+    """Closed-loop saturation (wrk: each connection sends its next request as soon as the
+    last is answered), a handler of no work and of 1 ms, with and without admission
+    control: why it is off by default. A refusal brings the next request at once, so
+    refusing cannot lower the load; it only spends on 503s CPU that served requests."""
+    if shutil.which("wrk") is None:
+        return ["closed loop: wrk is not installed (Debian package wrk): skipped"]
+    lines = [
+        f"closed loop, wrk -t1 -c{WRK_CONNECTIONS}, {DURATION:g} s, best of 2 "
+        f"(2xx/s, share refused): admission control on (the defaults) vs off"
+    ]
+    for path in (NO_WORK, PATH):
+        best: dict[str, tuple[float, float]] = {}
+        servers = {kind: await start(kind) for kind in ("sdserve adaptive", "sdserve no limit")}
+        try:
+            for _ in range(2):
+                for kind, server in servers.items():
+                    got = await asyncio.to_thread(wrk_closed_loop, server.port, path)
+                    if kind not in best or got[0] > best[kind][0]:
+                        best[kind] = got
+        finally:
+            for server in servers.values():
+                await server.stop()
+        on, off = best["sdserve adaptive"], best["sdserve no limit"]
+        lines.append(
+            f"  {path:<12} on: {on[0]:>7.0f} 2xx/s, {on[1]:.0%} refused; "
+            f"off: {off[0]:>7.0f} 2xx/s, {off[1]:.0%} refused; goodput on/off {on[0] / off[0]:.2f}"
+        )
+    return lines
+
+
 def listen_overflows() -> int:
     """The kernel's TcpExtListenOverflows (connections dropped at a full accept queue)."""
     text = Path("/proc/net/netstat").read_text()
@@ -414,6 +477,7 @@ async def _main() -> str:
         f"{t['rejected']:.0%}, failed {t['failed']:.1%}, not sent by the drill "
         f"{ten.not_sent}; listen queue mid-run {queue}; ListenOverflows +{overflows}"
     )
+    lines.extend(await closed_loop_rows())
     lines.append(f"({time.monotonic() - began:.0f} s)")
     return "\n".join(lines)
 
