@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import select
 import shutil
 import signal
@@ -19,6 +18,7 @@ import subprocess
 import sys
 
 from sdserve.drill import DrillSpec, Target, run_drill
+from tests.bench.wrk import run_wrk
 
 DURATION = float(os.environ.get("BENCH_DURATION", "3"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
@@ -42,17 +42,7 @@ def start_target() -> tuple[subprocess.Popen[str], int]:
 
 
 def wrk_rate(url: str, threads: int) -> float:
-    out = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{CONNECTIONS}", f"-d{DURATION:g}s", url],
-        capture_output=True,
-        text=True,
-        timeout=DURATION + 60,
-        check=True,
-    ).stdout
-    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if not m:
-        raise RuntimeError(f"unexpected wrk output:\n{out}")
-    return float(m.group(1))
+    return run_wrk(url, connections=CONNECTIONS, duration=DURATION, threads=threads).rate
 
 
 def drill_rate(url: str, processes: int) -> tuple[float, int]:

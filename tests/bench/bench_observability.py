@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from sdserve.launcher import Launcher
+from tests.bench.wrk import run_wrk
 
 DURATION = float(os.environ.get("BENCH_DURATION", "3"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
@@ -52,29 +51,12 @@ def cpu_seconds(pid: int) -> float:
 
 def wrk_run(port: int) -> tuple[float, int]:
     """(requests a second, requests)"""
-    out = subprocess.run(
-        [
-            *_pin(1),
-            "wrk",
-            "-t1",
-            f"-c{CONNECTIONS}",
-            f"-d{DURATION:g}s",
-            f"http://127.0.0.1:{port}/",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=DURATION + 60,
-        check=True,
-    ).stdout
-    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if not found:
-        raise RuntimeError(f"unexpected wrk output:\n{out}")
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if errors:
-        raise RuntimeError(f"wrk saw errors:\n{out}")
-    total = re.search(r"(\d+) requests in", out)
-    assert total is not None, out
-    return float(found.group(1)), int(total.group(1))
+    run = run_wrk(
+        f"http://127.0.0.1:{port}/", connections=CONNECTIONS, duration=DURATION, pin=_pin(1)
+    )
+    if run.non_2xx:
+        raise RuntimeError(f"wrk saw {run.non_2xx} answers other than 2xx or 3xx")
+    return run.rate, run.requests
 
 
 async def one_round(name: str, workdir: Path) -> tuple[float, float]:

@@ -49,7 +49,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import socket
@@ -63,6 +62,7 @@ from typing import Any
 from sdserve.drill import DrillSpec, Target, run_drill
 from sdserve.drill.result import DrillResult
 from sdserve.launcher import Launcher
+from tests.bench.wrk import run_wrk
 
 ROOT = Path(__file__).resolve().parents[2]
 DURATION = float(os.environ.get("SDS_BENCH_OVERLOAD_SECONDS", "4"))
@@ -267,26 +267,8 @@ WRK_CONNECTIONS = 64
 
 def wrk_closed_loop(port: int, path: str) -> tuple[float, float]:
     """wrk -c64 against ``path``: (2xx a second, the share answered otherwise)."""
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{WRK_CONNECTIONS}",
-            f"-d{DURATION:g}s",
-            f"http://127.0.0.1:{port}{path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=DURATION + 60,
-        check=True,
-    ).stdout
-    total = re.search(r"(\d+) requests in ([\d.]+)s", out)
-    if total is None:
-        raise RuntimeError(f"unexpected wrk output:\n{out}")
-    other = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    n, seconds = int(total.group(1)), float(total.group(2))
-    bad = int(other.group(1)) if other else 0
-    return (n - bad) / seconds, bad / max(n, 1)
+    run = run_wrk(f"http://127.0.0.1:{port}{path}", connections=WRK_CONNECTIONS, duration=DURATION)
+    return (run.requests - run.non_2xx) / run.seconds, run.non_2xx / max(run.requests, 1)
 
 
 async def closed_loop_rows() -> list[str]:
