@@ -19,17 +19,17 @@ case.
   before the handler, :meth:`AccessLog.prepared` as the response's headers go out and
   :meth:`AccessLog.ended` once it is written. The loop appends a tuple of what it
   already has (the parsed request line and headers, the status, the timing) to a
-  bounded queue, and a thread of the access log's own picks the fields out, formats
-  them and writes them in batches (one ``write`` for many lines; one datagram per entry
-  to journald), bypassing :mod:`logging` (whose records cost the loop some 40 us each).
+  bounded queue, and a thread of the access log's own formats each entry in one call
+  (one f-string; each number converted once) and writes them in batches (one ``write``
+  for many lines; one datagram per entry to journald), bypassing :mod:`logging` (whose
+  records cost the loop some 40 us each).
   When the queue is full an entry is dropped and counted
   (``sdserve_log_lines_dropped_total``).
 
 Trace ids (W3C Trace Context): a valid ``traceparent`` header gives the request's trace
-id; without one, a new one is generated: 64 random bits of the process's, then the
-process's request count scrambled by an odd multiplier (a bijection of 64-bit numbers).
-So ids are unique, and their low half, which samplers read as a random number, is spread
-evenly; it costs no system call and no random draw per request. The application finds it in
+id; without one, a new one is generated: 128 random bits, sliced from hex text of the
+kernel's random bytes drawn a few KiB at a time (no system call and no random draw per
+request; a forked process draws its own). The application finds it in
 ``request["trace_id"]`` (or :func:`trace_id`); the response carries ``traceparent``
 (the same trace id, with a span id of this server's) and ``X-Request-Id`` (the client's
 own if it sent a sane one, else the trace id). Trace ids are on with the access log, or
@@ -39,8 +39,6 @@ alone with ``trace_ids = true``.
 from __future__ import annotations
 
 import errno
-import itertools
-import json
 import logging
 import os
 import random
@@ -49,7 +47,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Set as AbstractSet
-from random import getrandbits
+from json.encoder import encode_basestring
 from typing import Any, Literal, Protocol
 
 from aiohttp import web
@@ -61,16 +59,16 @@ from .log import NOTE_INTERVAL, LogQueue, StderrFormatter, fields
 _log = logging.getLogger("sdserve.accesslog")
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
-_REQUEST_ID = re.compile(r"^[\w.:/+=@-]{1,128}$")
+#: a client's own request id, taken as it is (nothing in it needs escaping in JSON)
+_REQUEST_ID = re.compile(r"[\w.:/+=@-]{1,128}\Z")
 _ZERO_TRACE = "0" * 32
 # header names as multidict's istr: no case folding per look-up
 _TRACEPARENT_HEADER = istr("traceparent")
 _REQUEST_ID_HEADER = istr("X-Request-Id")
 _CONTENT_LENGTH_HEADER = istr("Content-Length")
 _USER_AGENT_HEADER = istr("User-Agent")
-#: trace ids' low half: the request count times this (odd: a bijection modulo 2**64)
-_SCRAMBLE = 0x9E3779B97F4A7C15
-_MASK64 = (1 << 64) - 1
+#: random bytes drawn at a time for trace and span ids (a request takes 24 of them)
+RANDOM_POOL = 3072
 TRACE_KEY = "trace_id"
 REQUEST_ID_KEY = "request_id"
 
@@ -91,7 +89,7 @@ def parse_traceparent(value: str | None) -> str | None:
     return found.group(1)
 
 
-#: the names of a line's values, in the order :func:`_values` gives them
+#: the names of a line's values (the journal's fields, after ``SDSERVE_``)
 FIELDS = (
     "METHOD",
     "PATH",
@@ -111,10 +109,9 @@ BATCH_PAUSE = 0.05
 #: what the loop queues: (time, method, path, status, seconds, the request's
 #: Content-Length header, the response's, the bytes written of it (headers too), the
 #: client behind a trusted proxy or None, the connection's peer, user agent, request id,
-#: trace id): values it already has, as they are; the writer thread turns them into the
-#: log's (:func:`_values`)
+#: trace id): values it already has, as they are; the writer thread makes the line of
+#: each in one call (:func:`text_line`, :func:`json_line`, :func:`journal_entry`)
 Entry = tuple[float, str, str, int, float, str, "str | None", int, "str | None", Any, str, str, str]
-Values = tuple[float, str, str, str, str, str, str, str, str, str, str, str]
 Target = Literal["journal", "stderr", "syslog-stderr", "json"]
 
 
@@ -139,20 +136,69 @@ def _count_text(header: str | None) -> str:
     return ""
 
 
-def _values(e: Entry) -> Values:
-    """A queued entry's values as the text the log's lines hold, each converted once,
-    numbers as plain decimals (valid JSON too): the time, then those of :data:`FIELDS`
-    in order, with the message's duration (rounded to 0.1 ms) after DURATION_MS."""
-    t, method, path, status, seconds, length, out_length, written, client, peer = e[:10]
+def _common(e: Entry) -> tuple[str, str, str, str, str]:
+    """The values every line holds that are not text yet, each converted once: the
+    status, the duration in ms (to the microsecond), the bytes in (the request's
+    Content-Length) and out (the response's; for a streamed body, or none, what was
+    written), as plain decimals (valid JSON too), and the client (the peer's address
+    unless a trusted proxy named one)."""
+    _t, _m, _pa, status, seconds, length, out_length, written, client, peer, _a, _r, _tr = e
+    if length != "0" or not (
+        out_length and out_length[0] != "0" and out_length.isdigit() and out_length.isascii()
+    ):
+        length = _count_text(length) or "0"
+        out_length = _count_text(out_length)
+        if not out_length or out_length == "0":
+            out_length = str(written)
     if client is None:
-        client = str(peer[0]) if isinstance(peer, (list, tuple)) else str(peer or "-")
-    # the body's length; a streamed one's (no Content-Length), or none: what was written
-    out = _count_text(out_length)
-    if not out or out == "0":
-        out = str(written)
-    ms = round(seconds * 1000, 3)
-    return (t, method, path, str(status), repr(ms), f"{ms:.1f}", _count_text(length) or "0",
-            out, client, e[10], e[11], e[12])  # fmt: skip
+        if type(peer) is tuple:  # an IP address's (host, port...)
+            client = peer[0]
+        else:
+            client = str(peer[0]) if isinstance(peer, list) else str(peer or "-")
+    return str(status), f"{seconds * 1000:.3f}", length, out_length, client
+
+
+def text_line(prefix: str, e: Entry) -> str:
+    """An entry's text line (behind ``prefix``, its time): the message, then the
+    journal's fields as ``NAME=value`` (for a reader of stderr without the journal)."""
+    _t, method, path, _st, _s, _l, _o, _w, _c, _p, agent, rid, trace = e
+    status, ms, bytes_in, out, client = _common(e)
+    return (
+        f'{prefix}{client} "{method} {path}" {status} {out} {ms}ms "{agent}" {rid} '
+        f"SDSERVE_PHASE=access SDSERVE_METHOD={method} SDSERVE_PATH={path} "
+        f"SDSERVE_STATUS={status} SDSERVE_DURATION_MS={ms} SDSERVE_BYTES_IN={bytes_in} "
+        f"SDSERVE_BYTES_OUT={out} SDSERVE_CLIENT={client} SDSERVE_USER_AGENT={agent} "
+        f"SDSERVE_REQUEST_ID={rid} SDSERVE_TRACE_ID={trace}\n"
+    )
+
+
+def journal_entry(e: Entry) -> bytes:
+    """An entry in the journal's native protocol: ``NAME=value`` lines. No value here can
+    hold a newline (HTTP forbids one in a request line or a header; ids and numbers are
+    plain)."""
+    _t, method, path, _st, _s, _l, _o, _w, _c, _p, agent, rid, trace = e
+    status, ms, bytes_in, out, client = _common(e)
+    return (
+        f'MESSAGE={client} "{method} {path}" {status} {out} {ms}ms "{agent}" {rid}\n'
+        "PRIORITY=6\nSYSLOG_IDENTIFIER=sdserve\nLOGGER=sdserve.access\n"
+        f"SDSERVE_PHASE=access\nSDSERVE_METHOD={method}\nSDSERVE_PATH={path}\n"
+        f"SDSERVE_STATUS={status}\nSDSERVE_DURATION_MS={ms}\nSDSERVE_BYTES_IN={bytes_in}\n"
+        f"SDSERVE_BYTES_OUT={out}\nSDSERVE_CLIENT={client}\nSDSERVE_USER_AGENT={agent}\n"
+        f"SDSERVE_REQUEST_ID={rid}\nSDSERVE_TRACE_ID={trace}\n"
+    ).encode("utf-8", "replace")
+
+
+def json_line(e: Entry) -> str:
+    """An entry as one JSON object on a line. The method (an HTTP token), the request id
+    (matched by :data:`_REQUEST_ID`) and the trace id (hex) need no escaping."""
+    t, method, path, _st, _s, _l, _o, _w, _c, _p, agent, rid, trace = e
+    status, ms, bytes_in, out, client = _common(e)
+    q = encode_basestring
+    return (
+        f'{{"time":{t:.6f},"method":"{method}","path":{q(path)},"status":{status},'
+        f'"duration_ms":{ms},"bytes_in":{bytes_in},"bytes_out":{out},"client":{q(client)},'
+        f'"user_agent":{q(agent)},"request_id":"{rid}","trace_id":"{trace}"}}\n'
+    )
 
 
 class AccessWriter(threading.Thread):
@@ -207,13 +253,14 @@ class AccessWriter(threading.Thread):
     def _write(self, batch: list[Entry]) -> None:
         try:
             if self._journal is not None:
-                for entry in batch:
-                    self._journal.send(self._journal_entry(_values(entry)))
+                send = self._journal.send
+                for entry in map(journal_entry, batch):
+                    send(entry)
                 return
             if self.target == "json":
-                text = "".join([_json_line(_values(e)) for e in batch])
+                text = "".join(map(json_line, batch))
             else:
-                text = "".join([self._text_line(_values(e)) for e in batch])
+                text = "".join(self._text_lines(batch))
             data = memoryview(text.encode("utf-8", "replace"))
             while data:
                 data = data[os.write(self._fd, data) :]
@@ -222,6 +269,25 @@ class AccessWriter(threading.Thread):
             self.dropped += len(batch)
             if exc.errno == errno.EBADF:
                 self._stopping = True
+
+    def _text_lines(self, batch: list[Entry]) -> list[str]:
+        """The batch's text lines, each behind its second's time stamp (``<6>`` instead
+        under systemd, which stamps them itself)."""
+        if self.target == "syslog-stderr":
+            return [text_line("<6>", e) for e in batch]
+        if int(batch[0][0]) == int(batch[-1][0]):  # a batch is 50 ms: mostly one second
+            prefix = self._stamp(batch[0][0])
+            return [text_line(prefix, e) for e in batch]
+        return [text_line(self._stamp(e[0]), e) for e in batch]
+
+    def _stamp(self, t: float) -> str:
+        """A text line's prefix: the time (to the second) and the logger."""
+        second = int(t)
+        if second != self._second:  # localtime() is slow: once a second
+            self._second = second
+            stamp = time.strftime("%H:%M:%S", time.localtime(second))
+            self._prefix = f"{stamp} INFO    sdserve.access[{self._pid}]: "
+        return self._prefix
 
     def _report(self) -> None:
         """Say in sdserve's own log how many lines were dropped, once the target took a
@@ -238,52 +304,6 @@ class AccessWriter(threading.Thread):
             dropped,
             extra=fields("log-dropped", dropped=lost, dropped_total=dropped),
         )
-
-    def _text_line(self, e: Values) -> str:
-        t, method, path, status, ms, short, bytes_in, out, client, agent, rid, trace = e
-        if self.target == "syslog-stderr":
-            prefix = "<6>"
-        else:
-            second = int(t)
-            if second != self._second:  # localtime() is slow: once a second
-                self._second = second
-                stamp = time.strftime("%H:%M:%S", time.localtime(t))
-                self._prefix = f"{stamp} INFO    sdserve.access[{self._pid}]: "
-            prefix = self._prefix
-        return (
-            f'{prefix}{client} "{method} {path}" {status} {out} {short}ms "{agent}" {rid} '
-            f"SDSERVE_PHASE=access SDSERVE_METHOD={method} SDSERVE_PATH={path} "
-            f"SDSERVE_STATUS={status} SDSERVE_DURATION_MS={ms} SDSERVE_BYTES_IN={bytes_in} "
-            f"SDSERVE_BYTES_OUT={out} SDSERVE_CLIENT={client} SDSERVE_USER_AGENT={agent} "
-            f"SDSERVE_REQUEST_ID={rid} SDSERVE_TRACE_ID={trace}\n"
-        )
-
-    @staticmethod
-    def _journal_entry(e: Values) -> bytes:
-        # the native protocol's NAME=value lines: no value here can hold a newline (HTTP
-        # forbids one in a request line or a header; ids and numbers are plain)
-        _t, method, path, status, ms, short, bytes_in, out, client, agent, rid, trace = e
-        return (
-            f'MESSAGE={client} "{method} {path}" {status} {out} {short}ms "{agent}" {rid}\n'
-            "PRIORITY=6\nSYSLOG_IDENTIFIER=sdserve\nLOGGER=sdserve.access\n"
-            f"SDSERVE_PHASE=access\nSDSERVE_METHOD={method}\nSDSERVE_PATH={path}\n"
-            f"SDSERVE_STATUS={status}\nSDSERVE_DURATION_MS={ms}\nSDSERVE_BYTES_IN={bytes_in}\n"
-            f"SDSERVE_BYTES_OUT={out}\nSDSERVE_CLIENT={client}\nSDSERVE_USER_AGENT={agent}\n"
-            f"SDSERVE_REQUEST_ID={rid}\nSDSERVE_TRACE_ID={trace}\n"
-        ).encode("utf-8", "replace")
-
-
-def _json_line(e: Values) -> str:
-    t, method, path, status, ms, _short, bytes_in, out, client, agent, rid, trace = e
-    q = _quote
-    return (
-        f'{{"time":{t:.6f},"method":{q(method)},"path":{q(path)},"status":{status},'
-        f'"duration_ms":{ms},"bytes_in":{bytes_in},"bytes_out":{out},"client":{q(client)},'
-        f'"user_agent":{q(agent)},"request_id":{q(rid)},"trace_id":"{trace}"}}\n'
-    )
-
-
-_quote = json.JSONEncoder(ensure_ascii=False).encode
 
 
 class Connection(Protocol):
@@ -317,17 +337,23 @@ class AccessLog:
         #: paths left out of the log (the health probes), read at each request
         self.exempt = exempt
         self.writer = writer
-        #: the high half of this process's trace ids, and its request count
-        self._prefix = f"{getrandbits(64):016x}"
-        self._count = itertools.count(1)
+        #: random hex text, the next id's place in it, and its end (drawn afresh then)
+        self._random = ""
+        self._next = self._end = 0
 
     def begin(self, conn: Connection, request: web.BaseRequest) -> None:
         """Before the handler: the request's trace id and request id, on ``conn`` and in
         ``request["trace_id"]`` and ``request["request_id"]`` for the application."""
         headers = request._message.headers  # request.headers, without a property call
+        start = self._next
+        if start >= self._end:
+            self._random = os.urandom(RANDOM_POOL).hex()
+            self._end, start = len(self._random), 0
+        self._next = end = start + 48  # a trace id (32 hex digits), a span id (16)
+        random_hex = self._random
+        conn.span = random_hex[start + 32 : end]
         given = headers.get(_TRACEPARENT_HEADER)
-        conn.span = low = f"{(next(self._count) * _SCRAMBLE) & _MASK64:016x}"
-        trace = (given and parse_traceparent(given)) or self._prefix + low
+        trace = (given and parse_traceparent(given)) or random_hex[start : start + 32]
         # request[...] = ..., without aiohttp's check of the key's type per call
         state = request._state
         state[TRACE_KEY] = conn.trace = trace
@@ -383,6 +409,7 @@ class AccessLog:
                 conn.trace,
             )
         )
-        wake = writer.wake
-        if not wake.is_set():
-            wake.set()
+        if len(pending) == 1:
+            # the first since the writer emptied the queue (the loop alone appends, so
+            # every entry after it is either drained with it or finds the queue empty)
+            writer.wake.set()

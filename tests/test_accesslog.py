@@ -12,10 +12,18 @@ import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from sdserve.accesslog import _json_line, _values, parse_traceparent
+from sdserve.accesslog import (
+    RANDOM_POOL,
+    AccessLog,
+    journal_entry,
+    json_line,
+    parse_traceparent,
+    text_line,
+)
 from sdserve.exitcodes import ExitCode
 from tests.conftest import LauncherFactory
 from tests.helpers import HOST, Response, read_response
@@ -70,28 +78,65 @@ def test_traceparent_parsing() -> None:
         assert parse_traceparent(bad) is None, bad
 
 
-def test_an_entry_becomes_the_values_of_its_line() -> None:
-    """What the loop queues, as it is, becomes the line's text: the bytes in from the
-    request's Content-Length, the bytes out from the response's (else what was written),
-    the client from the peer, the duration in ms (and rounded for the message); every
-    number a plain decimal, so that the JSON line is valid JSON."""
+def test_an_entry_becomes_its_line_in_each_format() -> None:
+    """What the loop queues, as it is, becomes one line: the bytes in from the request's
+    Content-Length, the bytes out from the response's (else what was written), the client
+    from the peer (or the trusted proxy), the duration in ms; every number a plain decimal,
+    so that the JSON line is valid JSON, and the same values in each format."""
     ids = ("curl/8", "rid", TRACE)
     peer = ("127.0.0.1", 40000)
     entry = (1.5, "POST", "/p?q=1", 201, 0.0123456, "0012", "34", 200, None, peer, *ids)
-    values = _values(entry)
-    assert values == (1.5, "POST", "/p?q=1", "201", "12.346", "12.3", "12", "34",
-                      "127.0.0.1", *ids)  # fmt: skip
+    line = json.loads(json_line(entry))
+    assert line == {
+        "time": 1.5, "method": "POST", "path": "/p?q=1", "status": 201,
+        "duration_ms": 12.346, "bytes_in": 12, "bytes_out": 34, "client": "127.0.0.1",
+        "user_agent": "curl/8", "request_id": "rid", "trace_id": TRACE,
+    }  # fmt: skip
+    text = text_line("<6>", entry)
+    assert text.startswith('<6>127.0.0.1 "POST /p?q=1" 201 34 12.346ms "curl/8" rid ')
+    assert text.endswith("\n")
+    assert text.count("\n") == 1
+    journal = dict(item.split("=", 1) for item in journal_entry(entry).decode().splitlines())
+    for name, value in line.items():
+        if name != "time":
+            assert str(value) == field(text, name.upper()) == journal[f"SDSERVE_{name.upper()}"]
+    assert journal["MESSAGE"] == text[3:].split(" SDSERVE_")[0]
     # a streamed response (no Content-Length) and an empty one: what was written
     streamed = (1.5, "GET", "/", 200, 0.001, "0", None, 5000, None, peer, *ids)
-    assert _values(streamed)[6:8] == ("0", "5000")
+    assert field(text_line("", streamed), "BYTES_OUT") == "5000"
     empty = (1.5, "GET", "/", 204, 0.001, "0", "0", 120, None, "/run/s.sock", *ids)
-    assert _values(empty)[6:9] == ("0", "120", "/run/s.sock")
+    assert json.loads(json_line(empty))["bytes_out"] == 120
+    assert json.loads(json_line(empty))["client"] == "/run/s.sock"
     # the client behind a trusted proxy wins over the peer
     proxied = (1.5, "GET", "/", 200, 0.001, "0", "2", 2, "203.0.113.9", peer, *ids)
-    assert _values(proxied)[8] == "203.0.113.9"
-    line = json.loads(_json_line(values))
-    assert (line["duration_ms"], line["bytes_in"], line["bytes_out"]) == (12.346, 12, 34)
-    assert (line["status"], line["client"], line["trace_id"]) == (201, "127.0.0.1", TRACE)
+    assert field(text_line("", proxied), "CLIENT") == "203.0.113.9"
+    # what a client sent, quotes and control characters included, stays valid JSON
+    odd = (1.5, "GET", '/a"b\\c\x01', 200, 0.001, "0", "2", 2, None, peer, 'ag"ent', *ids[1:])
+    assert json.loads(json_line(odd))["path"] == '/a"b\\c\x01'
+    assert json.loads(json_line(odd))["user_agent"] == 'ag"ent'
+
+
+def test_generated_trace_ids_are_random_and_never_repeat() -> None:
+    """Ids are sliced from random hex text drawn in pools: across several pools (and their
+    seams) each trace id and span id is well formed and new, and a given traceparent's
+    trace id is kept."""
+    log = AccessLog(enabled=False, sample=1.0, probes=False, exempt=frozenset())
+    ids = (RANDOM_POOL * 2 // 24) * 3 + 7  # three pools and some: their seams included
+    seen: set[str] = set()
+    for n in range(ids):
+        conn = SimpleNamespace()
+        given = {"traceparent": TRACEPARENT} if n == 5 else {}
+        request = SimpleNamespace(_message=SimpleNamespace(headers=given), _state={})
+        log.begin(conn, request)  # type: ignore[arg-type]
+        assert re.fullmatch(r"[0-9a-f]{32}", conn.trace), conn.trace
+        assert re.fullmatch(r"[0-9a-f]{16}", conn.span), conn.span
+        assert request._state["trace_id"] == conn.trace == conn.request_id
+        if n == 5:
+            assert conn.trace == TRACE
+        else:
+            seen.add(conn.trace)
+        seen.add(conn.span)
+    assert len(seen) == 2 * ids - 1
 
 
 @pytest.mark.asyncio
