@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
+import select
 import shutil
 import socket
 import subprocess
@@ -15,7 +17,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 
+from sdserve import accesslog
 from sdserve.accesslog import (
     RANDOM_POOL,
     AccessLog,
@@ -137,6 +142,41 @@ def test_generated_trace_ids_are_random_and_never_repeat() -> None:
             seen.add(conn.trace)
         seen.add(conn.span)
     assert len(seen) == 2 * ids - 1
+
+
+def test_the_writer_wakes_for_every_burst(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop wakes the writer only for an entry that finds the queue empty. Bursts of
+    entries, each appended while the writer thread may be draining the last, are all
+    written to a real pipe without a stop: a lost wake-up would leave a burst unwritten
+    (and the read below would time out)."""
+    monkeypatch.setattr(accesslog, "BATCH_PAUSE", 0.0005)  # many batches in little time
+    read_end, write_end = os.pipe()
+    writer = accesslog.AccessWriter("syslog-stderr")
+    writer._fd = write_end
+    log = AccessLog(enabled=True, sample=1.0, probes=False, exempt=frozenset(), writer=writer)
+    writer.start()
+    response = web.Response(text="hi")
+    headers = CIMultiDictProxy(CIMultiDict({"User-Agent": "t"}))
+    message = SimpleNamespace(path="/x", method="GET", headers=headers)
+    request = SimpleNamespace(_message=message, _transport_peername=("127.0.0.1", 1))
+    conn = SimpleNamespace(client=None, request_began=0.0, request_id="r", trace=TRACE)
+    received = b""
+    written = 0
+    try:
+        for burst in range(300):
+            for _ in range(burst % 7 + 1):
+                log.ended(conn, request, response)  # type: ignore[arg-type]
+                written += 1
+            while (lines := received.count(b"\n")) < written:
+                ready, _, _ = select.select([read_end], [], [], 5.0)
+                assert ready, f"burst {burst}: {lines} of {written} written"
+                received += os.read(read_end, 1 << 16)
+    finally:
+        writer.stop()
+        os.close(read_end)
+        os.close(write_end)
+    assert received.count(b"\n") == written
+    assert writer.dropped == 0
 
 
 @pytest.mark.asyncio
