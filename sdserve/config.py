@@ -32,11 +32,14 @@ import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NewType
 
 from .cpus import available_cpus
 
 ENV_PREFIX = "SDSERVE_"
+#: a plain number in the config (a share, a margin, a factor): where ``float`` is a
+#: duration (seconds, or ``250ms``, ``2s``...), a Number takes no unit
+Number = NewType("Number", float)
 #: one worker per CPU this process may use (affinity and cgroup quota count)
 DEFAULT_WORKERS = available_cpus()
 
@@ -448,15 +451,15 @@ class Config:
             "soon as it has them; with fewer at the end, the reload completes)"
         },
     )
-    canary_error_margin: float = field(
-        default=0.02,
+    canary_error_margin: Number = field(
+        default=Number(0.02),
         metadata={
             "doc": "the canary's 5xx ratio may exceed the old generation's by at most this "
             "(0.02: two points), else the reload is rolled back"
         },
     )
-    canary_latency_factor: float = field(
-        default=3.0,
+    canary_latency_factor: Number = field(
+        default=Number(3.0),
         metadata={
             "doc": "the canary's p99 may be at most this many times the old generation's "
             "(plus 20 ms), else the reload is rolled back"
@@ -517,8 +520,8 @@ class Config:
             "log = json); json: JSON lines on stdout (containers)"
         },
     )
-    access_log_sample: float = field(
-        default=1.0,
+    access_log_sample: Number = field(
+        default=Number(1.0),
         metadata={"doc": "the share of requests logged, 0 to 1 (a 5xx is always logged)"},
     )
     access_log_probes: bool = field(
@@ -578,6 +581,7 @@ class Config:
 # -- loading ---------------------------------------------------------------------------
 
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|sec|min|m|h)?\s*$")
+_NUMBER = re.compile(r"^\s*-?[0-9]*\.?[0-9]+\s*$")
 _UNITS = {None: 1.0, "s": 1.0, "sec": 1.0, "ms": 0.001, "min": 60.0, "m": 60.0, "h": 3600.0}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -636,6 +640,13 @@ def _convert(value: Any, tp: Any, where: str, problems: _Problems, from_text: bo
             problems.add(where, f"expected a whole number of 64 bits at most, got {value!r}")
         else:
             problems.add(where, f"expected a whole number, got {value!r}")
+    elif tp is Number:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if math.isfinite(value):
+                return float(value)
+        elif isinstance(value, str) and _NUMBER.match(value):
+            return float(value)
+        problems.add(where, f"expected a number (such as 0.5 or 3), got {value!r}")
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             if math.isfinite(value):

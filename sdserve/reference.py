@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ENV_PREFIX, Config
+from .config import ENV_PREFIX, Config, Number
 
 START = "<!-- config-reference:start -->"
 END = "<!-- config-reference:end -->"
@@ -95,6 +95,8 @@ def _type_name(tp: Any) -> str:
         return "boolean"
     if tp is int:
         return "integer"
+    if tp is Number:
+        return "number"
     if tp is float:
         return "duration"
     if tp is str:
@@ -106,8 +108,11 @@ def _type_name(tp: Any) -> str:
     raise TypeError(f"no name for the config type {tp!r}")
 
 
-def render_value(value: Any) -> str:
-    """A default as the reference shows it: ``25s``, ``true``, ``127.0.0.1:8080``, ``none``."""
+def render_value(value: Any, tp: Any = None) -> str:
+    """A default as the reference shows it: ``25s``, ``true``, ``127.0.0.1:8080``, ``none``
+    (``0.5`` for a key of type ``tp`` :data:`~sdserve.config.Number`)."""
+    if tp is Number:
+        return f"{value:g}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
@@ -136,7 +141,7 @@ def _doc(f: dataclasses.Field[Any], where: str) -> str:
 
 def _key(f: dataclasses.Field[Any], tp: Any, where: str, *, flag: str, env: str) -> Key:
     described = f.metadata.get("default")
-    default = described if isinstance(described, str) else render_value(_field_default(f))
+    default = described if isinstance(described, str) else render_value(_field_default(f), tp)
     return Key(
         where,
         _type_name(tp),
@@ -409,8 +414,8 @@ def render_markdown() -> str:
         f"<!-- generated from the config dataclasses by `{REGENERATE}`: do not edit -->",
         "",
         "Every key: its type, default, flag, environment variable and meaning. A duration is",
-        "seconds or a number with a unit (`250ms`, `2s`, `1min`); lists are comma-separated",
-        "in the environment, and a repeated flag gives a list.",
+        "seconds or a number with a unit (`250ms`, `2s`, `1min`); a number takes no unit;",
+        "lists are comma-separated in the environment, and a repeated flag gives a list.",
         "",
     ]
     head = "| key | type | default | flag | environment | meaning |"

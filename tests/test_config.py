@@ -61,6 +61,26 @@ def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
     )
 
 
+def test_a_share_or_a_factor_is_a_number_not_a_duration(tmp_path: Path) -> None:
+    """A key of type Number takes a plain number from each layer, and a unit is a problem
+    that says so (a duration's units would turn 250ms into a share of 0.25)."""
+    toml = tmp_path / "n.toml"
+    toml.write_text("canary_latency_factor = 4\n")
+    env = {"SDSERVE_ACCESS_LOG_SAMPLE": " 0.25 "}
+    cfg = load_config(toml_path=toml, environ=env, overrides={"canary_error_margin": ".5"})
+    assert (cfg.access_log_sample, cfg.canary_latency_factor) == (0.25, 4.0)
+    assert cfg.canary_error_margin == 0.5
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            environ={"SDSERVE_ACCESS_LOG_SAMPLE": "250ms"},
+            overrides={"canary_latency_factor": "nan"},
+        )
+    assert list(info.value.problems) == [
+        "environment: SDSERVE_ACCESS_LOG_SAMPLE: expected a number (such as 0.5 or 3), got '250ms'",
+        "command line: --canary-latency-factor: expected a number (such as 0.5 or 3), got 'nan'",
+    ]
+
+
 def test_cross_field_rules() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(environ={}, overrides={"idle_grace": "30", "shutdown_timeout": "5"})

@@ -23,7 +23,7 @@ from sdserve.builtin_checks import (
     register_tables,
 )
 from sdserve.checks import CheckRegistry, run_check
-from sdserve.config import Config, HealthConfig, load_config
+from sdserve.config import Config, HealthConfig, Number, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def _other_value(tp: Any, default: Any, name: str = "") -> Any:
         return not default
     if tp is int:
         return default + 1
-    if tp is float:
+    if tp is float or tp is Number:
         return default * 2 if default else 1.5  # within every key's range (ratios too)
     if tp is str:
         return "/other" if default.startswith("/") else "pkg.mod:factory"
@@ -148,9 +148,11 @@ def test_the_reference_lists_every_check_type_and_key() -> None:
 
 def test_documented_defaults_are_the_real_ones() -> None:
     defaults = Config()
+    types = {name: tp for name, tp, _ in _leaves()}
     for key in reference.config_keys():
         if key.literal:
-            assert key.default == reference.render_value(_get(defaults, key.name)), key.name
+            shown = reference.render_value(_get(defaults, key.name), types.get(key.name))
+            assert key.default == shown, key.name
     assert reference.render_value(defaults.bind) == "127.0.0.1:8080"
     # the common keys of a check table, as a built-in check gets them
     common = {k.name: k.default for k in reference.check_keys()[""]}
