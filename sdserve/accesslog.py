@@ -48,6 +48,8 @@ import time
 from collections import deque
 from collections.abc import Set as AbstractSet
 from json.encoder import encode_basestring
+from time import monotonic
+from time import time as wall_clock
 from typing import Any, Literal, Protocol
 
 from aiohttp import web
@@ -136,38 +138,31 @@ def _count_text(header: str | None) -> str:
     return ""
 
 
-def _common(e: Entry) -> tuple[str, str, str, str, str]:
-    """The values every line holds that are not text yet, each converted once: the
-    status, the duration in ms (to the microsecond), the bytes in (the request's
-    Content-Length) and out (the response's; for a streamed body, or none, what was
-    written), as plain decimals (valid JSON too), and the client (the peer's address
-    unless a trusted proxy named one)."""
-    _t, _m, _pa, status, seconds, length, out_length, written, client, peer, _a, _r, _tr = e
-    if length != "0" or not (
-        out_length and out_length[0] != "0" and out_length.isdigit() and out_length.isascii()
-    ):
-        length = _count_text(length) or "0"
-        out_length = _count_text(out_length)
-        if not out_length or out_length == "0":
-            out_length = str(written)
-    if client is None:
-        if type(peer) is tuple:  # an IP address's (host, port...)
-            client = peer[0]
-        else:
-            client = str(peer[0]) if isinstance(peer, list) else str(peer or "-")
-    return str(status), f"{seconds * 1000:.3f}", length, out_length, client
+def _peer_text(peer: Any) -> str:
+    """The client's address from a peer name that is not an IP address's tuple."""
+    return str(peer[0]) if isinstance(peer, list | tuple) else str(peer or "-")
+
+
+# Each line's function is whole, without a helper for what they share: the writer calls
+# one per entry, and a call and a tuple more would cost a tenth of a line. The text and
+# the journal's numbers are what went over the wire; JSON's are checked to be plain
+# decimals (a header an application set may hold anything, and JSON allows no "0012").
 
 
 def text_line(prefix: str, e: Entry) -> str:
     """An entry's text line (behind ``prefix``, its time): the message, then the
     journal's fields as ``NAME=value`` (for a reader of stderr without the journal)."""
-    _t, method, path, _st, _s, _l, _o, _w, _c, _p, agent, rid, trace = e
-    status, ms, bytes_in, out, client = _common(e)
+    _t, method, path, status, seconds, bytes_in, out, written, client, peer, agent, rid, trace = e
+    if client is None:
+        client = peer[0] if type(peer) is tuple else _peer_text(peer)
+    sent = out if out and out != "0" else written  # a streamed body, or none: as written
+    ms = f"{seconds * 1000:.3f}"
+    status_text = str(status)  # once: each line holds it twice
     return (
-        f'{prefix}{client} "{method} {path}" {status} {out} {ms}ms "{agent}" {rid} '
+        f'{prefix}{client} "{method} {path}" {status_text} {sent} {ms}ms "{agent}" {rid} '
         f"SDSERVE_PHASE=access SDSERVE_METHOD={method} SDSERVE_PATH={path} "
-        f"SDSERVE_STATUS={status} SDSERVE_DURATION_MS={ms} SDSERVE_BYTES_IN={bytes_in} "
-        f"SDSERVE_BYTES_OUT={out} SDSERVE_CLIENT={client} SDSERVE_USER_AGENT={agent} "
+        f"SDSERVE_STATUS={status_text} SDSERVE_DURATION_MS={ms} SDSERVE_BYTES_IN={bytes_in} "
+        f"SDSERVE_BYTES_OUT={sent} SDSERVE_CLIENT={client} SDSERVE_USER_AGENT={agent} "
         f"SDSERVE_REQUEST_ID={rid} SDSERVE_TRACE_ID={trace}\n"
     )
 
@@ -176,14 +171,18 @@ def journal_entry(e: Entry) -> bytes:
     """An entry in the journal's native protocol: ``NAME=value`` lines. No value here can
     hold a newline (HTTP forbids one in a request line or a header; ids and numbers are
     plain)."""
-    _t, method, path, _st, _s, _l, _o, _w, _c, _p, agent, rid, trace = e
-    status, ms, bytes_in, out, client = _common(e)
+    _t, method, path, status, seconds, bytes_in, out, written, client, peer, agent, rid, trace = e
+    if client is None:
+        client = peer[0] if type(peer) is tuple else _peer_text(peer)
+    sent = out if out and out != "0" else written
+    ms = f"{seconds * 1000:.3f}"
+    status_text = str(status)  # once: each line holds it twice
     return (
-        f'MESSAGE={client} "{method} {path}" {status} {out} {ms}ms "{agent}" {rid}\n'
+        f'MESSAGE={client} "{method} {path}" {status_text} {sent} {ms}ms "{agent}" {rid}\n'
         "PRIORITY=6\nSYSLOG_IDENTIFIER=sdserve\nLOGGER=sdserve.access\n"
         f"SDSERVE_PHASE=access\nSDSERVE_METHOD={method}\nSDSERVE_PATH={path}\n"
-        f"SDSERVE_STATUS={status}\nSDSERVE_DURATION_MS={ms}\nSDSERVE_BYTES_IN={bytes_in}\n"
-        f"SDSERVE_BYTES_OUT={out}\nSDSERVE_CLIENT={client}\nSDSERVE_USER_AGENT={agent}\n"
+        f"SDSERVE_STATUS={status_text}\nSDSERVE_DURATION_MS={ms}\nSDSERVE_BYTES_IN={bytes_in}\n"
+        f"SDSERVE_BYTES_OUT={sent}\nSDSERVE_CLIENT={client}\nSDSERVE_USER_AGENT={agent}\n"
         f"SDSERVE_REQUEST_ID={rid}\nSDSERVE_TRACE_ID={trace}\n"
     ).encode("utf-8", "replace")
 
@@ -191,13 +190,18 @@ def journal_entry(e: Entry) -> bytes:
 def json_line(e: Entry) -> str:
     """An entry as one JSON object on a line. The method (an HTTP token), the request id
     (matched by :data:`_REQUEST_ID`) and the trace id (hex) need no escaping."""
-    t, method, path, _st, _s, _l, _o, _w, _c, _p, agent, rid, trace = e
-    status, ms, bytes_in, out, client = _common(e)
+    t, method, path, status, seconds, length, header, written, client, peer, agent, rid, trace = e
+    if client is None:
+        client = peer[0] if type(peer) is tuple else _peer_text(peer)
+    out = _count_text(header)
+    if not out or out == "0":
+        out = str(written)
     q = encode_basestring
     return (
         f'{{"time":{t:.6f},"method":"{method}","path":{q(path)},"status":{status},'
-        f'"duration_ms":{ms},"bytes_in":{bytes_in},"bytes_out":{out},"client":{q(client)},'
-        f'"user_agent":{q(agent)},"request_id":"{rid}","trace_id":"{trace}"}}\n'
+        f'"duration_ms":{seconds * 1000:.3f},"bytes_in":{_count_text(length) or "0"},'
+        f'"bytes_out":{out},"client":{q(client)},"user_agent":{q(agent)},'
+        f'"request_id":"{rid}","trace_id":"{trace}"}}\n'
     )
 
 
@@ -241,9 +245,10 @@ class AccessWriter(threading.Thread):
                 # thread competing with the event loop for the GIL (a pause, not a wait)
                 self._ending.wait(BATCH_PAUSE)
             self.wake.clear()
-            batch = []
-            while pending:
-                batch.append(pending.popleft())
+            batch: list[Entry] = []
+            take, keep = pending.popleft, batch.append
+            while pending:  # to empty: the loop wakes this thread only for an empty queue
+                keep(take())
             if batch:
                 self._write(batch)
             self._report()
@@ -337,6 +342,9 @@ class AccessLog:
         #: paths left out of the log (the health probes), read at each request
         self.exempt = exempt
         self.writer = writer
+        #: the writer's queue and its bound, read at each request
+        self._pending: deque[Entry] = writer.pending if writer is not None else deque()
+        self._limit = writer.limit if writer is not None else 0
         #: random hex text, the next id's place in it, and its end (drawn afresh then)
         self._random = ""
         self._next = self._end = 0
@@ -378,7 +386,7 @@ class AccessLog:
         always is)."""
         status = response._status  # response.status, without a property call
         sample = self.sample
-        if status < 500 and sample < 1.0 and (sample <= 0.0 or random.random() >= sample):
+        if sample < 1.0 and status < 500 and (sample <= 0.0 or random.random() >= sample):
             return
         message = request._message  # the request line and headers as aiohttp parsed them
         path = message.path
@@ -386,19 +394,18 @@ class AccessLog:
             path in self.exempt or ("?" in path and path.partition("?")[0] in self.exempt)
         ):
             return
-        writer: AccessWriter = self.writer  # type: ignore[assignment]
-        pending = writer.pending
-        if len(pending) >= writer.limit:
-            writer.dropped += 1
+        pending = self._pending
+        if len(pending) >= self._limit:
+            self.writer.dropped += 1  # type: ignore[union-attr]
             return
         headers = message.headers
         pending.append(
             (
-                time.time(),
+                wall_clock(),
                 message.method,
                 path,
                 status,
-                time.monotonic() - conn.request_began,
+                monotonic() - conn.request_began,
                 headers.get(_CONTENT_LENGTH_HEADER, "0"),
                 response._headers.get(_CONTENT_LENGTH_HEADER),
                 response._body_length,
@@ -412,4 +419,4 @@ class AccessLog:
         if len(pending) == 1:
             # the first since the writer emptied the queue (the loop alone appends, so
             # every entry after it is either drained with it or finds the queue empty)
-            writer.wake.set()
+            self.writer.wake.set()  # type: ignore[union-attr]

@@ -86,11 +86,11 @@ def test_traceparent_parsing() -> None:
 def test_an_entry_becomes_its_line_in_each_format() -> None:
     """What the loop queues, as it is, becomes one line: the bytes in from the request's
     Content-Length, the bytes out from the response's (else what was written), the client
-    from the peer (or the trusted proxy), the duration in ms; every number a plain decimal,
-    so that the JSON line is valid JSON, and the same values in each format."""
+    from the peer (or the trusted proxy), the duration in ms; the same values in each
+    format, and JSON's numbers plain decimals whatever a header held."""
     ids = ("curl/8", "rid", TRACE)
     peer = ("127.0.0.1", 40000)
-    entry = (1.5, "POST", "/p?q=1", 201, 0.0123456, "0012", "34", 200, None, peer, *ids)
+    entry = (1.5, "POST", "/p?q=1", 201, 0.0123456, "12", "34", 200, None, peer, *ids)
     line = json.loads(json_line(entry))
     assert line == {
         "time": 1.5, "method": "POST", "path": "/p?q=1", "status": 201,
@@ -106,6 +106,11 @@ def test_an_entry_becomes_its_line_in_each_format() -> None:
         if name != "time":
             assert str(value) == field(text, name.upper()) == journal[f"SDSERVE_{name.upper()}"]
     assert journal["MESSAGE"] == text[3:].split(" SDSERVE_")[0]
+    # JSON allows no leading zero, and a header an application set may hold anything:
+    # JSON's numbers are plain decimals, and its strings escaped
+    plain = (1.5, "GET", "/", 200, 0.001, "0012", "a lot", 7, None, peer, *ids)
+    assert json.loads(json_line(plain))["bytes_in"] == 12
+    assert json.loads(json_line(plain))["bytes_out"] == 7
     # a streamed response (no Content-Length) and an empty one: what was written
     streamed = (1.5, "GET", "/", 200, 0.001, "0", None, 5000, None, peer, *ids)
     assert field(text_line("", streamed), "BYTES_OUT") == "5000"
