@@ -298,11 +298,11 @@ class AccessWriter(threading.Thread):
         """Say in sdserve's own log how many lines were dropped, once the target took a
         batch again (the first write after a stall), and at most every NOTE_INTERVAL."""
         dropped = self.dropped
-        if dropped <= self.reported or time.monotonic() < self._next_note:
+        if dropped <= self.reported or monotonic() < self._next_note:
             return
         lost = dropped - self.reported
         self.reported = dropped
-        self._next_note = time.monotonic() + NOTE_INTERVAL
+        self._next_note = monotonic() + NOTE_INTERVAL
         _log.warning(
             "%d access log line(s) dropped: the log target did not keep up (%d in all)",
             lost,
