@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 from . import __version__, reference
 from .activation import Activated, ActivationError, activation_from_environ
 from .binding import BindError, bind_all
-from .config import Config, ConfigError, config_from_json, dump_toml, load_config
+from .config import Config, ConfigError, Number, config_from_json, dump_toml, load_config
 from .exitcodes import ExitCode
 from .handover import store_capacity
 from .log import configure_logging, stop_logging
@@ -81,7 +81,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 help=help_text,
             )
         else:
-            metavar = {int: "N", float: "DURATION"}.get(tp, "TEXT")
+            metavar = {int: "N", float: "DURATION", Number: "NUMBER"}.get(tp, "TEXT")
             group.add_argument(
                 flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar, help=help_text
             )
