@@ -91,19 +91,6 @@ def parse_traceparent(value: str | None) -> str | None:
     return found.group(1)
 
 
-#: the names of a line's values (the journal's fields, after ``SDSERVE_``)
-FIELDS = (
-    "METHOD",
-    "PATH",
-    "STATUS",
-    "DURATION_MS",
-    "BYTES_IN",
-    "BYTES_OUT",
-    "CLIENT",
-    "USER_AGENT",
-    "REQUEST_ID",
-    "TRACE_ID",
-)
 #: entries waiting for the writer; past this they are dropped and counted
 QUEUE_SIZE = 10_000
 #: seconds the writer lets entries gather before it writes them
