@@ -131,7 +131,7 @@ def test_generated_trace_ids_are_random_and_never_repeat() -> None:
     seams) each trace id and span id is well formed and new, and a given traceparent's
     trace id is kept."""
     log = AccessLog(enabled=False, sample=1.0, probes=False, exempt=frozenset())
-    ids = (RANDOM_POOL * 2 // 24) * 3 + 7  # three pools and some: their seams included
+    ids = (RANDOM_POOL * 2 // 48) * 3 + 7  # three pools and some (48 hex digits an id)
     seen: set[str] = set()
     for n in range(ids):
         conn = SimpleNamespace()
