@@ -9,7 +9,9 @@ value is a field of its own (``SDSERVE_METHOD``, ``SDSERVE_PATH``, ``SDSERVE_STA
 ``SDSERVE_USER_AGENT``, ``SDSERVE_REQUEST_ID``, ``SDSERVE_TRACE_ID``, with
 ``SDSERVE_PHASE=access``); with ``access_log_format = "json"`` they are JSON lines on
 stdout instead (for containers), one object per request with the same keys in lower
-case.
+case. A text line (stderr without the journal) is for people: the message, which holds
+the values, then only the fields it lacks (``SDSERVE_PHASE``, ``SDSERVE_BYTES_IN``,
+``SDSERVE_TRACE_ID``); programs read the journal's fields or the JSON lines.
 
 - The health probes (and ``/metrics``) are left out unless ``access_log_probes``.
 - ``access_log_sample`` logs that share of the requests (chosen at random); a 5xx is
@@ -137,20 +139,17 @@ def _peer_text(peer: Any) -> str:
 
 
 def text_line(prefix: str, e: Entry) -> str:
-    """An entry's text line (behind ``prefix``, its time): the message, then the
-    journal's fields as ``NAME=value`` (for a reader of stderr without the journal)."""
+    """An entry's text line (behind ``prefix``, its time): the message, which holds the
+    values, then as ``NAME=value`` the fields the message lacks. A reader of stderr
+    without the journal reads the line; a program reads the journal's fields or the JSON
+    lines (a user agent may hold spaces and quotes, which a text line cannot delimit)."""
     _t, method, path, status, seconds, bytes_in, out, written, client, peer, agent, rid, trace = e
     if client is None:
         client = peer[0] if type(peer) is tuple else _peer_text(peer)
     sent = out if out and out != "0" else written  # a streamed body, or none: as written
-    ms = f"{seconds * 1000:.3f}"
-    status_text = str(status)  # once: each line holds it twice
     return (
-        f'{prefix}{client} "{method} {path}" {status_text} {sent} {ms}ms "{agent}" {rid} '
-        f"SDSERVE_PHASE=access SDSERVE_METHOD={method} SDSERVE_PATH={path} "
-        f"SDSERVE_STATUS={status_text} SDSERVE_DURATION_MS={ms} SDSERVE_BYTES_IN={bytes_in} "
-        f"SDSERVE_BYTES_OUT={sent} SDSERVE_CLIENT={client} SDSERVE_USER_AGENT={agent} "
-        f"SDSERVE_REQUEST_ID={rid} SDSERVE_TRACE_ID={trace}\n"
+        f'{prefix}{client} "{method} {path}" {status} {sent} {seconds * 1000:.3f}ms "{agent}" '
+        f"{rid} SDSERVE_PHASE=access SDSERVE_BYTES_IN={bytes_in} SDSERVE_TRACE_ID={trace}\n"
     )
 
 

@@ -65,10 +65,19 @@ def access_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if "SDSERVE_PHASE=access" in line]
 
 
-def field(line: str, name: str) -> str:
-    found = re.search(rf"SDSERVE_{name}=(\S+)", line)
-    assert found is not None, (name, line)
-    return found.group(1)
+#: a text line after its prefix: the message, then the fields it lacks
+_TEXT_LINE = re.compile(
+    r'(?P<client>[^\s>]+) "(?P<method>\S+) (?P<path>\S+)" (?P<status>\d+) (?P<bytes_out>\d+) '
+    r'(?P<duration_ms>\d+\.\d{3})ms "(?P<user_agent>.*)" (?P<request_id>\S+) '
+    r"SDSERVE_PHASE=access SDSERVE_BYTES_IN=(?P<bytes_in>\S+) SDSERVE_TRACE_ID=(?P<trace_id>\S+)$"
+)
+
+
+def values(line: str) -> dict[str, str]:
+    """A text line's values, by the JSON line's names."""
+    found = _TEXT_LINE.search(line.rstrip("\n"))
+    assert found is not None, line
+    return found.groupdict()
 
 
 def test_traceparent_parsing() -> None:
@@ -98,13 +107,15 @@ def test_an_entry_becomes_its_line_in_each_format() -> None:
         "user_agent": "curl/8", "request_id": "rid", "trace_id": TRACE,
     }  # fmt: skip
     text = text_line("<6>", entry)
-    assert text.startswith('<6>127.0.0.1 "POST /p?q=1" 201 34 12.346ms "curl/8" rid ')
-    assert text.endswith("\n")
-    assert text.count("\n") == 1
+    assert text == (
+        '<6>127.0.0.1 "POST /p?q=1" 201 34 12.346ms "curl/8" rid '
+        f"SDSERVE_PHASE=access SDSERVE_BYTES_IN=12 SDSERVE_TRACE_ID={TRACE}\n"
+    )
     journal = dict(item.split("=", 1) for item in journal_entry(entry).decode().splitlines())
+    in_text = values(text)
     for name, value in line.items():
         if name != "time":
-            assert str(value) == field(text, name.upper()) == journal[f"SDSERVE_{name.upper()}"]
+            assert str(value) == in_text[name] == journal[f"SDSERVE_{name.upper()}"]
     assert journal["MESSAGE"] == text[3:].split(" SDSERVE_")[0]
     # JSON allows no leading zero, and a header an application set may hold anything:
     # JSON's numbers are plain decimals, and its strings escaped
@@ -113,13 +124,13 @@ def test_an_entry_becomes_its_line_in_each_format() -> None:
     assert json.loads(json_line(plain))["bytes_out"] == 7
     # a streamed response (no Content-Length) and an empty one: what was written
     streamed = (1.5, "GET", "/", 200, 0.001, "0", None, 5000, None, peer, *ids)
-    assert field(text_line("", streamed), "BYTES_OUT") == "5000"
+    assert values(text_line("", streamed))["bytes_out"] == "5000"
     empty = (1.5, "GET", "/", 204, 0.001, "0", "0", 120, None, "/run/s.sock", *ids)
     assert json.loads(json_line(empty))["bytes_out"] == 120
     assert json.loads(json_line(empty))["client"] == "/run/s.sock"
     # the client behind a trusted proxy wins over the peer
     proxied = (1.5, "GET", "/", 200, 0.001, "0", "2", 2, "203.0.113.9", peer, *ids)
-    assert field(text_line("", proxied), "CLIENT") == "203.0.113.9"
+    assert values(text_line("", proxied))["client"] == "203.0.113.9"
     # what a client sent, quotes and control characters included, stays valid JSON
     odd = (1.5, "GET", '/a"b\\c\x01', 200, 0.001, "0", "2", 2, None, peer, 'ag"ent', *ids[1:])
     assert json.loads(json_line(odd))["path"] == '/a"b\\c\x01'
@@ -206,18 +217,19 @@ async def test_trace_ids_are_taken_or_generated_logged_and_returned(
     assert await launcher.stop() == ExitCode.OK  # the log's queue is written by now
     lines = access_lines(instance.log_text())
     assert len(lines) == 3, lines
-    first, second, third = lines
-    assert field(first, "TRACE_ID") == TRACE
-    assert field(first, "REQUEST_ID") == "abc-1"
-    assert field(first, "METHOD") == "GET"
-    assert field(first, "PATH") == "/items/7?x=1"
-    assert field(first, "STATUS") == "200"
-    assert field(first, "CLIENT") == "127.0.0.1"
-    assert field(first, "USER_AGENT") == "probe/1"
-    assert int(field(first, "BYTES_OUT")) == len(given.body)
-    assert float(field(first, "DURATION_MS")) >= 0
-    assert field(second, "TRACE_ID") == generated
-    assert field(third, "STATUS") == "404"
+    first, second, third = map(values, lines)
+    assert first["trace_id"] == TRACE
+    assert first["request_id"] == "abc-1"
+    assert first["method"] == "GET"
+    assert first["path"] == "/items/7?x=1"
+    assert first["status"] == "200"
+    assert first["client"] == "127.0.0.1"
+    assert first["user_agent"] == "probe/1"
+    assert first["bytes_in"] == "0"
+    assert int(first["bytes_out"]) == len(given.body)
+    assert float(first["duration_ms"]) >= 0
+    assert second["trace_id"] == generated
+    assert third["status"] == "404"
     assert "/livez" not in instance.log_text().split("ready after")[-1]
 
 
@@ -310,5 +322,5 @@ async def test_the_client_behind_haproxy_is_seen_and_a_forged_header_is_not(
         "scheme": "https",
     }
     assert await launcher.stop() == ExitCode.OK
-    clients = [field(line, "CLIENT") for line in access_lines(instance.log_text())]
+    clients = [values(line)["client"] for line in access_lines(instance.log_text())]
     assert clients == ["127.0.0.5", "127.0.0.6", "127.0.0.7", "6.6.6.6"]
