@@ -37,33 +37,14 @@ and costs O(1) per response.
 
 **The queue: CoDel, with adaptive LIFO**, as Facebook describes it ("Fail at Scale",
 2015). A request beyond the limit may wait in a bounded queue (``queue_size``). Its
-allowed wait is ``queue_interval`` (100 ms) normally, and ``queue_target`` (5 ms) in
-sustained overload; in that state the queue is served newest first (LIFO), so the
-requests served are those whose clients are still waiting, and the oldest are the ones
-that miss. Sustained overload begins when a request waited (or would have waited) the
-whole interval, and ends when the worker is idle (a request read after the loop had
-nothing left to do, or the queue emptied by serving), or after :data:`RECHECK` seconds
-of shedding, to be tested again.
-
-Facebook's rule is the worker's not being idle for an interval. sdserve asks for a wait
-of an interval instead, because of HTTP clients that each wait for their answer and
-send the next at once (a pool of N connections that is always busy, a batch job, a load
-generator such as wrk): they keep a worker busy forever with a standing queue of at most
-N requests, and refusing one of them lowers no load (its client sends the next request
-as soon as it has the 503, whatever ``Retry-After`` says) while the 503s take CPU from
-the requests served. Measured with wrk and 64 connections on one worker, Facebook's rule
-cut the 2xx a second to 0.19-0.68 of what the worker serves without admission control
-(a handler of no work) and 0.32-0.56 (1 ms of CPU), refusing up to 96% of the requests;
-this rule to 0.83-1.03 and 0.98-1.01, refusing none. A standing queue shorter than the
-interval is served in order; load that outgrows the worker (more requests arriving than
-it finishes, as from many independent clients) fills any queue, reaches the interval
-within a moment, and then meets the target.
-
-A request that *would* wait past its deadline is refused on arrival (its expected wait
-is the queue ahead of it times the mean service time over the limit): a request that
-has entered the queue is served, unless the handlers slow down or stop while it waits:
-then it is refused at its deadline, by one timer for the whole queue (counted in
-:attr:`Admission.expired`).
+allowed wait is ``queue_interval`` (100 ms) normally, and ``queue_target`` (5 ms) once
+the worker has not been idle for a whole interval (sustained overload); in that state
+the queue is served newest first (LIFO), so the requests served are those whose clients
+are still waiting, and the oldest are the ones that miss. A request that *would* wait
+past its deadline is refused on arrival (its expected wait is the queue ahead of it
+times the mean service time over the limit): a request that has entered the queue is
+served, unless the handlers slow down or stop while it waits: then it is refused at
+its deadline, by one timer for the whole queue (counted in :attr:`Admission.expired`).
 
 **Admissions paced by turns of the loop under sustained overload.** A handler that
 does not await runs its whole course in one step of the loop, so a limit on requests
@@ -163,9 +144,6 @@ MAX_CLIENTS = 4096
 SAMPLE_GAP = WINDOW / (2 * WINDOW_SAMPLES)
 #: windows in a row without a sign of pressure before the bookkeeping disengages
 CALM_WINDOWS = 10
-#: seconds of a sustained overload (while shedding) before it is put to the test again:
-#: it ends, and begins again once a request waits ``queue_interval`` (see _sustain)
-RECHECK = 5.0
 
 
 class Priority(IntEnum):
@@ -310,12 +288,8 @@ class Admission:
         self._refused = 0
         #: mean service time (admission to end), for the expected wait in the queue
         self.service = 0.0
-        #: sustained overload: a request waited, or would have waited, ``queue_interval``
-        #: (see :meth:`_sustain`); it lasts until the worker is idle again, or for
-        #: :data:`RECHECK` seconds of shedding
-        self.sustained = False
-        #: when the sustained overload began (the clock)
-        self._sustained_at = 0.0
+        #: the last time the worker was idle (nothing queued, the loop not saturated)
+        self._last_idle = clock()
         #: the last time a request was decided or ended (the loop was busy then): for a
         #: request :meth:`admit` just let in, when it was admitted
         self.last_busy = 0.0
@@ -353,22 +327,9 @@ class Admission:
 
     # -- the request path ---------------------------------------------------------------
 
-    def _sustain(self) -> None:
-        """A request waited, or would have waited, the whole ``queue_interval``: the work
-        that arrives outgrows what the worker finishes (a standing queue shorter than the
-        interval, such as a fixed number of clients that each wait for their answer, does
-        not count: refusing them would lower no load). Until the worker is idle again
-        the deadline is ``queue_target`` and the queue is served newest first.
-
-        A worker kept busy by such clients is never idle, so a sustained overload they
-        fell into (one request behind a handler that held the loop for an interval) would
-        last as long as they do, refusing most of them for nothing: after
-        :data:`RECHECK` seconds it ends (:meth:`tick`), and load that still outgrows the
-        worker starts it again within an interval."""
-        if not self.sustained:
-            self.sustained = True
-            self._sustained_at = self.clock()
-            log.debug("sustained overload: a request waited %.3f s", self.settings.queue_interval)
+    def overloaded(self, now: float) -> bool:
+        """Sustained overload: the worker has not been idle for a whole interval."""
+        return now - self._last_idle > self.settings.queue_interval
 
     def priority_of(self, path: str, header: str | None) -> Priority:
         s = self.settings
@@ -399,11 +360,11 @@ class Admission:
         now = self.clock()
         s = self.settings
         if arrived - self.last_busy > IDLE_GAP and not (self._normal or self._critical):
-            self.sustained = False  # read after the loop had nothing left to do
+            self._last_idle = now  # read after the loop had nothing left to do
         self.last_busy = now
         if s.client_rate and client is not None and not self._take_token(client, now):
             return self._refuse(CLIENT_RATE)
-        overloaded = self.sustained
+        overloaded = now - self._last_idle > s.queue_interval
         waited = now - arrived
         if waited > self._window_wait:  # noqa: PLR1730 (no call: the request path)
             self._window_wait = waited
@@ -420,8 +381,6 @@ class Admission:
             # for the requests ahead (a clock read only for a request that waited)
             waited = min(waited, self.cpu_clock() - work_since)
         if waited > deadline:
-            if waited > s.queue_interval:
-                self._sustain()
             return self._refuse(QUEUE_DEADLINE)
         inflight = self.inflight
         if priority is CRITICAL:
@@ -450,8 +409,6 @@ class Admission:
         if queue is self._normal and not overloaded:
             ahead += len(self._normal)
         if (ahead + 1) * self._slot() > deadline - waited:
-            if deadline == s.queue_interval:
-                self._sustain()
             return self._refuse(QUEUE_DEADLINE)
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         queue.append((arrived, future))
@@ -466,7 +423,7 @@ class Admission:
         if not self.pacing or priority is CRITICAL:
             return None
         s = self.settings
-        if not self.sustained:
+        if now - self._last_idle <= s.queue_interval:
             return None  # not (or no longer) a sustained overload
         if priority is SHEDDABLE:
             self.shed_on_read_count += 1
@@ -525,7 +482,7 @@ class Admission:
         self.pacing = False
         if self._critical or self._normal:
             self._wake(now)  # paces on when it admits one under sustained overload
-        if not self.pacing and active and self.sustained:
+        if not self.pacing and active and self.overloaded(now):
             self.pacing = True
             self._soon(self._next_turn)
         if not self.pacing:
@@ -538,25 +495,25 @@ class Admission:
         else:
             asyncio.get_running_loop().call_soon(fn)
 
-    def _deadline(self, critical: bool) -> float:
+    def _deadline(self, now: float, critical: bool) -> float:
         """How long a queued request of the normal or the critical queue may wait now."""
         s = self.settings
-        if critical or not self.sustained:
+        if critical or now - self._last_idle <= s.queue_interval:
             return s.queue_interval
         return s.queue_target
 
-    def _next_expiry(self) -> float:
+    def _next_expiry(self, now: float) -> float:
         """When the oldest queued request runs out of time (0: nothing queued)."""
         nearest = 0.0
         for queue, critical in ((self._critical, True), (self._normal, False)):
             if queue:
-                when = queue[0][0] + self._deadline(critical)
+                when = queue[0][0] + self._deadline(now, critical)
                 if not nearest or when < nearest:
                     nearest = when
         return nearest
 
     def _arm_expiry(self, now: float) -> None:
-        when = self._next_expiry()
+        when = self._next_expiry(now)
         if when and (not self._expiry_due or when < self._expiry_due):
             self._expiry_due = when
             self._expiry_timer += 1
@@ -575,13 +532,11 @@ class Admission:
         now = self.clock()
         self._expiry_due = 0.0
         for queue, critical in ((self._critical, True), (self._normal, False)):
-            limit = self._deadline(critical)
+            limit = self._deadline(now, critical)
             while queue and queue[0][0] + limit <= now:  # as _next_expiry computes it
-                arrived, future = queue.popleft()
+                _, future = queue.popleft()
                 if not future.done():
                     self.expired += 1
-                    if now - arrived >= self.settings.queue_interval:
-                        self._sustain()
                     future.set_result(self._refuse(QUEUE_DEADLINE))
         self._arm_expiry(now)
 
@@ -658,7 +613,7 @@ class Admission:
                     return
 
     def _wake(self, now: float) -> None:
-        lifo = self.sustained
+        lifo = self.overloaded(now)
         served = False
         while (self._critical or self._normal) and self.inflight < self.limit:
             if lifo and self.per_turn and self._turn_admitted >= self.per_turn:
@@ -667,10 +622,8 @@ class Admission:
             arrived, future = queue.pop() if lifo else queue.popleft()
             if future.done():
                 continue  # cancelled meanwhile
-            if now - arrived > self._deadline(queue is self._critical):
+            if now - arrived > self._deadline(now, queue is self._critical):
                 self.expired += 1
-                if now - arrived > self.settings.queue_interval:
-                    self._sustain()
                 future.set_result(self._refuse(QUEUE_DEADLINE))
                 continue
             future.set_result(None)
@@ -685,7 +638,7 @@ class Admission:
             # overload: the turns are paced then, and refusals as read keep the queue
             # short, so it empties by serving while the loop is never idle (a read
             # long after the last busy moment says when it is: admit)
-            self.sustained = False
+            self._last_idle = now
 
     # -- per client -----------------------------------------------------------------------
 
@@ -748,15 +701,11 @@ class Admission:
 
     def tick(self) -> None:
         """Once a second while shedding: a summary at most every ``log_interval``; the end
-        of the shedding after a second without a refusal; the end of a sustained
-        overload after :data:`RECHECK` seconds, to be tested again."""
+        of the shedding after a second without a refusal."""
         self._tick_due = False
         now = self.clock()
         refused, self._since_tick = self._since_tick, 0
         ended = refused == 0
-        if self.sustained and now - self._sustained_at >= RECHECK:
-            self.sustained = False  # put to the test again (see _sustain)
-            log.debug("sustained overload: checked again after %.0f s", RECHECK)
         if self._since_log and (ended or now - self._last_log >= self.settings.log_interval):
             self.log_summary(now)
         if ended:

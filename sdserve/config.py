@@ -133,9 +133,9 @@ class OverloadConfig:
         default=False,
         metadata={
             "doc": "adaptive admission control (Gradient2 limit, CoDel queue), its "
-            "bookkeeping engaged only under pressure; false (the default: its limit "
-            "starts at `initial_limit` and, with many slow awaiting requests, sheds what "
-            "the worker could serve): only `max_concurrency`, a static cap"
+            "bookkeeping engaged only under pressure; false (the default: under "
+            "closed-loop saturation deeper than `queue_target`, it sheds clients a static "
+            "cap would serve): only `max_concurrency`, a static cap"
         },
     )
     initial_limit: int = field(
@@ -167,8 +167,8 @@ class OverloadConfig:
     queue_interval: float = field(
         default=0.1,
         metadata={
-            "doc": "the longest wait otherwise (CoDel's interval); a request that waits "
-            "this long starts a sustained overload, which ends when the worker is idle"
+            "doc": "the longest wait otherwise; a worker not idle once in this long is "
+            "overloaded (CoDel's interval)"
         },
     )
     critical_paths: tuple[str, ...] = field(
