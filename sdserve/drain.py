@@ -380,8 +380,8 @@ class Tracker:
         for proto, request in self.inflight.items():
             if not proto.main or (proto.admitted_at is not None and not proto.timed):
                 continue  # not the application's, or counted already
-            if _path(request) in self.exempt_paths:
-                continue
+            if request._message.upgrade or _path(request) in self.exempt_paths:
+                continue  # a WebSocket is not held by admission control (_handle_request)
             if proto.admitted_at is None:
                 proto.admitted_at = proto.request_began  # the admission clock: monotonic
             proto.timed = False
@@ -988,7 +988,12 @@ class TrackedRequestHandler(RequestHandler):
                     )
                     return await _handle_request(self, request, start_time, refuse)
             admission = tracker.admission
-            if admission is not None and self.main and _path(request) not in tracker.exempt_paths:
+            if (
+                admission is not None
+                and self.main
+                and not request._message.upgrade  # a WebSocket lives on: not timed, not held
+                and _path(request) not in tracker.exempt_paths
+            ):
                 if not admission.engaged:
                     began = time.monotonic()
                     if (

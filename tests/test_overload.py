@@ -275,3 +275,33 @@ async def test_max_concurrency_holds_from_the_moment_the_bookkeeping_engages(
     assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
     assert await launcher.stop() == 0
     assert "queue_deadline 1" in instance.log_text()  # the one refusal, at its deadline
+
+
+async def test_websockets_are_not_held_by_admission_control(
+    make_launcher: LauncherFactory, port: int, gate: Gate
+) -> None:
+    """A WebSocket lives as long as its client: counted in flight, two would hold a limit
+    of 2 for good (and their lifetimes would be taken for the service's latency). With
+    admission control on, three WebSockets are let through and echo, and plain requests
+    are still held to the limit."""
+    launcher = make_launcher("--max-concurrency", "2", env={"SDSERVE_OVERLOAD__ENABLED": "true"})
+    await launcher.start()
+    async with aiohttp.ClientSession() as session:
+        sockets = [await session.ws_connect(f"http://{HOST}:{port}/ws") for _ in range(3)]
+        for i, ws in enumerate(sockets):
+            await ws.send_str(f"hello {i}")
+            assert await ws.receive_str(timeout=10) == f"hello {i}"
+        held = [asyncio.create_task(get(HOST, port, f"/hold/{n}")) for n in ("a", "b")]
+        for n in ("a", "b"):
+            await gate.wait_held(n)
+        refused = await get(HOST, port, "/hold/c")
+        assert refused.status == 503  # the limit of 2 holds for plain requests
+        assert "c" not in gate.held
+        for n in ("a", "b"):
+            gate.release(n)
+        assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
+        for ws in sockets:
+            await ws.send_str("still there")
+            assert await ws.receive_str(timeout=10) == "still there"
+            await ws.close()
+    assert await launcher.stop() == 0
