@@ -31,10 +31,12 @@ Goals (issue 15): at 3x, goodput at least 90% of the capacity; admitted p99 at m
 the unloaded p99 (at 0.1x) + 100 ms; rejections under 1 ms (the server's share: above the
 drill's floor); sdserve ahead of every other row at 2x and above. Also a 10x run of
 sdserve: what the clients see, and whether the listen queue overflows (the kernel's
-ListenOverflows counter, and ss's Recv-Q). Last, closed-loop saturation (wrk, 64
-connections, a handler of no work and of 1 ms) with admission control on and off: the
-2xx a second each serves, which is why it is off by default (a refused closed-loop client
-sends its next request at once, so refusing lowers no load, and spends CPU on 503s).
+ListenOverflows counter, and ss's Recv-Q). Last, closed-loop saturation (wrk: 64
+connections on a handler of no work and of 1 ms, 200 on one that awaits 50 ms) with
+admission control on and off: the 2xx a second each serves, and the share refused. A
+refused closed-loop client sends its next request at once, so refusing lowers no load
+and spends CPU on 503s: admission control should serve such a standing queue, not shed
+it (the first two cases are why it is off by default).
 
 The machine's other work comes and goes: all four servers run side by side, each load
 level runs on each in turn for ``SDS_BENCH_OVERLOAD_ROUNDS`` (default 2) rounds, and each
@@ -133,19 +135,25 @@ class Server:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
 
-async def start(kind: str, limit: int = 0) -> Server:
+async def start(kind: str, limit: int = 0, env: dict[str, str] | None = None) -> Server:
+    """``env``: the application's own settings (sdserve only)."""
     server = Server(kind)
+    app_env = env or {}
     if kind == "sdserve adaptive":
         # /control/stats (read between runs) is never shed
         await server.start_sdserve(
-            {"SDSERVE_OVERLOAD__ENABLED": "true", "SDSERVE_OVERLOAD__CRITICAL_PATHS": "/control"}
+            {
+                "SDSERVE_OVERLOAD__ENABLED": "true",
+                "SDSERVE_OVERLOAD__CRITICAL_PATHS": "/control",
+                **app_env,
+            }
         )
     elif kind == "sdserve target 25ms":
         await server.start_sdserve(
             {"SDSERVE_OVERLOAD__ENABLED": "true", "SDSERVE_OVERLOAD__QUEUE_TARGET": "25ms"}
         )
     elif kind == "sdserve no limit":
-        await server.start_sdserve({"SDSERVE_OVERLOAD__ENABLED": "false"})
+        await server.start_sdserve({"SDSERVE_OVERLOAD__ENABLED": "false", **app_env})
     elif kind == "aiohttp":
         code = (
             "import socket, sys; from aiohttp import web; "
@@ -261,34 +269,46 @@ async def open_loop(
     return await run_drill(spec)
 
 
-#: wrk's connections in the closed-loop comparison
+#: wrk's connections in the closed-loop comparison of handlers that work
 WRK_CONNECTIONS = 64
+#: ... and of a handler that awaits (many slow requests in flight), and its wait (ms)
+WRK_IO_CONNECTIONS = 200
+IO_MS = "50"
 
 
-def wrk_closed_loop(port: int, path: str) -> tuple[float, float]:
-    """wrk -c64 against ``path``: (2xx a second, the share answered otherwise)."""
-    run = run_wrk(f"http://127.0.0.1:{port}{path}", connections=WRK_CONNECTIONS, duration=DURATION)
+def wrk_closed_loop(port: int, path: str, connections: int) -> tuple[float, float]:
+    """wrk against ``path``: (2xx a second, the share answered otherwise)."""
+    run = run_wrk(f"http://127.0.0.1:{port}{path}", connections=connections, duration=DURATION)
     return (run.requests - run.non_2xx) / run.seconds, run.non_2xx / max(run.requests, 1)
 
 
 async def closed_loop_rows() -> list[str]:
     """Closed-loop saturation (wrk: each connection sends its next request as soon as the
-    last is answered), a handler of no work and of 1 ms, with and without admission
-    control: why it is off by default. A refusal brings the next request at once, so
-    refusing cannot lower the load; it only spends on 503s CPU that served requests."""
+    last is answered), with and without admission control: handlers of no work and of
+    1 ms of CPU (64 connections), and one that awaits 50 ms (``/io``, 200 connections:
+    many slow requests in flight, the worker's CPU mostly idle). A refusal brings the
+    next request at once, so refusing cannot lower the load; it only spends on 503s CPU
+    that served requests."""
     if shutil.which("wrk") is None:
         return ["closed loop: wrk is not installed (Debian package wrk): skipped"]
     lines = [
-        f"closed loop, wrk -t1 -c{WRK_CONNECTIONS}, {DURATION:g} s, best of 2 "
-        f"(2xx/s, share refused): admission control on (the defaults) vs off"
+        f"closed loop, wrk -t1, {DURATION:g} s, best of 2 (2xx/s, share refused): "
+        f"admission control on (its other defaults) vs off"
     ]
-    for path in (NO_WORK, PATH):
+    cases: tuple[tuple[str, int, dict[str, str]], ...] = (
+        (NO_WORK, WRK_CONNECTIONS, {}),
+        (PATH, WRK_CONNECTIONS, {}),
+        ("/io", WRK_IO_CONNECTIONS, {"TESTAPP_IO_MS": IO_MS}),
+    )
+    for path, connections, env in cases:
         best: dict[str, tuple[float, float]] = {}
-        servers = {kind: await start(kind) for kind in ("sdserve adaptive", "sdserve no limit")}
+        servers = {
+            kind: await start(kind, env=env) for kind in ("sdserve adaptive", "sdserve no limit")
+        }
         try:
             for _ in range(2):
                 for kind, server in servers.items():
-                    got = await asyncio.to_thread(wrk_closed_loop, server.port, path)
+                    got = await asyncio.to_thread(wrk_closed_loop, server.port, path, connections)
                     if kind not in best or got[0] > best[kind][0]:
                         best[kind] = got
         finally:
@@ -296,7 +316,7 @@ async def closed_loop_rows() -> list[str]:
                 await server.stop()
         on, off = best["sdserve adaptive"], best["sdserve no limit"]
         lines.append(
-            f"  {path:<12} on: {on[0]:>7.0f} 2xx/s, {on[1]:.0%} refused; "
+            f"  {path:<9} -c{connections:<4} on: {on[0]:>7.0f} 2xx/s, {on[1]:.0%} refused; "
             f"off: {off[0]:>7.0f} 2xx/s, {off[1]:.0%} refused; goodput on/off {on[0] / off[0]:.2f}"
         )
     return lines
