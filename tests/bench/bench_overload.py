@@ -31,12 +31,13 @@ Goals (issue 15): at 3x, goodput at least 90% of the capacity; admitted p99 at m
 the unloaded p99 (at 0.1x) + 100 ms; rejections under 1 ms (the server's share: above the
 drill's floor); sdserve ahead of every other row at 2x and above. Also a 10x run of
 sdserve: what the clients see, and whether the listen queue overflows (the kernel's
-ListenOverflows counter, and ss's Recv-Q). Last, closed-loop saturation (wrk: 64
-connections on a handler of no work and of 1 ms, 200 on one that awaits 50 ms) with
-admission control on and off: the 2xx a second each serves, and the share refused. A
-refused closed-loop client sends its next request at once, so refusing lowers no load
-and spends CPU on 503s: admission control should serve such a standing queue, not shed
-it (the first two cases are why it is off by default).
+ListenOverflows counter, and ss's Recv-Q). Then a soak: ``SDS_BENCH_OVERLOAD_SOAK``
+(default 6) runs at 5x back to back on one sdserve, the timeouts of each. Last,
+closed-loop saturation (wrk: 64 connections on a handler of no work and of 1 ms, 200 on
+one that awaits 50 ms) with admission control on and off: the 2xx a second each serves,
+and the share refused. A refused closed-loop client sends its next request at once, so
+refusing lowers no load and spends CPU on 503s: admission control should serve such a
+standing queue, not shed it (these cases are why it is off by default).
 
 The machine's other work comes and goes: all four servers run side by side, each load
 level runs on each in turn for ``SDS_BENCH_OVERLOAD_ROUNDS`` (default 2) rounds, and each
@@ -62,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from sdserve.drill import DrillSpec, Target, run_drill
+from sdserve.drill.outcome import TIMEOUT
 from sdserve.drill.result import DrillResult
 from sdserve.launcher import Launcher
 from tests.bench.wrk import run_wrk
@@ -76,6 +78,8 @@ PATH = "/cpu?ms=1"
 NO_WORK = "/cpu?ms=0"
 UVICORN_LIMITS = (4, 16, 64)
 ROUNDS = int(os.environ.get("SDS_BENCH_OVERLOAD_ROUNDS", "2"))
+#: runs at 5x back to back on one server, for the soak
+SOAK_RUNS = int(os.environ.get("SDS_BENCH_OVERLOAD_SOAK", "6"))
 START_TIMEOUT = 60.0
 
 
@@ -322,6 +326,31 @@ async def closed_loop_rows() -> list[str]:
     return lines
 
 
+async def soak(capacity: float) -> str:
+    """SOAK_RUNS runs at 5x, back to back, on one sdserve with admission control: each
+    one's goodput, its requests that timed out and the listen queue mid-run. The
+    interleaved rounds above let a server rest between runs; a worker that falls behind
+    for good (connections or requests left waiting until their clients give up: whole
+    runs lost, in one rule that was tried) shows only here."""
+    server = await start("sdserve adaptive")
+    cells = []
+    try:
+        for _ in range(SOAK_RUNS):
+            run = asyncio.create_task(open_loop(server.port, 5 * capacity))
+            await asyncio.sleep(DURATION / 2)  # sample the queue mid-run (a measurement)
+            queue = accept_queue(server.port)
+            result = await run
+            timeouts = sum(1 for code in result.code if int(code) == TIMEOUT)
+            got = summarise(result)
+            cells.append(f"{got['goodput'] / capacity:.0%} ({timeouts} timed out, {queue})")
+    finally:
+        await server.stop()
+    return (
+        f"5x soak, {SOAK_RUNS} runs back to back on sdserve adaptive: goodput of capacity "
+        f"(requests timed out, listen queue mid-run): {'; '.join(cells)}"
+    )
+
+
 def listen_overflows() -> int:
     """The kernel's TcpExtListenOverflows (connections dropped at a full accept queue)."""
     text = Path("/proc/net/netstat").read_text()
@@ -479,6 +508,7 @@ async def _main() -> str:
         f"{t['rejected']:.0%}, failed {t['failed']:.1%}, not sent by the drill "
         f"{ten.not_sent}; listen queue mid-run {queue}; ListenOverflows +{overflows}"
     )
+    lines.append(await soak(capacity))
     lines.extend(await closed_loop_rows())
     lines.append(f"({time.monotonic() - began:.0f} s)")
     return "\n".join(lines)
