@@ -12,7 +12,12 @@ for the next process.
 
 At ``max_connections`` (open plus being connected) the acceptor stops reading the
 socket until one closes: the kernel's queue holds the rest, and another worker
-sharing the socket takes them.
+sharing the socket takes them. A client that waits there while this process holds
+keep-alive connections idle between requests is not left waiting for their keep-alive
+timeout: the longest idle of them (idle for ``reclaim_after`` or more) are closed to
+make room (:meth:`sdserve.drain.Tracker.reclaim_idle`), as nginx does when it runs out
+of connections. Otherwise a pool of idle connections, a client library's or an
+attacker's, would shut new clients out.
 """
 
 from __future__ import annotations
@@ -33,6 +38,16 @@ ACCEPT_BATCH = 16
 #: pause after running out of file descriptors or memory, before accepting again
 RESOURCE_PAUSE = 0.5
 _RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+#: at max_connections, a keep-alive connection idle this long (or a quarter of the
+#: keep-alive timeout, if less) may be closed for a client waiting in the kernel's queue:
+#: long enough that a client busy on it is not cut between two requests
+RECLAIM_AFTER = 1.0
+
+
+def reclaim_after(keepalive_timeout: float) -> float:
+    """How long a keep-alive connection must have been idle to be closed at
+    max_connections (0: keep-alive is off, so none is ever idle)."""
+    return min(RECLAIM_AFTER, keepalive_timeout / 4) if keepalive_timeout > 0 else 0.0
 
 
 class Acceptor:
@@ -42,11 +57,16 @@ class Acceptor:
         protocol_factory: Callable[[], asyncio.Protocol],
         tracker: Tracker,
         max_connections: int = 0,
+        reclaim_after: float = 0.0,
     ) -> None:
         self.listener = listener
         self._factory = protocol_factory
         self._tracker = tracker
         self._max = max_connections
+        #: at max_connections, close keep-alive connections idle this long (0: never)
+        self._reclaim_after = reclaim_after
+        #: full, nothing idle long enough yet: when to look again
+        self._recheck: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self._accepting = False
         #: reading the socket (not when stopped, paused after an error, or full)
@@ -68,6 +88,7 @@ class Acceptor:
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
+        self._cancel_recheck()
         self._accepting = False
         self._read(False)
 
@@ -85,7 +106,42 @@ class Acceptor:
     def _room(self) -> None:
         """A connection closed: accept again if it was full."""
         if self._accepting and not self._reading and self._resume is None and not self._full():
+            self._cancel_recheck()
             self._read(True)
+
+    def _make_room(self) -> None:
+        """Full, with a client waiting in the kernel's queue: close keep-alive connections
+        idle long enough for it (as they close, :meth:`_room` accepts again). With none,
+        the client waits for a connection to close, and this looks again when the next
+        idle one is due."""
+        if self._reclaim_after > 0:
+            closed, again = self._tracker.reclaim_idle(ACCEPT_BATCH, self._reclaim_after)
+            if closed:
+                return
+            if self._recheck is None:
+                self._recheck = self._loop.call_at(again, self._look_again)
+        self._tracker.rejected["connection_limit"] += 1
+        idle = f", none idle for {self._reclaim_after:g}s" if self._reclaim_after else ""
+        log.warning(
+            "%d connections open on %s (max_connections)%s: not accepting until one "
+            "closes; the kernel's queue holds the rest",
+            self._max,
+            self.listener.address,
+            idle,
+            extra={"SDSERVE_PHASE": "limit", "SDSERVE_LIMIT": "max_connections"},
+        )
+
+    def _look_again(self) -> None:
+        """Read the socket again: a client still waiting makes :meth:`_on_readable` look
+        for idle connections once more."""
+        self._recheck = None
+        if self._accepting and self._resume is None:
+            self._read(True)
+
+    def _cancel_recheck(self) -> None:
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
 
     def _pause(self) -> None:
         self._read(False)
@@ -99,15 +155,8 @@ class Acceptor:
     def _on_readable(self) -> None:
         for _ in range(ACCEPT_BATCH):
             if self._full():
-                self._tracker.rejected["connection_limit"] += 1
-                log.warning(
-                    "%d connections open on %s (max_connections): not accepting until one "
-                    "closes; the kernel's queue holds the rest",
-                    self._max,
-                    self.listener.address,
-                    extra={"SDSERVE_PHASE": "limit", "SDSERVE_LIMIT": "max_connections"},
-                )
                 self._read(False)
+                self._make_room()
                 return
             try:
                 conn, _addr = self.listener.sock.accept()

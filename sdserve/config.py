@@ -366,7 +366,9 @@ class Config:
         default=512,
         metadata={
             "doc": "connections one process holds at most; past it, it stops accepting and "
-            "the kernel's queue holds the rest (the admin socket is not limited)"
+            "the kernel's queue holds the rest (the admin socket is not limited), and for "
+            "a client waiting there it closes keep-alive connections idle 1 s or more (a "
+            "quarter of `keepalive_timeout` if less), the longest idle first"
         },
     )
     request_timeout: float = field(

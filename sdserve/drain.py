@@ -135,6 +135,35 @@ def movable(proto: TrackedRequestHandler) -> bool:
     )
 
 
+def _first(pair: tuple[float, object]) -> float:
+    return pair[0]
+
+
+def idle_since(proto: TrackedRequestHandler) -> float | None:
+    """When the connection went idle between requests (loop time: its last response
+    written, or bytes last read, whichever is later), or None when it is not idle: a
+    request is arriving, queued, handled or answered, it is upgraded (a WebSocket), it
+    is closing, or keep-alive is off (then it is closed after each response anyway)."""
+    transport = proto.transport
+    keepalive = proto._keepalive_timeout
+    if (
+        not keepalive
+        or transport is None
+        or transport.is_closing()
+        or proto._force_close
+        or proto._close
+        or proto._upgraded
+        or not is_parked(proto)
+        or in_progress(proto)
+        or queued_requests(proto)
+        or proto.request_arriving
+    ):
+        return None
+    # aiohttp sets the keep-alive deadline as the connection is made and after each
+    # response: that moment is when it last went idle
+    return max(proto.last_rx, proto._next_keepalive_close_time - keepalive)
+
+
 # -- what the application sees of the drain ---------------------------------------------
 
 DrainHook = Callable[[web.Application], Awaitable[None]]
@@ -290,6 +319,8 @@ class Tracker:
         self.response_bytes = 0
         self.completed_in_drain = 0
         self.idle_closed = 0
+        #: idle keep-alive connections closed at max_connections to let new clients in
+        self.reclaimed = 0
         #: adaptive limit, wait queue, priorities (None: only max_concurrency, a static cap)
         self.admission: Admission | None = None
         #: paths that are never shed under overload (health probes)
@@ -524,6 +555,38 @@ class Tracker:
                     proto.refused = True
                     self._arm(proto)
         self._changed.set()
+
+    def reclaim_idle(self, most: int, idle_for: float) -> tuple[int, float]:
+        """At ``max_connections``, with clients waiting in the kernel's queue: close up to
+        ``most`` of the application's keep-alive connections that have been idle between
+        requests for ``idle_for`` seconds or more, the longest idle first (as nginx
+        reuses its idle keep-alive connections when it runs out). A client may close an
+        idle connection at any time and must be ready to reconnect; a connection with
+        a byte of a request come or in the kernel is not idle and stays.
+
+        Returns how many were closed, and when (loop time) to look again if clients
+        still wait: when the next idle connection is due, else ``idle_for`` from now."""
+        now = asyncio.get_running_loop().time()
+        idle = [
+            (since, proto)
+            for proto in self.connections
+            if proto.main and (since := idle_since(proto)) is not None
+        ]
+        idle.sort(key=_first)
+        closed = 0
+        again = now + idle_for
+        for since, proto in idle:
+            if since > now - idle_for:
+                again = since + idle_for
+                break
+            if closed >= most:
+                break
+            if unread_bytes(proto) > 0:
+                continue  # a request is in the kernel: it is about to be read
+            proto.force_close()
+            closed += 1
+        self.reclaimed += closed
+        return closed, again
 
     # -- drain -------------------------------------------------------------------------
 

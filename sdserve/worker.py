@@ -73,7 +73,7 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__, accesslog, health, metrics, proxies
-from .acceptor import Acceptor, serve_connection
+from .acceptor import Acceptor, reclaim_after, serve_connection
 from .activation import ActivationError, Listener, connection_from_fd
 from .admission import Admission
 from .admission import Settings as AdmissionSettings
@@ -396,7 +396,8 @@ class Worker:
 
             # the admin socket is not limited: health probes must get through a crowd
             limit = 0 if admin else self.config.max_connections
-            self._acceptors.append(Acceptor(listener, factory, self.tracker, limit))
+            reclaim = reclaim_after(self.config.keepalive_timeout)
+            self._acceptors.append(Acceptor(listener, factory, self.tracker, limit, reclaim))
         return runner
 
     async def _start(self) -> None:
@@ -744,6 +745,12 @@ class Worker:
                 "refused by limits while serving: %s",
                 ", ".join(f"{k} {v}" for k, v in sorted(refused.items())),
                 extra=_fields("limits", **refused),
+            )
+        if reclaimed := self.tracker.reclaimed:
+            log.info(
+                "%d idle keep-alive connection(s) closed at max_connections to let new clients in",
+                reclaimed,
+                extra=_fields("limits", reclaimed=reclaimed),
             )
         if (adm := self.admission) is not None and adm.admitted:
             log.info(

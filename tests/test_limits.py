@@ -81,7 +81,7 @@ async def test_each_limit_answers_with_its_status_and_is_counted(
 
 
 async def test_at_max_connections_the_rest_wait_in_the_kernel_queue(
-    make_launcher: LauncherFactory, port: int
+    make_launcher: LauncherFactory, port: int, gate: Gate
 ) -> None:
     launcher = make_launcher("--max-connections", "2")
     await launcher.start()
@@ -89,6 +89,8 @@ async def test_at_max_connections_the_rest_wait_in_the_kernel_queue(
     for reader, writer in held:  # both accepted and served (keep-alive)
         writer.write(request_bytes("/"))
         assert (await read_response(reader)).status == 200
+    held[1][1].write(request_bytes("/hold/busy"))  # busy, so not idle: never reclaimed
+    await gate.wait_held("busy")
     waiting_r, waiting_w = await asyncio.open_connection(HOST, port)  # the kernel completes it
     waiting_w.write(request_bytes("/"))
     answer = asyncio.create_task(read_response(waiting_r))
@@ -98,6 +100,8 @@ async def test_at_max_connections_the_rest_wait_in_the_kernel_queue(
         writer.write(request_bytes("/"))
         assert (await read_response(reader)).status == 200
     assert not answer.done()
+    gate.release("busy")
+    assert (await read_response(held[1][0])).status == 200
     held[1][1].close()  # one closes: the third is accepted and answered
     response = await asyncio.wait_for(answer, 10)
     assert response.status == 200
@@ -107,6 +111,36 @@ async def test_at_max_connections_the_rest_wait_in_the_kernel_queue(
     log = launcher.instances[-1].log_text()
     assert "2 connections open on" in log
     assert refused_counts(log)["connection_limit"] >= 1
+
+
+async def test_at_max_connections_idle_keepalive_connections_make_room(
+    make_launcher: LauncherFactory, port: int, gate: Gate
+) -> None:
+    """A client waiting in the kernel's queue is not left to the keep-alive timeout of a
+    connection idle between requests: the longest idle is closed for it (idle 1 s or
+    more), while a connection with a request in flight is left alone."""
+    launcher = make_launcher("--max-connections", "2", "--keepalive-timeout", "60")
+    await launcher.start()
+    idle_r, idle_w = await asyncio.open_connection(HOST, port)
+    idle_w.write(request_bytes("/"))
+    assert (await read_response(idle_r)).status == 200  # then idle, kept alive
+    busy_r, busy_w = await asyncio.open_connection(HOST, port)
+    busy_w.write(request_bytes("/hold/busy"))
+    await gate.wait_held("busy")
+    new_r, new_w = await asyncio.open_connection(HOST, port)
+    new_w.write(request_bytes("/"))
+    # answered once the idle connection has been idle a second: far inside the 60 s
+    # keep-alive timeout that would otherwise have freed its place
+    assert (await asyncio.wait_for(read_response(new_r), 10)).status == 200
+    assert await asyncio.wait_for(idle_r.read(), 10) == b""  # closed by the server
+    gate.release("busy")  # the busy connection was not cut: its answer comes
+    assert (await asyncio.wait_for(read_response(busy_r), 10)).status == 200
+    for writer in (idle_w, busy_w, new_w):
+        writer.close()
+    assert await launcher.stop() == 0
+    log = launcher.instances[-1].log_text()
+    assert "1 idle keep-alive connection(s) closed at max_connections" in log
+    assert "Traceback" not in log
 
 
 # -- slowloris --------------------------------------------------------------------------
