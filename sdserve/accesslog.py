@@ -19,12 +19,14 @@ the values, then only the fields it lacks (``SDSERVE_PHASE``, ``SDSERVE_BYTES_IN
 - Logging never blocks the event loop, and costs it little. No middleware: sdserve's
   protocol (:class:`sdserve.drain.TrackedRequestHandler`) calls :meth:`AccessLog.begin`
   before the handler, :meth:`AccessLog.prepared` as the response's headers go out and
-  :meth:`AccessLog.ended` once it is written. The loop appends a tuple of what it
-  already has (the parsed request line and headers, the status, the timing) to a
-  bounded queue, and a thread of the access log's own formats each entry in one call
-  (one f-string; each number converted once) and writes them in batches (one ``write``
-  for many lines; one datagram per entry to journald), bypassing :mod:`logging` (whose
-  records cost the loop some 40 us each).
+  :meth:`AccessLog.ended` once it is written. For a text line the loop makes the line
+  itself, in one f-string of what it already has (the parsed request line and headers,
+  the status, the timing): fewer steps in all than a tuple that a thread unpacks and
+  formats later. For JSON and the journal it appends a tuple of those values, and the
+  thread makes the line. Either goes to a bounded queue, and a thread of the access
+  log's own writes them in batches (one ``write`` for many lines, each text line behind
+  the time, to the second, as the batch is written; one datagram per entry to
+  journald), bypassing :mod:`logging` (whose records cost the loop some 40 us each).
   When the queue is full an entry is dropped and counted
   (``sdserve_log_lines_dropped_total``).
 
@@ -97,11 +99,12 @@ def parse_traceparent(value: str | None) -> str | None:
 QUEUE_SIZE = 10_000
 #: seconds the writer lets entries gather before it writes them
 BATCH_PAUSE = 0.05
-#: what the loop queues: (time, method, path, status, seconds, the request's
-#: Content-Length header, the response's, the bytes written of it (headers too), the
-#: client behind a trusted proxy or None, the connection's peer, user agent, request id,
-#: trace id): values it already has, as they are; the writer thread makes the line of
-#: each in one call (:func:`text_line`, :func:`json_line`, :func:`journal_entry`)
+#: what the loop queues for JSON and the journal: (time, method, path, status, seconds,
+#: the request's Content-Length header, the response's, the bytes written of it (headers
+#: too), the client behind a trusted proxy or None, the connection's peer, user agent,
+#: request id, trace id): values it already has, as they are; the writer thread makes
+#: the line of each in one call (:func:`json_line`, :func:`journal_entry`). For text the
+#: loop queues the line itself (:meth:`AccessLog.ended`), without its time stamp
 Entry = tuple[float, str, str, int, float, str, "str | None", int, "str | None", Any, str, str, str]
 Target = Literal["journal", "stderr", "syslog-stderr", "json"]
 
@@ -136,21 +139,9 @@ def _peer_text(peer: Any) -> str:
 # one per entry, and a call and a tuple more would cost a tenth of a line. The text and
 # the journal's numbers are what went over the wire; JSON's are checked to be plain
 # decimals (a header an application set may hold anything, and JSON allows no "0012").
-
-
-def text_line(prefix: str, e: Entry) -> str:
-    """An entry's text line (behind ``prefix``, its time): the message, which holds the
-    values, then as ``NAME=value`` the fields the message lacks. A reader of stderr
-    without the journal reads the line; a program reads the journal's fields or the JSON
-    lines (a user agent may hold spaces and quotes, which a text line cannot delimit)."""
-    _t, method, path, status, seconds, bytes_in, out, written, client, peer, agent, rid, trace = e
-    if client is None:
-        client = peer[0] if type(peer) is tuple else _peer_text(peer)
-    sent = out if out and out != "0" else written  # a streamed body, or none: as written
-    return (
-        f'{prefix}{client} "{method} {path}" {status} {sent} {seconds * 1000:.3f}ms "{agent}" '
-        f"{rid} SDSERVE_PHASE=access SDSERVE_BYTES_IN={bytes_in} SDSERVE_TRACE_ID={trace}\n"
-    )
+# A text line is for people: the message, which holds the values, then as ``NAME=value``
+# the fields the message lacks (a user agent may hold spaces and quotes, which a text
+# line cannot delimit: a program reads the journal's fields or the JSON lines).
 
 
 def journal_entry(e: Entry) -> bytes:
@@ -200,7 +191,8 @@ class AccessWriter(threading.Thread):
         super().__init__(name="sdserve-access-log", daemon=True)
         self.target = target
         self.limit = limit
-        self.pending: deque[Entry] = deque()
+        #: text lines (without their time stamp), or entries for JSON and the journal
+        self.pending: deque[Entry | str] = deque()
         self.wake = threading.Event()
         self.dropped = 0
         #: drops already said in sdserve's own log, and when it may say more
@@ -231,7 +223,7 @@ class AccessWriter(threading.Thread):
                 # thread competing with the event loop for the GIL (a pause, not a wait)
                 self._ending.wait(BATCH_PAUSE)
             self.wake.clear()
-            batch: list[Entry] = []
+            batch: list[Any] = []
             take, keep = pending.popleft, batch.append
             while pending:  # to empty: the loop wakes this thread only for an empty queue
                 keep(take())
@@ -241,7 +233,7 @@ class AccessWriter(threading.Thread):
             if self._stopping and not pending:
                 return
 
-    def _write(self, batch: list[Entry]) -> None:
+    def _write(self, batch: list[Any]) -> None:
         try:
             if self._journal is not None:
                 send = self._journal.send
@@ -251,7 +243,9 @@ class AccessWriter(threading.Thread):
             if self.target == "json":
                 text = "".join(map(json_line, batch))
             else:
-                text = "".join(self._text_lines(batch))
+                # each line behind the time stamp (one join: the lines end with "\n")
+                prefix = "<6>" if self.target == "syslog-stderr" else self._stamp(wall_clock())
+                text = prefix + prefix.join(batch)
             data = memoryview(text.encode("utf-8", "replace"))
             while data:
                 data = data[os.write(self._fd, data) :]
@@ -261,18 +255,9 @@ class AccessWriter(threading.Thread):
             if exc.errno == errno.EBADF:
                 self._stopping = True
 
-    def _text_lines(self, batch: list[Entry]) -> list[str]:
-        """The batch's text lines, each behind its second's time stamp (``<6>`` instead
-        under systemd, which stamps them itself)."""
-        if self.target == "syslog-stderr":
-            return [text_line("<6>", e) for e in batch]
-        if int(batch[0][0]) == int(batch[-1][0]):  # a batch is 50 ms: mostly one second
-            prefix = self._stamp(batch[0][0])
-            return [text_line(prefix, e) for e in batch]
-        return [text_line(self._stamp(e[0]), e) for e in batch]
-
     def _stamp(self, t: float) -> str:
-        """A text line's prefix: the time (to the second) and the logger."""
+        """A text line's prefix: the time (to the second) and the logger (``<6>`` instead
+        under systemd, which stamps the lines itself)."""
         second = int(t)
         if second != self._second:  # localtime() is slow: once a second
             self._second = second
@@ -329,8 +314,10 @@ class AccessLog:
         self.exempt = exempt
         self.writer = writer
         #: the writer's queue and its bound, read at each request
-        self._pending: deque[Entry] = writer.pending if writer is not None else deque()
+        self._pending: deque[Entry | str] = writer.pending if writer is not None else deque()
         self._limit = writer.limit if writer is not None else 0
+        #: the loop makes text lines itself (see :meth:`ended`)
+        self._text = writer is not None and writer.target in ("stderr", "syslog-stderr")
         #: random hex text, the next id's place in it, and its end (drawn afresh then)
         self._random = ""
         self._next = self._end = 0
@@ -361,7 +348,7 @@ class AccessLog:
     def prepared(conn: Connection, response: web.StreamResponse) -> None:
         """The response's headers are about to go out: the trace id (with a span id of this
         server's) and the request id go with them."""
-        headers = response.headers
+        headers = response._headers  # response.headers, without a property call
         headers[_TRACEPARENT_HEADER] = f"00-{conn.trace}-{conn.span}-01"
         headers[_REQUEST_ID_HEADER] = conn.request_id
 
@@ -385,23 +372,41 @@ class AccessLog:
             self.writer.dropped += 1  # type: ignore[union-attr]
             return
         headers = message.headers
-        pending.append(
-            (
-                wall_clock(),
-                message.method,
-                path,
-                status,
-                monotonic() - conn.request_began,
-                headers.get(_CONTENT_LENGTH_HEADER, "0"),
-                response._headers.get(_CONTENT_LENGTH_HEADER),
-                response._body_length,
-                conn.client,
-                request._transport_peername,
-                headers.get(_USER_AGENT_HEADER, "-"),
-                conn.request_id,
-                conn.trace,
+        if self._text:
+            # the line itself, in one f-string: the message (which holds the values), then
+            # the fields it lacks; a body's bytes as its Content-Length says, else (a stream,
+            # or none) as written, headers included
+            client = conn.client
+            if client is None:
+                peer = request._transport_peername
+                client = peer[0] if type(peer) is tuple else _peer_text(peer)
+            out = response._headers.get(_CONTENT_LENGTH_HEADER)
+            pending.append(
+                f'{client} "{message.method} {path}" {status} '
+                f"{out if out and out != '0' else response._body_length} "
+                f"{(monotonic() - conn.request_began) * 1000:.3f}ms "
+                f'"{headers.get(_USER_AGENT_HEADER, "-")}" {conn.request_id} SDSERVE_PHASE=access '
+                f"SDSERVE_BYTES_IN={headers.get(_CONTENT_LENGTH_HEADER, '0')} "
+                f"SDSERVE_TRACE_ID={conn.trace}\n"
             )
-        )
+        else:
+            pending.append(
+                (
+                    wall_clock(),
+                    message.method,
+                    path,
+                    status,
+                    monotonic() - conn.request_began,
+                    headers.get(_CONTENT_LENGTH_HEADER, "0"),
+                    response._headers.get(_CONTENT_LENGTH_HEADER),
+                    response._body_length,
+                    conn.client,
+                    request._transport_peername,
+                    headers.get(_USER_AGENT_HEADER, "-"),
+                    conn.request_id,
+                    conn.trace,
+                )
+            )
         if len(pending) == 1:
             # the first since the writer emptied the queue (the loop alone appends, so
             # every entry after it is either drained with it or finds the queue empty)

@@ -12,9 +12,11 @@ import select
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -24,10 +26,11 @@ from sdserve import accesslog
 from sdserve.accesslog import (
     RANDOM_POOL,
     AccessLog,
+    AccessWriter,
+    Target,
     journal_entry,
     json_line,
     parse_traceparent,
-    text_line,
 )
 from sdserve.exitcodes import ExitCode
 from tests.conftest import LauncherFactory
@@ -92,47 +95,79 @@ def test_traceparent_parsing() -> None:
         assert parse_traceparent(bad) is None, bad
 
 
-def test_an_entry_becomes_its_line_in_each_format() -> None:
-    """What the loop queues, as it is, becomes one line: the bytes in from the request's
+def logged(
+    target: Target,
+    *,
+    method: str = "GET",
+    path: str = "/",
+    status: int = 200,
+    out: str | None = None,
+    length: str | None = None,
+    agent: str = "curl/8",
+    client: str | None = None,
+    peer: object = ("127.0.0.1", 40000),
+) -> Any:
+    """What :meth:`AccessLog.ended` queues for ``target`` (a text line, or an entry) for a
+    request answered with a response of Content-Length ``out`` (None: none, a stream)
+    after 200 bytes were written: the values aiohttp's objects hold, as they hold them."""
+    log = AccessLog(
+        enabled=True, sample=1.0, probes=False, exempt=frozenset(), writer=AccessWriter(target)
+    )
+    sent = {"User-Agent": agent} | ({"Content-Length": length} if length is not None else {})
+    message = SimpleNamespace(method=method, path=path, headers=CIMultiDictProxy(CIMultiDict(sent)))
+    request = SimpleNamespace(_message=message, _transport_peername=peer)
+    response = web.StreamResponse(status=status)
+    if out is not None:
+        response.headers["Content-Length"] = out
+    response._body_length = 200  # as written, headers included
+    conn = SimpleNamespace(
+        client=client, request_began=time.monotonic() - 0.0123, request_id="rid", trace=TRACE
+    )
+    log.ended(conn, request, response)  # type: ignore[arg-type]
+    return log._pending.pop()
+
+
+def test_a_response_becomes_its_line_in_each_format() -> None:
+    """What the loop queues becomes one line: the bytes in from the request's
     Content-Length, the bytes out from the response's (else what was written), the client
     from the peer (or the trusted proxy), the duration in ms; the same values in each
     format, and JSON's numbers plain decimals whatever a header held."""
-    ids = ("curl/8", "rid", TRACE)
-    peer = ("127.0.0.1", 40000)
-    entry = (1.5, "POST", "/p?q=1", 201, 0.0123456, "12", "34", 200, None, peer, *ids)
+    request = {"method": "POST", "path": "/p?q=1", "status": 201, "length": "12"}
+    entry = logged("json", out="34", **request)  # type: ignore[arg-type]
     line = json.loads(json_line(entry))
+    assert 12.3 <= line.pop("duration_ms") < 1000
+    assert time.time() - 10 < line.pop("time") <= time.time()
     assert line == {
-        "time": 1.5, "method": "POST", "path": "/p?q=1", "status": 201,
-        "duration_ms": 12.346, "bytes_in": 12, "bytes_out": 34, "client": "127.0.0.1",
-        "user_agent": "curl/8", "request_id": "rid", "trace_id": TRACE,
+        "method": "POST", "path": "/p?q=1", "status": 201, "bytes_in": 12, "bytes_out": 34,
+        "client": "127.0.0.1", "user_agent": "curl/8", "request_id": "rid", "trace_id": TRACE,
     }  # fmt: skip
-    text = text_line("<6>", entry)
-    assert text == (
-        '<6>127.0.0.1 "POST /p?q=1" 201 34 12.346ms "curl/8" rid '
-        f"SDSERVE_PHASE=access SDSERVE_BYTES_IN=12 SDSERVE_TRACE_ID={TRACE}\n"
-    )
+    text = logged("syslog-stderr", out="34", **request)  # type: ignore[arg-type]
+    assert re.fullmatch(
+        r'127\.0\.0\.1 "POST /p\?q=1" 201 34 \d+\.\d{3}ms "curl/8" rid '
+        f"SDSERVE_PHASE=access SDSERVE_BYTES_IN=12 SDSERVE_TRACE_ID={TRACE}\n",
+        text,
+    ), text
     journal = dict(item.split("=", 1) for item in journal_entry(entry).decode().splitlines())
     in_text = values(text)
     for name, value in line.items():
-        if name != "time":
-            assert str(value) == in_text[name] == journal[f"SDSERVE_{name.upper()}"]
-    assert journal["MESSAGE"] == text[3:].split(" SDSERVE_")[0]
+        assert str(value) == in_text[name] == journal[f"SDSERVE_{name.upper()}"]
+    assert journal["MESSAGE"].split("ms ")[1] == text.split(" SDSERVE_")[0].split("ms ")[1]
     # JSON allows no leading zero, and a header an application set may hold anything:
     # JSON's numbers are plain decimals, and its strings escaped
-    plain = (1.5, "GET", "/", 200, 0.001, "0012", "a lot", 7, None, peer, *ids)
+    plain = logged("json", length="0012", out="a lot")
     assert json.loads(json_line(plain))["bytes_in"] == 12
-    assert json.loads(json_line(plain))["bytes_out"] == 7
+    assert json.loads(json_line(plain))["bytes_out"] == 200
     # a streamed response (no Content-Length) and an empty one: what was written
-    streamed = (1.5, "GET", "/", 200, 0.001, "0", None, 5000, None, peer, *ids)
-    assert values(text_line("", streamed))["bytes_out"] == "5000"
-    empty = (1.5, "GET", "/", 204, 0.001, "0", "0", 120, None, "/run/s.sock", *ids)
-    assert json.loads(json_line(empty))["bytes_out"] == 120
+    assert values(logged("stderr"))["bytes_out"] == "200"
+    assert values(logged("stderr", status=204, out="0"))["bytes_out"] == "200"
+    empty = logged("json", status=204, out="0", peer="/run/s.sock")
+    assert json.loads(json_line(empty))["bytes_out"] == 200
     assert json.loads(json_line(empty))["client"] == "/run/s.sock"
+    assert values(logged("stderr", peer="/run/s.sock"))["client"] == "/run/s.sock"
     # the client behind a trusted proxy wins over the peer
-    proxied = (1.5, "GET", "/", 200, 0.001, "0", "2", 2, "203.0.113.9", peer, *ids)
-    assert values(text_line("", proxied))["client"] == "203.0.113.9"
+    assert values(logged("stderr", client="203.0.113.9"))["client"] == "203.0.113.9"
     # what a client sent, quotes and control characters included, stays valid JSON
-    odd = (1.5, "GET", '/a"b\\c\x01', 200, 0.001, "0", "2", 2, None, peer, 'ag"ent', *ids[1:])
+    odd = logged("json", path='/a"b\\c\x01', agent='ag"ent')
     assert json.loads(json_line(odd))["path"] == '/a"b\\c\x01'
     assert json.loads(json_line(odd))["user_agent"] == 'ag"ent'
 
