@@ -383,7 +383,7 @@ class Config:
         metadata={
             "doc": "hard cap: answer 503 with Retry-After past this many requests in flight "
             "per process, whatever the adaptive limit (`[overload]`) says; 0: no cap "
-            "(health probes are never shed)"
+            "(health probes are never shed; WebSockets are neither held nor counted)"
         },
     )
     reload_timeout: float = field(

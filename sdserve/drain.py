@@ -373,7 +373,10 @@ class Tracker:
         if (
             self.admission is None
             and self.max_concurrency
-            and len(self.inflight) >= self.max_concurrency
+            # a WebSocket lives as long as its client: neither held nor counted, as with
+            # admission control (else a few sessions would hold the cap for good)
+            and len(self.inflight) - len(self.websockets) >= self.max_concurrency
+            and not request._message.upgrade
             and request.path not in self.exempt_paths
         ):
             self.rejected["limit"] += 1

@@ -277,14 +277,16 @@ async def test_max_concurrency_holds_from_the_moment_the_bookkeeping_engages(
     assert "queue_deadline 1" in instance.log_text()  # the one refusal, at its deadline
 
 
-async def test_websockets_are_not_held_by_admission_control(
-    make_launcher: LauncherFactory, port: int, gate: Gate
+@pytest.mark.parametrize("admission", ["true", "false"])
+async def test_websockets_are_not_held_by_the_concurrency_limit(
+    make_launcher: LauncherFactory, port: int, gate: Gate, admission: str
 ) -> None:
     """A WebSocket lives as long as its client: counted in flight, two would hold a limit
     of 2 for good (and their lifetimes would be taken for the service's latency). With
-    admission control on, three WebSockets are let through and echo, and plain requests
-    are still held to the limit."""
-    launcher = make_launcher("--max-concurrency", "2", env={"SDSERVE_OVERLOAD__ENABLED": "true"})
+    admission control on, and with the static cap alone, three WebSockets are let through
+    and echo, and plain requests are still held to the limit."""
+    env = {"SDSERVE_OVERLOAD__ENABLED": admission}
+    launcher = make_launcher("--max-concurrency", "2", env=env)
     await launcher.start()
     async with aiohttp.ClientSession() as session:
         sockets = [await session.ws_connect(f"http://{HOST}:{port}/ws") for _ in range(3)]
