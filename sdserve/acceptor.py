@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 from .activation import Listener
 from .drain import Tracker, set_nodelay
+from .log import NOTE_INTERVAL
 
 log = logging.getLogger("sdserve.acceptor")
 
@@ -67,6 +68,9 @@ class Acceptor:
         self._reclaim_after = reclaim_after
         #: full, nothing idle long enough yet: when to look again
         self._recheck: asyncio.TimerHandle | None = None
+        #: times it was full since the last warning, and when it may warn again
+        self._full_times = 0
+        self._next_note = 0.0
         self._loop = asyncio.get_running_loop()
         self._accepting = False
         #: reading the socket (not when stopped, paused after an error, or full)
@@ -121,15 +125,22 @@ class Acceptor:
             if self._recheck is None:
                 self._recheck = self._loop.call_at(again, self._look_again)
         self._tracker.rejected["connection_limit"] += 1
+        self._full_times += 1
+        now = self._loop.time()
+        if now < self._next_note:
+            return  # said at most every NOTE_INTERVAL: a crowd would flood the journal
+        self._next_note = now + NOTE_INTERVAL
         idle = f", none idle for {self._reclaim_after:g}s" if self._reclaim_after else ""
         log.warning(
             "%d connections open on %s (max_connections)%s: not accepting until one "
-            "closes; the kernel's queue holds the rest",
+            "closes; the kernel's queue holds the rest (%d time(s) since the last note)",
             self._max,
             self.listener.address,
             idle,
+            self._full_times,
             extra={"SDSERVE_PHASE": "limit", "SDSERVE_LIMIT": "max_connections"},
         )
+        self._full_times = 0
 
     def _look_again(self) -> None:
         """Read the socket again: a client still waiting makes :meth:`_on_readable` look
@@ -153,8 +164,12 @@ class Acceptor:
             self._read(True)
 
     def _on_readable(self) -> None:
-        for _ in range(ACCEPT_BATCH):
+        for n in range(ACCEPT_BATCH):
             if self._full():
+                if n:
+                    # full after accepting: a client still waiting makes the socket
+                    # readable again, and the next call makes room for it
+                    return
                 self._read(False)
                 self._make_room()
                 return

@@ -113,6 +113,32 @@ async def test_at_max_connections_the_rest_wait_in_the_kernel_queue(
     assert refused_counts(log)["connection_limit"] >= 1
 
 
+async def test_a_crowd_at_max_connections_is_said_once(
+    make_launcher: LauncherFactory, port: int, gate: Gate
+) -> None:
+    """The warning that the limit holds clients back is said once for a crowd (at most
+    every 10 s, with how many times since the last), not once each time it fills: every
+    client of the crowd is served in turn, and every time counted."""
+    launcher = make_launcher("--max-connections", "1")
+    await launcher.start()
+    first_r, first_w = await asyncio.open_connection(HOST, port)
+    first_w.write(request_bytes("/hold/first", close=True))
+    await gate.wait_held("first")
+    crowd = [await asyncio.open_connection(HOST, port) for _ in range(3)]
+    for _, writer in crowd:
+        writer.write(request_bytes("/", close=True))
+    gate.release("first")
+    assert (await asyncio.wait_for(read_response(first_r), 10)).status == 200
+    for reader, _ in crowd:  # one at a time, each as the one before closes
+        assert (await asyncio.wait_for(read_response(reader), 10)).status == 200
+    for _, writer in [(first_r, first_w), *crowd]:
+        writer.close()
+    assert await launcher.stop() == 0
+    log = launcher.instances[-1].log_text()
+    assert log.count("1 connections open on") == 1, log
+    assert refused_counts(log)["connection_limit"] >= 2
+
+
 async def test_at_max_connections_idle_keepalive_connections_make_room(
     make_launcher: LauncherFactory, port: int, gate: Gate
 ) -> None:
