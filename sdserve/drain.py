@@ -319,8 +319,10 @@ class Tracker:
         self.response_bytes = 0
         self.completed_in_drain = 0
         self.idle_closed = 0
-        #: idle keep-alive connections closed at max_connections to let new clients in
+        #: idle keep-alive connections closed at max_connections to let new clients in,
+        #: and who hears of each such closing at once (the metrics; None: nobody)
         self.reclaimed = 0
+        self.on_reclaimed: Callable[[int], object] | None = None
         #: adaptive limit, wait queue, priorities (None: only max_concurrency, a static cap)
         self.admission: Admission | None = None
         #: paths that are never shed under overload (health probes)
@@ -588,7 +590,10 @@ class Tracker:
                 continue  # a request is in the kernel: it is about to be read
             proto.force_close()
             closed += 1
-        self.reclaimed += closed
+        if closed:
+            self.reclaimed += closed
+            if self.on_reclaimed is not None:
+                self.on_reclaimed(closed)
         return closed, again
 
     # -- drain -------------------------------------------------------------------------

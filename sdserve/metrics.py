@@ -365,6 +365,11 @@ class ServiceMetrics:
             ["reason"],
             registry=reg,
         )
+        self.reclaimed = Counter(
+            "sdserve_connections_reclaimed",
+            "idle keep-alive connections closed at max_connections to let waiting clients in",
+            registry=reg,
+        )
         self.log_dropped = Counter(
             "sdserve_log_lines_dropped",
             "log records dropped because the writer could not keep up",

@@ -414,6 +414,7 @@ class Worker:
                 self.metrics_dir, self.tracker.exempt_paths
             )
             self.tracker.on_response = self._request_metrics.observe
+            self.tracker.on_reclaimed = self.metrics.reclaimed.inc
         if self.counts is not None:
             self._keep_counts(self.counts)
         self.state.registry = reg

@@ -184,6 +184,28 @@ async def test_metrics_on_the_admin_socket_only_unless_asked(
     assert await launcher.stop() == ExitCode.OK
 
 
+@pytest.mark.asyncio
+async def test_idle_connections_closed_at_max_connections_are_counted(
+    service: Started, port: int
+) -> None:
+    """A client waiting at max_connections gets the place of an idle keep-alive connection,
+    and the metrics count it as it happens."""
+    launcher = service("--max-connections", "1", "--keepalive-timeout", "60", workers=0)
+    await launcher.start()
+    _, text = await scrape(launcher.admin)  # type: ignore[attr-defined]
+    assert _value(text, "sdserve_connections_reclaimed_total") == 0
+    idle_r, idle_w = await asyncio.open_connection(HOST, port)
+    idle_w.write(request_bytes("/"))
+    assert (await read_response(idle_r)).status == 200  # then idle
+    status, _ = await scrape(port, "/")  # waits, then takes the idle one's place
+    assert status == 200
+    assert await asyncio.wait_for(idle_r.read(), 10) == b""
+    idle_w.close()
+    _, text = await scrape(launcher.admin)  # type: ignore[attr-defined]
+    assert _value(text, "sdserve_connections_reclaimed_total") == 1
+    assert await launcher.stop() == ExitCode.OK
+
+
 def _requests(text: str) -> float:
     return _value(text, 'sdserve_requests_total{code="2xx",method="GET",route="/"}')
 
