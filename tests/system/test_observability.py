@@ -1,6 +1,6 @@
 """Under a real systemd: access-log entries with their trace ids in the journal (read with
-``journalctl -o json``), the version in the first entry and in STATUS=, and the metrics on
-the admin socket of the hardened unit."""
+``journalctl -o json``), every one of a busy service's, the version in the first entry and in
+STATUS=, and the metrics on the admin socket of the hardened unit."""
 
 from __future__ import annotations
 
@@ -78,3 +78,27 @@ def test_trace_ids_version_and_metrics_in_the_box(box: Box, flavour: str, worker
     assert message(entries[0]).startswith(f"sdserve {__version__} (Python "), entries[0]
     # the probe is not in the access log
     assert not any(e.get("SDSERVE_PATH") == "/readyz" for e in entries)
+
+
+#: more requests than the access log's queue holds (10,000), in a few seconds
+BUSY = 12_000
+
+
+def test_every_access_line_of_a_busy_service_is_in_the_journal(box: Box, flavour: str) -> None:
+    """A burst of requests at a few thousand a second: each has its entry in the journal,
+    none dropped by the access log's bounded queue (its writer keeps up with journald) nor
+    by journald (below its rate limit per unit: 10,000 entries in 30 s, times a factor of
+    the free disk space; the README says what to set above it)."""
+    install(box, flavour, environment={"SDSERVE_ACCESS_LOG": "true"})
+    box.systemctl("start", "sdserve.socket")
+    cursor = box.cursor()
+    box.systemctl("start", SERVICE)
+    with box.load(keepalive=4, fresh=0, max_requests=BUSY, max_seconds=120) as load:
+        load.proc.wait(timeout=150)  # it ends by itself after BUSY requests
+        result = load.finish()
+    assert result.failed == 0, result.summary()
+    box.systemctl("stop", SERVICE)  # the access log's writer empties its queue at exit
+    entries = box.journal(cursor=cursor)
+    access = sum(1 for e in entries if e.get("SDSERVE_PHASE") == "access")
+    suppressed = [message(e) for e in entries if "uppressed" in message(e)]
+    assert access == result.requests, (access, result.requests, suppressed)

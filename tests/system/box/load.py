@@ -81,6 +81,7 @@ class Budget:
             return False
         with self._lock:
             if self._left <= 0:
+                self.stop.set()  # the load ends here, not at its deadline
                 return False
             self._left -= 1
             return True
