@@ -243,7 +243,8 @@ class AccessWriter(threading.Thread):
             if self.target == "json":
                 text = "".join(map(json_line, batch))
             else:
-                # each line behind the time stamp (one join: the lines end with "\n")
+                # each line behind its prefix, in one join (the lines end with "\n"): the
+                # time stamp, or "<6>" under systemd, which stamps the lines itself
                 prefix = "<6>" if self.target == "syslog-stderr" else self._stamp(wall_clock())
                 text = prefix + prefix.join(batch)
             data = memoryview(text.encode("utf-8", "replace"))
@@ -256,8 +257,7 @@ class AccessWriter(threading.Thread):
                 self._stopping = True
 
     def _stamp(self, t: float) -> str:
-        """A text line's prefix: the time (to the second) and the logger (``<6>`` instead
-        under systemd, which stamps the lines itself)."""
+        """A text line's prefix: the time (to the second) and the logger."""
         second = int(t)
         if second != self._second:  # localtime() is slow: once a second
             self._second = second

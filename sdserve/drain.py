@@ -72,6 +72,7 @@ import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from aiohttp import WSCloseCode, web
@@ -133,10 +134,6 @@ def movable(proto: TrackedRequestHandler) -> bool:
         and transport.get_extra_info("sslcontext") is None
         and transport.get_extra_info("socket") is not None
     )
-
-
-def _first(pair: tuple[float, object]) -> float:
-    return pair[0]
 
 
 def idle_since(proto: TrackedRequestHandler) -> float | None:
@@ -577,7 +574,7 @@ class Tracker:
             for proto in self.connections
             if proto.main and (since := idle_since(proto)) is not None
         ]
-        idle.sort(key=_first)
+        idle.sort(key=itemgetter(0))
         closed = 0
         again = now + idle_for
         for since, proto in idle:
