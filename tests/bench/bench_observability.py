@@ -10,9 +10,11 @@ runs a few seconds apart cancels better than a ratio of two best rates, and the 
 the rounds says how far to trust the median. With two CPUs sdserve is pinned to one and
 wrk to the other. Beside the rate, the CPU time sdserve's process spent per request (its
 ``utime + stime`` over the run, threads included: the access log's writer too). The goals
-(issue 14): metrics at most 5%, the access log at 100% at most 15%. bench_instructions
-counts the same costs in instructions, which the machine's speed does not move. This
-reports; it does not assert.
+(issue 14): metrics at most 5%, the access log at 100% at most 15%, said met only when
+both the rate and the CPU time a request meet them. bench_instructions counts the same
+costs in instructions, which the machine's speed does not move (and which give a smaller
+cost: the added Python code costs more time per instruction than the request path's
+average). This reports; it does not assert.
 """
 
 from __future__ import annotations
@@ -105,12 +107,26 @@ def main() -> str:
         f"{'variant':<34}{'best req/s':>11}{'ratio':>7}{'CPU us/req':>12}{'ratio':>7}"
         f"{'ratios, by round':>34}",
     ]
+    medians: dict[str, tuple[float, float]] = {}
     for name, own in runs.items():
         rates = [rate / b[0] for (rate, _), b in zip(own, base, strict=True)]
         cpus = [cpu / b[1] for (_, cpu), b in zip(own, base, strict=True)]
+        medians[name] = (statistics.median(rates), statistics.median(cpus))
         spread = " ".join(f"{r:.2f}" for r in rates)
         lines.append(
-            f"{name:<34}{max(r for r, _ in own):>11.0f}{statistics.median(rates):>7.3f}"
-            f"{min(c for _, c in own):>12.1f}{statistics.median(cpus):>7.3f}{spread:>34}"
+            f"{name:<34}{max(r for r, _ in own):>11.0f}{medians[name][0]:>7.3f}"
+            f"{min(c for _, c in own):>12.1f}{medians[name][1]:>7.3f}{spread:>34}"
+        )
+    # the goals, by the rate and by the CPU time a request (its inverse: the rate the
+    # same CPU would serve), each against the baseline of its rounds
+    for what, name, goal in (
+        ("metrics", "metrics", 0.95),
+        ("access log 100% (trace ids included)", "access log 100%, no metrics", 0.85),
+    ):
+        rate, cpu = medians[name]
+        verdict = "met" if min(rate, 1 / cpu) >= goal else "NOT met"
+        lines.append(
+            f"{what}: {rate:.3f} of the baseline's rate, {1 / cpu:.3f} by CPU time a "
+            f"request (goal >= {goal:.2f}: {verdict})"
         )
     return "\n".join(lines)
