@@ -73,7 +73,9 @@ requests the worker had the time to serve (measured: on a 2-core host at load av
 8, wall-time waits shed 94% at 3x and kept goodput at 18% of capacity).
 
 **Priorities.** Health probes, the admin socket and WebSocket upgrades (a session that
-lives as long as its client: neither held nor timed) never reach this module. A path
+lives as long as its client: neither held nor timed) never reach this module; a stream
+of server-sent events (as long-lived) is released as its headers go out, timed to them
+(:meth:`sdserve.drain.Tracker.prepared`). A path
 prefix (``critical_paths``, ``sheddable_paths``) or a header (``priority_header``:
 ``critical``, ``normal`` or ``sheddable``) marks a request. Sheddable requests are never
 queued, are held to ``queue_target`` even when not overloaded, and are refused outright

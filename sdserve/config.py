@@ -383,7 +383,8 @@ class Config:
         metadata={
             "doc": "hard cap: answer 503 with Retry-After past this many requests in flight "
             "per process, whatever the adaptive limit (`[overload]`) says; 0: no cap "
-            "(health probes are never shed; WebSockets are neither held nor counted)"
+            "(health probes are never shed; WebSockets and server-sent events are not held "
+            "or counted once under way)"
         },
     )
     reload_timeout: float = field(

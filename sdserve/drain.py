@@ -75,7 +75,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
-from aiohttp import WSCloseCode, web
+from aiohttp import WSCloseCode, hdrs, web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
@@ -134,6 +134,12 @@ def movable(proto: TrackedRequestHandler) -> bool:
         and transport.get_extra_info("sslcontext") is None
         and transport.get_extra_info("socket") is not None
     )
+
+
+def _event_stream(response: web.StreamResponse) -> bool:
+    """A stream of server-sent events (``text/event-stream``)."""
+    kind = response._headers.get(hdrs.CONTENT_TYPE)
+    return kind is not None and kind.lower().startswith("text/event-stream")
 
 
 def idle_since(proto: TrackedRequestHandler) -> float | None:
@@ -299,6 +305,9 @@ class Tracker:
         #: response classes seen, and whether each is a WebSocket's
         self._websocket_kinds: dict[type[web.StreamResponse], bool] = {}
         self.pending_accepts = 0
+        #: requests whose response is a stream of server-sent events under way: not
+        #: counted by the caps (see :meth:`prepared`)
+        self.streams = 0
         self.draining = False
         self.requests_total = 0
         #: a static cap, admission control or request_timeout: a request may be held
@@ -372,9 +381,9 @@ class Tracker:
         if (
             self.admission is None
             and self.max_concurrency
-            # a WebSocket lives as long as its client: neither held nor counted, as with
-            # admission control (else a few sessions would hold the cap for good)
-            and len(self.inflight) - len(self.websockets) >= self.max_concurrency
+            # a WebSocket or an event stream lives as long as its client: neither held
+            # nor counted, as with admission control (else a few would hold it for good)
+            and len(self.inflight) - len(self.websockets) - self.streams >= self.max_concurrency
             and not request._message.upgrade
             and request.path not in self.exempt_paths
         ):
@@ -411,8 +420,10 @@ class Tracker:
         assert admission is not None
         adopted = 0
         for proto, request in self.inflight.items():
-            if not proto.main or (proto.admitted_at is not None and not proto.timed):
-                continue  # not the application's, or counted already
+            if not proto.main or proto.streaming:
+                continue  # not the application's, or an event stream: not counted
+            if proto.admitted_at is not None and not proto.timed:
+                continue  # counted already
             if request._message.upgrade or _path(request) in self.exempt_paths:
                 continue  # a WebSocket is not held by admission control (_handle_request)
             if proto.admitted_at is None:
@@ -499,6 +510,22 @@ class Tracker:
             if known is None:
                 known = self._websocket_kinds[kind] = issubclass(kind, web.WebSocketResponse)
             websocket = known
+            if (
+                not websocket
+                and proto.request_began
+                and not proto.streaming
+                and _event_stream(response)
+            ):
+                # Server-sent events: the stream lasts as long as its client, as a
+                # WebSocket does. So, as a WebSocket, it is no longer counted in flight by
+                # the caps once its headers are out: admission control releases it now
+                # (its latency is its time to the first event, not the stream's life,
+                # which would read as a slow service), and the static cap leaves it out.
+                # Other streams (a file, chunks of a report) are work that ends: counted.
+                proto.streaming = True
+                self.streams += 1
+                if proto.admitted_at is not None:
+                    proto.settle()
         if websocket:
             assert isinstance(response, web.WebSocketResponse)
             self.websockets.add(response)
@@ -811,6 +838,7 @@ class TrackedRequestHandler(RequestHandler):
         "request_id",
         "rx_cpu",
         "span",
+        "streaming",
         "timed",
         "trace",
         "tracker",
@@ -850,6 +878,9 @@ class TrackedRequestHandler(RequestHandler):
         #: the request was let in while admission was not engaged, and is only timed
         #: (:meth:`Admission.sample`), not counted in flight
         self.timed = False
+        #: the request's response is a stream of server-sent events under way (see
+        #: :meth:`Tracker.prepared`): counted in :attr:`Tracker.streams` until it ends
+        self.streaming = False
         #: the request's trace id and request id (:mod:`sdserve.accesslog`), and its
         #: client behind a trusted proxy (:mod:`sdserve.proxies`; None: the peer)
         self.trace = ""
@@ -1148,15 +1179,27 @@ class TrackedRequestHandler(RequestHandler):
                 if access is not None and access.enabled:
                     access.ended(self, request, response)
             self.request_began = 0.0  # no request being handled (for the counts at prepare)
-            if (admitted_at := self.admitted_at) is not None:
-                self.admitted_at = None
-                if self.timed:
-                    self.timed = False
-                    tracker.admission.sample(admitted_at)  # type: ignore[union-attr]
-                else:
-                    tracker.admission.release(admitted_at)  # type: ignore[union-attr]
+            if self.admitted_at is not None:
+                self.settle()
+            if self.streaming:
+                self.streaming = False
+                tracker.streams -= 1
             if tracker.draining:
                 tracker.ended(self)
+
+    def settle(self) -> None:
+        """Admission control is done with this connection's request: released from its
+        count in flight, or, let in while it was not engaged, its time sampled."""
+        admitted_at = self.admitted_at
+        admission = self.tracker.admission
+        if admitted_at is None or admission is None:
+            return
+        self.admitted_at = None
+        if self.timed:
+            self.timed = False
+            admission.sample(admitted_at)
+        else:
+            admission.release(admitted_at)
 
     def _cancel_header_timer(self) -> None:
         if self._header_timer is not None:

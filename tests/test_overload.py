@@ -278,6 +278,41 @@ async def test_max_concurrency_holds_from_the_moment_the_bookkeeping_engages(
 
 
 @pytest.mark.parametrize("admission", ["true", "false"])
+async def test_event_streams_are_not_held_by_the_concurrency_limit(
+    make_launcher: LauncherFactory, port: int, gate: Gate, admission: str
+) -> None:
+    """A stream of server-sent events lasts as long as its client: counted in flight until
+    it ends, two would hold a limit of 2 for good. Once its headers are out it is not
+    counted: three streams run, plain requests are still held to the limit, and the
+    streams end at the stop (their goodbye) with every request answered. (Other streams
+    are work that ends, and stay counted: test_admission_engages_only_under_pressure.)"""
+    env = {"SDSERVE_OVERLOAD__ENABLED": admission}
+    launcher = make_launcher("--max-concurrency", "2", env=env)
+    await launcher.start()
+    async with aiohttp.ClientSession() as session:
+        streams = [await session.get(f"http://{HOST}:{port}/events") for _ in range(3)]
+        for stream in streams:
+            assert stream.status == 200
+            assert await asyncio.wait_for(stream.content.readline(), 10) == b"data: hello\n"
+        held = [asyncio.create_task(get(HOST, port, f"/hold/{n}")) for n in ("a", "b")]
+        for n in ("a", "b"):
+            await gate.wait_held(n)
+        refused = await get(HOST, port, "/hold/c")
+        assert refused.status == 503  # the limit of 2 holds for plain requests
+        assert "c" not in gate.held
+        for n in ("a", "b"):
+            gate.release(n)
+        assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
+        assert (await get(HOST, port, "/")).status == 200  # the streams hold no place
+        stopping = asyncio.create_task(launcher.stop())
+        for stream in streams:  # the drain ends them with their goodbye
+            rest = await asyncio.wait_for(stream.content.read(), 10)
+            assert b"event: goodbye" in rest
+            stream.release()
+        assert await stopping == 0
+
+
+@pytest.mark.parametrize("admission", ["true", "false"])
 async def test_websockets_are_not_held_by_the_concurrency_limit(
     make_launcher: LauncherFactory, port: int, gate: Gate, admission: str
 ) -> None:
