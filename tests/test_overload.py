@@ -277,6 +277,20 @@ async def test_max_concurrency_holds_from_the_moment_the_bookkeeping_engages(
     assert "queue_deadline 1" in instance.log_text()  # the one refusal, at its deadline
 
 
+async def plain_requests_held_to_two(port: int, gate: Gate) -> None:
+    """Two plain requests held in their handlers fill a limit of 2: a third gets 503 and
+    never reaches its handler; the two are answered once released."""
+    held = [asyncio.create_task(get(HOST, port, f"/hold/{n}")) for n in ("a", "b")]
+    for n in ("a", "b"):
+        await gate.wait_held(n)
+    refused = await get(HOST, port, "/hold/c")
+    assert refused.status == 503
+    assert "c" not in gate.held
+    for n in ("a", "b"):
+        gate.release(n)
+    assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
+
+
 @pytest.mark.parametrize("admission", ["true", "false"])
 async def test_event_streams_are_not_held_by_the_concurrency_limit(
     make_launcher: LauncherFactory, port: int, gate: Gate, admission: str
@@ -294,15 +308,7 @@ async def test_event_streams_are_not_held_by_the_concurrency_limit(
         for stream in streams:
             assert stream.status == 200
             assert await asyncio.wait_for(stream.content.readline(), 10) == b"data: hello\n"
-        held = [asyncio.create_task(get(HOST, port, f"/hold/{n}")) for n in ("a", "b")]
-        for n in ("a", "b"):
-            await gate.wait_held(n)
-        refused = await get(HOST, port, "/hold/c")
-        assert refused.status == 503  # the limit of 2 holds for plain requests
-        assert "c" not in gate.held
-        for n in ("a", "b"):
-            gate.release(n)
-        assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
+        await plain_requests_held_to_two(port, gate)
         assert (await get(HOST, port, "/")).status == 200  # the streams hold no place
         stopping = asyncio.create_task(launcher.stop())
         for stream in streams:  # the drain ends them with their goodbye
@@ -328,15 +334,7 @@ async def test_websockets_are_not_held_by_the_concurrency_limit(
         for i, ws in enumerate(sockets):
             await ws.send_str(f"hello {i}")
             assert await ws.receive_str(timeout=10) == f"hello {i}"
-        held = [asyncio.create_task(get(HOST, port, f"/hold/{n}")) for n in ("a", "b")]
-        for n in ("a", "b"):
-            await gate.wait_held(n)
-        refused = await get(HOST, port, "/hold/c")
-        assert refused.status == 503  # the limit of 2 holds for plain requests
-        assert "c" not in gate.held
-        for n in ("a", "b"):
-            gate.release(n)
-        assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
+        await plain_requests_held_to_two(port, gate)
         for ws in sockets:
             await ws.send_str("still there")
             assert await ws.receive_str(timeout=10) == "still there"
