@@ -75,13 +75,12 @@ requests the worker had the time to serve (measured: on a 2-core host at load av
 **Priorities.** Health probes, the admin socket and WebSocket upgrades (a session that
 lives as long as its client: neither held nor timed) never reach this module; a stream
 of server-sent events (as long-lived) is released as its headers go out, timed to them
-(:meth:`sdserve.drain.Tracker.prepared`). A path
-prefix (``critical_paths``, ``sheddable_paths``) or a header (``priority_header``:
-``critical``, ``normal`` or ``sheddable``) marks a request. Sheddable requests are never
-queued, are held to ``queue_target`` even when not overloaded, and are refused outright
-under sustained overload; critical ones ignore the adaptive limit (``max_concurrency``,
-the hard cap, still holds), queue ahead of the others and are allowed
-``queue_interval``.
+(:meth:`sdserve.drain.Tracker.prepared`). A path prefix (``critical_paths``,
+``sheddable_paths``) or a header (``priority_header``: ``critical``, ``normal`` or
+``sheddable``) marks a request. Sheddable requests are never queued, are held to
+``queue_target`` even when not overloaded, and are refused outright under sustained
+overload; critical ones ignore the adaptive limit (``max_concurrency``, the hard cap,
+still holds), queue ahead of the others and are allowed ``queue_interval``.
 
 **Per client**: with ``client_rate`` set, a token bucket per client address
 (``request.remote``) refuses a client past its rate (``client_rate``) and burst.
